@@ -1,0 +1,1 @@
+"""prerec: the prerecordings service."""

@@ -1,0 +1,97 @@
+"""Command line: `python -m prerec [serve|migrate|downgrade|revision]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from prerec.config import SettingError, Settings
+
+ALEMBIC_INI = Path(__file__).resolve().parent.parent / "alembic.ini"
+
+log = logging.getLogger("prerec")
+
+
+def resolve_database_url(settings: Settings) -> str:
+    """PREREC_DATABASE_URL, or the embedded PostgreSQL under the data folder (started here)."""
+    if settings.database_url:
+        return settings.database_url
+    from prerec import embedded
+
+    return embedded.start(settings.data_dir).get_uri()
+
+
+def _alembic(database_url: str):  # type: ignore[no-untyped-def]
+    from alembic.config import Config
+
+    config = Config(str(ALEMBIC_INI))
+    config.attributes["database_url"] = database_url
+    return config
+
+
+def migrate(database_url: str, revision: str = "head") -> None:
+    from alembic import command
+
+    command.upgrade(_alembic(database_url), revision)
+
+
+def serve(settings: Settings) -> None:
+    from prerec.app import create_app
+
+    database_url = resolve_database_url(settings)
+    migrate(database_url)
+    app = create_app(settings, database_url)
+    log.info("serving on http://%s:%d", settings.host, settings.port)
+    try:
+        web.run_app(app, host=settings.host, port=settings.port, print=None, shutdown_timeout=5)
+    except OSError as error:
+        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, error.strerror)
+        raise SystemExit(1) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m prerec", description=__doc__)
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("serve", help="serve HTTP (the default); applies migrations first")
+    commands.add_parser("migrate", help="upgrade the database schema to the newest revision")
+    down = commands.add_parser("downgrade", help="take the schema back one revision (or to REVISION)")
+    down.add_argument("revision", nargs="?", default="-1")
+    new = commands.add_parser("revision", help="write a new, empty migration")
+    new.add_argument("-m", "--message", required=True)
+    args = parser.parse_args(argv)
+
+    try:
+        settings = Settings.from_env()
+    except SettingError as error:
+        print(f"prerec: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    # Python's default SIGTERM kills without running atexit, which is what stops the embedded
+    # PostgreSQL; turning it into SystemExit lets the interpreter exit properly. (While the
+    # server runs, aiohttp installs its own handler for a graceful stop.)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+    if args.command in (None, "serve"):
+        serve(settings)
+    elif args.command == "migrate":
+        migrate(resolve_database_url(settings))
+    elif args.command == "downgrade":
+        from alembic import command
+
+        command.downgrade(_alembic(resolve_database_url(settings)), args.revision)
+    elif args.command == "revision":
+        from alembic import command
+        from alembic.config import Config
+
+        command.revision(Config(str(ALEMBIC_INI)), message=args.message)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

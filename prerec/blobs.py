@@ -1,0 +1,206 @@
+"""Audio files on disk, and the write protocol that keeps each one whole.
+
+Layout under the storage folder (which several replicas may share):
+    tmp/<random>.part       uploads in progress
+    blobs/<xx>/<random>.ogg finished blobs, each written once and never modified
+
+A blob is never overwritten in place. An upload streams into a new temporary file while its
+SHA-256 is computed, is fsynced, renamed to a fresh blob name and its folder fsynced; only then
+does the database point the key at it (db.save_prerecording), and only after that commit is
+the blob it replaced unlinked. A crash at any point leaves the old row with its old file, or
+the new row with its new file; what is left over is an unreferenced file (see sweep_tmp, gc).
+A reader holding an open blob keeps reading it after it is replaced: unlink does not cut it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from aiohttp import StreamReader
+
+from prerec.problems import Problem
+
+log = logging.getLogger(__name__)
+
+OGG_CAPTURE_PATTERN = b"OggS"
+# Writes go to a worker thread in pieces of this size: large enough that the thread hop and
+# the hashing call are amortised (64 KiB pieces measured clearly slower), small enough that
+# an upload holds only a couple of them in memory.
+WRITE_PIECE = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    name: str
+    size: int
+    sha256: bytes
+
+
+def layout(root: Path) -> None:
+    (root / "tmp").mkdir(parents=True, exist_ok=True)
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
+
+
+def blob_path(root: Path, name: str) -> Path:
+    return root / "blobs" / name
+
+
+def _storage_problem(error: OSError) -> Problem:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return Problem(507, "The storage folder is full; the upload was not stored.")
+    return Problem(503, f"The storage folder cannot be written ({os.strerror(error.errno or 0)}).", {"Retry-After": "5"})
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class _Upload:
+    """One upload's temporary file; its methods run in a worker thread."""
+
+    root: Path
+    tmp: Path = field(init=False)
+    file: IO[bytes] | None = field(init=False, default=None)
+    hasher: hashlib._Hash = field(init=False, default_factory=hashlib.sha256)
+
+    def __post_init__(self) -> None:
+        self.tmp = self.root / "tmp" / f"{uuid.uuid4().hex}.part"
+
+    def open(self) -> None:
+        self.file = open(self.tmp, "xb", buffering=0)
+
+    def write(self, piece: bytes | bytearray) -> None:
+        assert self.file is not None
+        self.hasher.update(piece)
+        view = memoryview(piece)
+        while view:
+            view = view[self.file.write(view) :]
+
+    def commit(self) -> str:
+        """fsync, then rename into place under a fresh name, then fsync the folder."""
+        assert self.file is not None
+        os.fsync(self.file.fileno())
+        self.file.close()
+        self.file = None
+        token = uuid.uuid4().hex
+        name = f"{token[:2]}/{token}.ogg"
+        target = blob_path(self.root, name)
+        target.parent.mkdir(exist_ok=True)
+        os.rename(self.tmp, target)
+        _fsync_folder(target.parent)
+        return name
+
+    def discard(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        self.tmp.unlink(missing_ok=True)
+
+
+async def receive(root: Path, body: StreamReader, max_bytes: int) -> StoredBlob:
+    """Stream a request body into a new blob; the caller records it or removes it."""
+    loop = asyncio.get_running_loop()
+    upload = _Upload(root)
+    pending: asyncio.Future[None] | None = None
+    piece = bytearray()
+    size = 0
+    checked = False
+
+    async def to_disk(call, *args):  # type: ignore[no-untyped-def]
+        try:
+            return await loop.run_in_executor(None, call, *args)
+        except OSError as error:
+            raise _storage_problem(error) from error
+
+    try:
+        await to_disk(upload.open)
+        while chunk := await body.readany():
+            size += len(chunk)
+            if size > max_bytes:
+                raise Problem(
+                    413, f"The upload is larger than the limit of {max_bytes} bytes.", {"Connection": "close"}
+                )
+            piece += chunk
+            if not checked and size >= len(OGG_CAPTURE_PATTERN):
+                # Refuse a non-Ogg body at its first bytes instead of storing all of it.
+                _check_ogg(bytes(piece[: len(OGG_CAPTURE_PATTERN)]))
+                checked = True
+            if len(piece) >= WRITE_PIECE:
+                # One piece is written (and hashed) in a thread while the next one arrives.
+                if pending is not None:
+                    await pending
+                pending = asyncio.ensure_future(to_disk(upload.write, piece))
+                piece = bytearray()
+        if size == 0:
+            raise Problem(400, "The upload is empty: send the Ogg audio as the request body.")
+        if size < len(OGG_CAPTURE_PATTERN):
+            _check_ogg(bytes(piece))
+        if pending is not None:
+            await pending
+            pending = None
+        if piece:
+            await to_disk(upload.write, piece)
+        name = await to_disk(upload.commit)
+    except BaseException:
+        if pending is not None:
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
+        await asyncio.shield(loop.run_in_executor(None, upload.discard))
+        raise
+    return StoredBlob(name, size, upload.hasher.digest())
+
+
+def _check_ogg(head: bytes) -> None:
+    if not head.startswith(OGG_CAPTURE_PATTERN):
+        raise Problem(
+            400, "The upload is not Ogg audio: it does not start with the capture pattern 'OggS'.", {"Connection": "close"}
+        )
+
+
+async def remove(root: Path, name: str) -> None:
+    """Unlink a blob; one already gone is fine (another replica or gc got there first)."""
+    path = blob_path(root, name)
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, path.unlink)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        log.warning("could not remove blob %s: %s", name, error)
+
+
+def open_blob(root: Path, name: str) -> IO[bytes]:
+    # Opening an existing local file takes microseconds; doing it on the loop saves the
+    # thread-pool round trip that makes FileResponse slow for small files.
+    return open(blob_path(root, name), "rb")
+
+
+def sweep_tmp(root: Path, max_age_seconds: float) -> list[Path]:
+    """Remove temporary files untouched for max_age_seconds: uploads cut off by a crash.
+
+    Age is the file's mtime, which every write refreshes, so an upload still arriving (on this
+    replica or another sharing the folder) is never touched.
+    """
+    removed = []
+    cutoff = time.time() - max_age_seconds
+    for path in (root / "tmp").glob("*.part"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:
+            continue
+    return removed

@@ -1,0 +1,149 @@
+"""Settings: one table of environment variables, their defaults and what they mean.
+
+The README's settings table is checked against SETTINGS by a test, so a setting cannot be
+added here without being documented there.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+
+class SettingError(ValueError):
+    """A setting's value cannot be used; the message names the variable."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number from 0 to 65535")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+        raise ValueError("must be one of debug, info, warning, error, critical")
+    return level
+
+
+@dataclass(frozen=True)
+class Setting:
+    field: str
+    env: str
+    default: str | None
+    parse: Callable[[str], Any]
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", "PREREC_HOST", "0.0.0.0", str, "Address to listen on."),
+    Setting("port", "PREREC_PORT", "10600", _port, "Port to listen on."),
+    Setting(
+        "database_url",
+        "PREREC_DATABASE_URL",
+        None,
+        str,
+        "PostgreSQL URL (`postgresql://user:pass@host/db`); unset starts an embedded PostgreSQL "
+        "under `$PREREC_DATA_DIR/postgres`.",
+    ),
+    Setting("data_dir", "PREREC_DATA_DIR", "./data", Path, "Folder for the embedded database and, by default, the blobs."),
+    Setting(
+        "storage_dir",
+        "PREREC_STORAGE_DIR",
+        None,
+        Path,
+        "Folder holding the audio files (default `$PREREC_DATA_DIR/blobs`); may be shared by replicas.",
+    ),
+    Setting(
+        "max_upload_bytes",
+        "PREREC_MAX_UPLOAD_BYTES",
+        str(2 * 1024**3),
+        _positive_int,
+        "Largest accepted upload in bytes (default 2 GiB); larger ones get 413.",
+    ),
+    Setting(
+        "sse_ping_seconds",
+        "PREREC_SSE_PING_SECONDS",
+        "15",
+        _positive_float,
+        "Interval of the keep-alive comment on `/sse` streams.",
+    ),
+    Setting(
+        "tmp_max_age_seconds",
+        "PREREC_TMP_MAX_AGE_SECONDS",
+        "3600",
+        _positive_float,
+        "Temporary upload files untouched this long are taken as left by a crash and removed.",
+    ),
+    Setting(
+        "db_timeout_seconds",
+        "PREREC_DB_TIMEOUT_SECONDS",
+        "5",
+        _positive_float,
+        "Longest wait for the database in a request; past it the answer is 503 with `Retry-After`.",
+    ),
+    Setting("log_level", "PREREC_LOG_LEVEL", "info", _log_level, "Logging level: debug, info, warning, error."),
+    Setting(
+        "scalar_js_url",
+        "PREREC_SCALAR_JS_URL",
+        "https://cdn.jsdelivr.net/npm/@scalar/api-reference",
+        str,
+        "Where the `/openapi` page loads the Scalar API reference script from.",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "0.0.0.0"
+    port: int = 10600
+    database_url: str | None = None
+    data_dir: Path = Path("./data")
+    storage_dir: Path | None = None
+    max_upload_bytes: int = 2 * 1024**3
+    sse_ping_seconds: float = 15.0
+    tmp_max_age_seconds: float = 3600.0
+    db_timeout_seconds: float = 5.0
+    log_level: str = "INFO"
+    scalar_js_url: str = "https://cdn.jsdelivr.net/npm/@scalar/api-reference"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.storage_dir if self.storage_dir is not None else self.data_dir / "blobs"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
+        values: dict[str, Any] = {}
+        for setting in SETTINGS:
+            raw = environ.get(setting.env, setting.default)
+            if raw is None or raw == "":
+                continue
+            try:
+                values[setting.field] = setting.parse(raw)
+            except ValueError as error:
+                raise SettingError(f"{setting.env}={raw!r} is not valid: {error}") from None
+        return cls(**values)
+
+
+SETTINGS_KEY = web.AppKey("settings", Settings)

@@ -1,0 +1,220 @@
+"""Every SQL statement of the service, on an asyncpg pool.
+
+Writes follow one pattern (see save and delete): take the key's advisory lock, read the row
+as it is, change it, append an event and NOTIFY, commit. The key lock makes concurrent writes
+to one prerecording queue up, so each transaction knows exactly which blob it replaced. The
+event lock, taken last and held until commit, makes event ids commit in increasing order: a
+subscriber resuming after id N can never miss a later commit with a smaller id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+from prerec.model import Prerecording, format_utc, key_json
+from prerec.problems import DatabaseUnavailable
+
+POOL = web.AppKey("pool", asyncpg.Pool)
+
+NOTIFY_CHANNEL = "prerec_events"
+
+# Advisory lock keys. The two-int form lives in a key space apart from the bigint form used
+# for per-prerecording locks, so these cannot collide with a key's hash.
+LOCK_SPACE = 0x70726563  # "prec"
+EVENT_LOCK = (LOCK_SPACE, 1)
+MIGRATION_LOCK = (LOCK_SPACE << 16) | 2
+
+# What "the database is not reachable right now" looks like, as opposed to a bad query. Only
+# connection errors count: a storage OSError inside a transaction block must not read as an
+# outage.
+DATABASE_DOWN = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+def sqlalchemy_url(url: str) -> str:
+    """The same database as a SQLAlchemy URL on the asyncpg driver (for alembic)."""
+    scheme, rest = url.split("://", 1)
+    if scheme not in ("postgres", "postgresql"):
+        return url
+    return f"postgresql+asyncpg://{rest}"
+
+
+async def create_pool(url: str, timeout: float) -> asyncpg.Pool:
+    # min_size=0: the pool connects on demand, so it starts and keeps working across a
+    # database restart; broken connections are dropped and replaced on next acquire.
+    return await asyncpg.create_pool(url, min_size=0, max_size=10, command_timeout=timeout, timeout=timeout)
+
+
+@contextlib.asynccontextmanager
+async def connection(pool: asyncpg.Pool, timeout: float) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection; an unreachable database becomes a 503 within `timeout` seconds."""
+    try:
+        async with asyncio.timeout(timeout):
+            conn = await pool.acquire()
+    except (*DATABASE_DOWN, OSError) as error:  # OSError: connection refused, socket gone
+        raise DatabaseUnavailable() from error
+    try:
+        yield conn
+    except DATABASE_DOWN as error:
+        raise DatabaseUnavailable() from error
+    finally:
+        # A connection broken by an outage is closed here, not returned to serve again.
+        await pool.release(conn)
+
+
+_COLUMNS = "event, start, type, size, sha256, modified, blob"
+
+
+def _prerecording(row: asyncpg.Record) -> Prerecording:
+    return Prerecording(**dict(row))
+
+
+async def list_prerecordings(
+    conn: asyncpg.Connection,
+    event: uuid.UUID,
+    after: datetime | None,
+    before: datetime | None,
+    limit: int | None,
+    offset: int,
+    descending: bool,
+) -> tuple[int, list[Prerecording]]:
+    where = "event = $1 AND ($2::timestamp IS NULL OR start >= $2) AND ($3::timestamp IS NULL OR start < $3)"
+    order = "DESC" if descending else "ASC"
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        count = await conn.fetchval(f"SELECT count(*) FROM prerecordings WHERE {where}", event, after, before)
+        rows = await conn.fetch(
+            f"SELECT {_COLUMNS} FROM prerecordings WHERE {where} ORDER BY start {order} LIMIT $4 OFFSET $5",
+            event,
+            after,
+            before,
+            limit,
+            offset,
+        )
+    return count, [_prerecording(row) for row in rows]
+
+
+async def get_prerecording(conn: asyncpg.Connection, event: uuid.UUID, start: datetime) -> Prerecording | None:
+    row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM prerecordings WHERE event = $1 AND start = $2", event, start)
+    return None if row is None else _prerecording(row)
+
+
+async def _lock_key(conn: asyncpg.Connection, event: uuid.UUID, start: datetime) -> None:
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1::uuid::text || ' ' || $2::timestamp::text, 0))", event, start
+    )
+
+
+async def _append_event(conn: asyncpg.Connection, type_: str, data: dict[str, Any]) -> int:
+    await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", *EVENT_LOCK)
+    event_id: int = await conn.fetchval(
+        "INSERT INTO events (type, data) VALUES ($1, $2::jsonb) RETURNING id", type_, json.dumps(data)
+    )
+    # The payload is the id only: always far below NOTIFY's 8000-byte limit, and the
+    # listener reads the event itself from the log.
+    await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(event_id))
+    return event_id
+
+
+@dataclass(frozen=True)
+class Saved:
+    prerecording: Prerecording
+    created: bool
+    replaced_blob: str | None
+
+
+async def save_prerecording(
+    conn: asyncpg.Connection,
+    event: uuid.UUID,
+    start: datetime,
+    type_: str,
+    size: int,
+    sha256: bytes,
+    blob: str,
+) -> Saved:
+    """Point the key at a new blob; return what it replaced so the caller can unlink it."""
+    async with conn.transaction():
+        await _lock_key(conn, event, start)
+        old_blob = await conn.fetchval(
+            "SELECT blob FROM prerecordings WHERE event = $1 AND start = $2", event, start
+        )
+        row = await conn.fetchrow(
+            f"""
+            INSERT INTO prerecordings (event, start, type, size, sha256, blob, modified)
+            VALUES ($1, $2, $3, $4, $5, $6, now())
+            ON CONFLICT (event, start) DO UPDATE
+               SET type = excluded.type, size = excluded.size, sha256 = excluded.sha256,
+                   blob = excluded.blob, modified = excluded.modified
+            RETURNING {_COLUMNS}
+            """,
+            event,
+            start,
+            type_,
+            size,
+            sha256,
+            blob,
+        )
+        saved = _prerecording(row)
+        created = old_blob is None
+        kind = "prerecording-created" if created else "prerecording-updated"
+        await _append_event(conn, kind, {"prerecording": saved.to_json()})
+    return Saved(saved, created, old_blob)
+
+
+async def delete_prerecording(conn: asyncpg.Connection, event: uuid.UUID, start: datetime) -> Prerecording | None:
+    async with conn.transaction():
+        await _lock_key(conn, event, start)
+        row = await conn.fetchrow(
+            f"DELETE FROM prerecordings WHERE event = $1 AND start = $2 RETURNING {_COLUMNS}", event, start
+        )
+        if row is None:
+            return None
+        await _append_event(conn, "prerecording-deleted", {"prerecording": key_json(event, start)})
+    return _prerecording(row)
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    type: str
+    data: dict[str, Any]
+    created_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.type, "createdAt": format_utc(self.created_at), "data": self.data}
+
+
+async def events_after(conn: asyncpg.Connection, after_id: int, limit: int = 500) -> list[Event]:
+    rows = await conn.fetch(
+        "SELECT id, type, data::text AS data, created_at FROM events WHERE id > $1 ORDER BY id LIMIT $2",
+        after_id,
+        limit,
+    )
+    return [Event(row["id"], row["type"], json.loads(row["data"]), row["created_at"]) for row in rows]
+
+
+async def latest_event_id(conn: asyncpg.Connection) -> int:
+    return await conn.fetchval("SELECT coalesce(max(id), 0) FROM events")
+
+
+async def prune_events(conn: asyncpg.Connection, older_than_seconds: float) -> int:
+    status = await conn.execute(
+        "DELETE FROM events WHERE created_at < now() - make_interval(secs => $1)", older_than_seconds
+    )
+    return int(status.split()[-1])

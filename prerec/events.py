@@ -1,0 +1,223 @@
+"""The event stream's engine: LISTEN on one dedicated connection, read the event log, fan out.
+
+NOTIFY only wakes the broadcaster; what it delivers is always read from the `events` table,
+after the last id it delivered. So a notification lost while the listening connection was
+down costs nothing: after reconnecting the broadcaster reads on from where it stopped, and
+its subscribers see no hole. The listening connection is never a pooled one: releasing a
+connection to the pool runs UNLISTEN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+
+import asyncpg
+from aiohttp import web
+
+from prerec import db
+from prerec.db import Event
+
+log = logging.getLogger(__name__)
+
+# How many undelivered events one subscriber may have waiting before it is dropped as too
+# slow (it can come back with Last-Event-ID); bounds memory whatever a client does.
+QUEUE_SIZE = 1000
+REPLAY_PAGE = 500
+HEALTH_INTERVAL_SECONDS = 2.0
+MAX_BACKOFF_SECONDS = 5.0
+
+
+@dataclass(eq=False)
+class Subscriber:
+    types: frozenset[str]
+    # Id of the last event this subscriber has passed (sent or filtered out).
+    position: int
+    # Events up to this id come from the log (replay); later ones from the live queue.
+    replay_until: int
+    queue: asyncio.Queue[Event] = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    reason: str = ""
+
+    def offer(self, event: Event) -> None:
+        if event.type not in self.types or self.closed.is_set():
+            return
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.close("too slow: its queue of undelivered events is full")
+
+    def close(self, reason: str) -> None:
+        if not self.closed.is_set():
+            self.reason = reason
+            self.closed.set()
+
+    async def next_live(self) -> Event | None:
+        """The next queued event, or None once the subscriber is closed."""
+        if self.closed.is_set():
+            return None
+        if not self.queue.empty():
+            return self.queue.get_nowait()
+        getter = asyncio.ensure_future(self.queue.get())
+        closer = asyncio.ensure_future(self.closed.wait())
+        try:
+            await asyncio.wait((getter, closer), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closer.cancel()
+            if not getter.done():
+                getter.cancel()
+        return getter.result() if getter.done() and not getter.cancelled() else None
+
+
+class Broadcaster:
+    def __init__(self, url: str, pool: asyncpg.Pool, timeout: float) -> None:
+        self.url = url
+        self.pool = pool
+        self.timeout = timeout
+        self.subscribers: set[Subscriber] = set()
+        # Id of the last event read from the log and fanned out.
+        self.last_id = 0
+        self.connected = asyncio.Event()
+        self.reconnects = 0
+        self._listener: asyncpg.Connection | None = None
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+
+    async def start(self) -> None:
+        async with db.connection(self.pool, self.timeout) as conn:
+            self.last_id = await db.latest_event_id(conn)
+        await self._connect()
+        self._tasks = [asyncio.create_task(self._deliver_forever()), asyncio.create_task(self._watch())]
+
+    async def close(self) -> None:
+        self._closing = True
+        self.end_streams("the server is shutting down")
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._listener.close(), self.timeout)
+
+    def end_streams(self, reason: str) -> None:
+        for subscriber in list(self.subscribers):
+            subscriber.close(reason)
+
+    # The listening connection
+
+    async def _connect(self) -> None:
+        conn = await asyncpg.connect(self.url, timeout=self.timeout)
+        await conn.add_listener(db.NOTIFY_CHANNEL, self._notified)
+        conn.add_termination_listener(self._terminated)
+        self._listener = conn
+        self.connected.set()
+        # Whatever was committed while no one listened is in the log: read on from last_id.
+        self._wake.set()
+
+    def _notified(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        self._wake.set()
+
+    def _terminated(self, conn: object) -> None:
+        if conn is self._listener and not self._closing:
+            log.warning("listening connection lost; reconnecting")
+            self.connected.clear()
+
+    async def _watch(self) -> None:
+        """Notice a dead listener (the termination callback does not fire for every way a
+        connection can die) and reconnect with backoff."""
+        backoff = 0.1
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL_SECONDS if self.connected.is_set() else backoff)
+            if self.connected.is_set():
+                try:
+                    assert self._listener is not None
+                    await asyncio.wait_for(self._listener.fetchval("SELECT 1"), self.timeout)
+                    backoff = 0.1
+                    continue
+                except (asyncio.CancelledError, KeyboardInterrupt):
+                    raise
+                except Exception as error:
+                    log.warning("listening connection failed its health check (%r); reconnecting", error)
+                    self.connected.clear()
+            if self._listener is not None:
+                self._listener.terminate()
+                self._listener = None
+            try:
+                await self._connect()
+                self.reconnects += 1
+                log.info("listening connection restored; reading events after id %d", self.last_id)
+            except (asyncio.CancelledError, KeyboardInterrupt):
+                raise
+            except Exception as error:
+                log.debug("reconnect failed: %r", error)
+                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+
+    async def _deliver_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._deliver_new()
+            except (asyncio.CancelledError, KeyboardInterrupt):
+                raise
+            except Exception as error:
+                # The watchdog reconnects and wakes us again; nothing is lost meanwhile.
+                log.warning("could not read the event log: %r", error)
+
+    async def _deliver_new(self) -> None:
+        while True:
+            async with db.connection(self.pool, self.timeout) as conn:
+                events = await db.events_after(conn, self.last_id, REPLAY_PAGE)
+            for event in events:
+                for subscriber in list(self.subscribers):
+                    subscriber.offer(event)
+                self.last_id = event.id
+            if len(events) < REPLAY_PAGE:
+                return
+
+    # Subscriptions
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, types: Iterable[str], after_id: int | None) -> AsyncIterator[Subscriber]:
+        """Register a subscriber; with after_id, it first replays the log after that id.
+
+        Registration and the snapshot of last_id happen together, before any await: events
+        up to the snapshot come from the log, later ones from the live queue, so the seam has
+        neither a gap nor a duplicate.
+        """
+        snapshot = self.last_id
+        subscriber = Subscriber(frozenset(types), position=snapshot, replay_until=snapshot)
+        self.subscribers.add(subscriber)
+        try:
+            if after_id is not None:
+                async with db.connection(self.pool, self.timeout) as conn:
+                    newest = await db.latest_event_id(conn)
+                # An id from the future (or from a replica further ahead) replays nothing.
+                subscriber.position = min(after_id, newest)
+            yield subscriber
+        finally:
+            self.subscribers.discard(subscriber)
+
+    async def events(self, subscriber: Subscriber) -> AsyncIterator[Event]:
+        while subscriber.position < subscriber.replay_until and not subscriber.closed.is_set():
+            async with db.connection(self.pool, self.timeout) as conn:
+                page = await db.events_after(conn, subscriber.position, REPLAY_PAGE)
+            page = [event for event in page if event.id <= subscriber.replay_until]
+            if not page:
+                break
+            for event in page:
+                subscriber.position = event.id
+                if event.type in subscriber.types:
+                    yield event
+        while (event := await subscriber.next_live()) is not None:
+            if event.id <= subscriber.position:
+                continue
+            subscriber.position = event.id
+            yield event
+
+
+BROADCASTER = web.AppKey("broadcaster", Broadcaster)

@@ -1,0 +1,345 @@
+"""GET /openapi (the Scalar reference page) and /openapi/openapi.json (the OpenAPI 3.1 spec).
+
+The spec is written here by hand, next to nothing else, and a test checks it against the
+routes the app registers, so an endpoint cannot be added without being described.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from typing import Any
+
+from aiohttp import web
+
+from prerec.config import SETTINGS_KEY
+from prerec.model import EVENT_TYPES
+
+START_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?$"
+
+
+def _problem(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    }
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+_RETRY_AFTER = {"Retry-After": {"$ref": "#/components/headers/Retry-After"}}
+_UNAVAILABLE = _problem("The database or the storage folder is not available right now.", _RETRY_AFTER)
+_BAD_REQUEST = _problem("A path or query value is malformed; the detail names it.")
+_NOT_FOUND = _problem("No prerecording of that event at that start.")
+_KEY_PARAMETERS = [{"$ref": "#/components/parameters/event"}, {"$ref": "#/components/parameters/start"}]
+_REPRESENTATION_HEADERS = {
+    "Content-Length": {"schema": {"type": "integer", "minimum": 0}, "description": "Size in bytes."},
+    "ETag": {"$ref": "#/components/headers/ETag"},
+    "Last-Modified": {"$ref": "#/components/headers/Last-Modified"},
+}
+
+
+def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
+
+
+SPEC: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "prerec",
+        "version": "1.0.0",
+        "description": (
+            "Prerecordings of scheduled events: the audio of one airing, named by the event's UUID and "
+            "the instance's start in the event's own timezone (a naive datetime). Audio is Ogg."
+        ),
+    },
+    "paths": {
+        "/ping": {
+            "get": {
+                "operationId": "ping",
+                "summary": "Liveness check (does not touch the database)",
+                "responses": {"204": {"description": "The process is alive."}},
+            },
+        },
+        "/prerecordings/{event}": {
+            "get": {
+                "operationId": "listPrerecordings",
+                "summary": "List an event's prerecordings, ordered by start",
+                "description": (
+                    "Every query value may also be sent JSON-encoded (`after=\"2024-01-01T00:00:00\"`, "
+                    "`limit=10`, `order=\"desc\"`); the JSON `null` means not given, except for `limit`, "
+                    "where it means no limit. An empty value is rejected."
+                ),
+                "parameters": [
+                    {"$ref": "#/components/parameters/event"},
+                    _query("after", "Only starts at or after this one (inclusive).", {"type": "string"}),
+                    _query("before", "Only starts before this one (exclusive).", {"type": "string"}),
+                    _query(
+                        "limit",
+                        "Most items to return (default 10; `null`: no limit).",
+                        {"type": "string", "pattern": r"^(\d+|null)$"},
+                    ),
+                    _query("offset", "Items to skip (default 0).", {"type": "string", "pattern": r"^\d+$"}),
+                    _query(
+                        "order",
+                        "Order by start: asc (default) or desc.",
+                        {"type": "string", "enum": ["asc", "desc", '"asc"', '"desc"']},
+                    ),
+                ],
+                "responses": {
+                    "200": {
+                        "description": "One page of the matching prerecordings.",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/List"}}},
+                    },
+                    "400": _BAD_REQUEST,
+                    "503": _UNAVAILABLE,
+                },
+            }
+        },
+        "/prerecordings/{event}/{start}": {
+            "get": {
+                "operationId": "downloadPrerecording",
+                "summary": "Download a prerecording",
+                "parameters": _KEY_PARAMETERS,
+                "responses": {
+                    "200": {
+                        "description": "The audio, exactly as uploaded.",
+                        "headers": {
+                            **_REPRESENTATION_HEADERS,
+                            "Content-Type": {"$ref": "#/components/headers/Content-Type"},
+                        },
+                        "content": {"audio/ogg": {"schema": {"type": "string", "contentMediaType": "audio/ogg"}}},
+                    },
+                    "400": _BAD_REQUEST,
+                    "404": _NOT_FOUND,
+                    "503": _UNAVAILABLE,
+                },
+            },
+            "put": {
+                "operationId": "uploadPrerecording",
+                "summary": "Upload (create or replace) a prerecording",
+                "description": (
+                    "The body is streamed to disk as it arrives, chunked or with Content-Length. It must "
+                    "start with the Ogg capture pattern `OggS`. The previous version stays served, whole, "
+                    "until the new one is completely stored."
+                ),
+                "parameters": _KEY_PARAMETERS,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "audio/ogg": {"schema": {"type": "string", "contentMediaType": "audio/ogg"}},
+                    },
+                },
+                "responses": {
+                    "201": {
+                        "description": "Created.",
+                        "headers": {"ETag": {"$ref": "#/components/headers/ETag"}},
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Prerecording"}}},
+                    },
+                    "204": {
+                        "description": "Replaced.",
+                        "headers": {"ETag": {"$ref": "#/components/headers/ETag"}},
+                    },
+                    "400": _problem("A path value is malformed, or the body is empty or not Ogg."),
+                    "413": _problem("The body is larger than PREREC_MAX_UPLOAD_BYTES."),
+                    "415": _problem("The Content-Type is not audio/ogg."),
+                    "417": _problem("The Expect header names something other than 100-continue."),
+                    "503": _UNAVAILABLE,
+                    "507": _problem("The storage folder is full."),
+                },
+            },
+            "delete": {
+                "operationId": "deletePrerecording",
+                "summary": "Delete a prerecording",
+                "parameters": _KEY_PARAMETERS,
+                "responses": {
+                    "204": {"description": "Deleted."},
+                    "400": _BAD_REQUEST,
+                    "404": _NOT_FOUND,
+                    "503": _UNAVAILABLE,
+                },
+            },
+        },
+        "/sse": {
+            "get": {
+                "operationId": "subscribe",
+                "summary": "Server-Sent Events: one message per change",
+                "description": (
+                    "Each message has `id: <event id>` and `data:` a JSON ChangeEvent. A comment line is sent "
+                    "every PREREC_SSE_PING_SECONDS. With `Last-Event-ID` (or `lastEventId`) the stream first "
+                    "replays every stored event after that id, then continues live."
+                ),
+                "parameters": [
+                    _query(
+                        "types",
+                        "Only these event types: comma-separated, or a JSON array.",
+                        {"type": "string"},
+                    ),
+                    _query("lastEventId", "Resume after this event id.", {"type": "string", "pattern": r"^\d+$"}),
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "required": False,
+                        "description": "Resume after this event id (EventSource sends it on reconnect).",
+                        "schema": {"type": "string", "pattern": r"^\d+$"},
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        "description": "An endless stream of events.",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    "400": _problem("An unknown or empty event type, or a malformed Last-Event-ID."),
+                    "503": _UNAVAILABLE,
+                },
+            }
+        },
+        "/openapi": {
+            "get": {
+                "operationId": "apiReference",
+                "summary": "This API's reference page (Scalar)",
+                "responses": {"200": {"description": "HTML.", "content": {"text/html": {"schema": {"type": "string"}}}}},
+            }
+        },
+        "/openapi/openapi.json": {
+            "get": {
+                "operationId": "openapiSpec",
+                "summary": "This specification",
+                "responses": {
+                    "200": {"description": "OpenAPI 3.1.", "content": {"application/json": {"schema": {"type": "object"}}}}
+                },
+            }
+        },
+    },
+    "components": {
+        "parameters": {
+            "event": {
+                "name": "event",
+                "in": "path",
+                "required": True,
+                "description": "The event's UUID.",
+                "schema": {"type": "string", "format": "uuid"},
+            },
+            "start": {
+                "name": "start",
+                "in": "path",
+                "required": True,
+                "description": (
+                    "The instance's start in the event's timezone, naive: YYYY-MM-DDTHH:MM, "
+                    "YYYY-MM-DDTHH:MM:SS or YYYY-MM-DDTHH:MM:SS.ffffff."
+                ),
+                "schema": {"type": "string", "pattern": START_PATTERN},
+            },
+        },
+        "headers": {
+            "ETag": {
+                "description": "Strong entity tag: the SHA-256 of the content, quoted.",
+                "schema": {"type": "string"},
+            },
+            "Last-Modified": {"description": "When this version was stored (HTTP date).", "schema": {"type": "string"}},
+            "Content-Type": {"description": "The Content-Type it was uploaded with.", "schema": {"type": "string"}},
+            "Retry-After": {"description": "Seconds to wait before trying again.", "schema": {"type": "string"}},
+        },
+        "schemas": {
+            "Problem": {
+                "type": "object",
+                "description": "RFC 9457 problem details.",
+                "required": ["type", "title", "status", "detail"],
+                "properties": {
+                    "type": {"type": "string"},
+                    "title": {"type": "string"},
+                    "status": {"type": "integer"},
+                    "detail": {"type": "string"},
+                },
+            },
+            "Prerecording": {
+                "type": "object",
+                "required": ["event", "start", "type", "size", "etag", "modified"],
+                "properties": {
+                    "event": {"type": "string", "format": "uuid"},
+                    "start": {"type": "string", "description": "Canonical: YYYY-MM-DDTHH:MM:SS[.ffffff]."},
+                    "type": {"type": "string", "description": "Content-Type as uploaded."},
+                    "size": {"type": "integer", "minimum": 1},
+                    "etag": {"type": "string", "description": "The ETag header value, quotes included."},
+                    "modified": {"type": "string", "format": "date-time", "description": "UTC, with Z."},
+                },
+            },
+            "List": {
+                "type": "object",
+                "required": ["count", "limit", "offset", "prerecordings"],
+                "properties": {
+                    "count": {"type": "integer", "description": "All matches, before limit and offset."},
+                    "limit": {"type": ["integer", "null"], "description": "null: no limit."},
+                    "offset": {"type": "integer"},
+                    "prerecordings": {"type": "array", "items": {"$ref": "#/components/schemas/Prerecording"}},
+                },
+            },
+            "ChangeEvent": {
+                "type": "object",
+                "description": "The data of one SSE message.",
+                "required": ["type", "createdAt", "data"],
+                "properties": {
+                    "type": {"type": "string", "enum": list(EVENT_TYPES)},
+                    "createdAt": {"type": "string", "format": "date-time"},
+                    "data": {
+                        "type": "object",
+                        "properties": {
+                            "prerecording": {
+                                "description": "The list item; for prerecording-deleted only event and start.",
+                                "type": "object",
+                            }
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+
+def _add_head_operations(spec: dict[str, Any]) -> None:
+    """aiohttp answers HEAD wherever it answers GET (but /sse): describe each such HEAD as
+    its GET without a body."""
+    for path, item in spec["paths"].items():
+        if "get" not in item or path == "/sse":
+            continue
+        get = item["get"]
+        responses = {
+            status: {key: value for key, value in response.items() if key != "content"}
+            for status, response in get["responses"].items()
+        }
+        item["head"] = {
+            **get,
+            "operationId": get["operationId"] + "Head",
+            "summary": get["summary"] + " (headers only)",
+            "responses": responses,
+        }
+
+
+_add_head_operations(SPEC)
+_SPEC_JSON = json.dumps(SPEC)
+
+_PAGE = """<!doctype html>
+<html>
+  <head>
+    <title>prerec API reference</title>
+    <meta charset="utf-8" />
+    <meta name="viewport" content="width=device-width, initial-scale=1" />
+  </head>
+  <body>
+    <script id="api-reference" data-url="/openapi/openapi.json"></script>
+    <script src="{script}"></script>
+  </body>
+</html>
+"""
+
+
+async def spec(request: web.Request) -> web.Response:
+    return web.Response(text=_SPEC_JSON, content_type="application/json")
+
+
+async def page(request: web.Request) -> web.Response:
+    script = html.escape(request.app[SETTINGS_KEY].scalar_js_url, quote=True)
+    return web.Response(text=_PAGE.format(script=script), content_type="text/html")

@@ -1,0 +1,237 @@
+"""HTTP handlers for /prerecordings: list, upload, download, delete."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from datetime import datetime
+from typing import IO
+
+from aiohttp import hdrs, web
+
+from prerec import blobs, db
+from prerec.config import SETTINGS_KEY
+from prerec.db import POOL
+from prerec.model import Prerecording, format_start, http_date, parse_event, parse_start
+from prerec.problems import DatabaseUnavailable, Problem, problem_response
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LIMIT = 10
+OGG = "audio/ogg"
+
+
+# Request parsing
+
+
+def _key(request: web.Request) -> tuple[uuid.UUID, datetime]:
+    return parse_event(request.match_info["event"]), parse_start(request.match_info["start"])
+
+
+def _query_text(request: web.Request, name: str) -> str | None:
+    """A query value, plain or JSON-encoded as the original's clients send it.
+
+    `"2024-01-01T00:00"` (with the quotes) reads as the string inside; `null` as not given.
+    """
+    raw = request.query.get(name)
+    if raw is None or raw == "null":
+        return None
+    if raw == "":
+        raise Problem(400, f"The query parameter {name} is empty; leave it out or give a value.")
+    if raw.startswith('"'):
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = None
+        if not isinstance(value, str):
+            raise Problem(400, f"The query parameter {name}={raw!r} is not a valid JSON string.")
+        return value
+    return raw
+
+
+def _query_count(request: web.Request, name: str, default: int | None) -> int | None:
+    text = _query_text(request, name)
+    if text is None:
+        return default
+    if not (text.isascii() and text.isdigit()):
+        raise Problem(400, f"The query parameter {name}={text!r} is not a non-negative integer.")
+    return int(text)
+
+
+def _query_start(request: web.Request, name: str) -> datetime | None:
+    text = _query_text(request, name)
+    return None if text is None else parse_start(text, f"query parameter {name}")
+
+
+def _check_upload_headers(request: web.Request) -> None:
+    """What can be refused before a byte of the body is read."""
+    declared = request.headers.get(hdrs.CONTENT_TYPE)
+    if declared is None or request.content_type.lower() != OGG:
+        raise Problem(415, f"The Content-Type must be {OGG} (parameters such as codecs are allowed), not {declared!r}.")
+    length = request.content_length
+    max_bytes = request.app[SETTINGS_KEY].max_upload_bytes
+    if length is not None and length > max_bytes:
+        raise Problem(
+            413,
+            f"The declared Content-Length {length} is larger than the limit of {max_bytes} bytes.",
+            {"Connection": "close"},
+        )
+    if length == 0:
+        raise Problem(400, "The upload is empty: send the Ogg audio as the request body.")
+
+
+async def upload_expect(request: web.Request) -> web.StreamResponse | None:
+    """Answer `Expect: 100-continue` only when the upload can be accepted.
+
+    aiohttp's default handler says "continue" before any check runs, and the client then
+    sends a body that will be refused; this one refuses first.
+    """
+    try:
+        parse_event(request.match_info["event"])
+        parse_start(request.match_info["start"])
+        _check_upload_headers(request)
+    except Problem as problem:
+        headers = {**problem.headers, "Connection": "close"}
+        return problem_response(problem.status, problem.detail, headers)
+    if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+        return problem_response(417, f"The Expect value {request.headers[hdrs.EXPECT]!r} is not supported.")
+    if request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    return None
+
+
+# Responses
+
+
+class BlobResponse(web.StreamResponse):
+    """A blob sent from an already opened file with sendfile.
+
+    Not web.FileResponse: that one stats and opens the file in the thread pool (slow for the
+    small files playout and UIs probe) and replaces our content-derived ETag with one made
+    from mtime and size.
+    """
+
+    def __init__(self, file: IO[bytes], offset: int, count: int, *, status: int = 200) -> None:
+        super().__init__(status=status)
+        self._file = file
+        self._offset = offset
+        self._count = count
+        self.content_length = count
+
+    async def prepare(self, request: web.BaseRequest) -> web.AbstractStreamWriter | None:  # type: ignore[override]
+        try:
+            writer = await super().prepare(request)
+            if request.method == hdrs.METH_HEAD or self._count == 0:
+                return writer
+            loop = asyncio.get_running_loop()
+            transport = request.transport
+            if transport is None:
+                raise ConnectionResetError("Connection lost")
+            try:
+                await loop.sendfile(transport, self._file, self._offset, self._count)
+            except NotImplementedError:
+                # No sendfile (uvloop, TLS): copy in pieces through a thread.
+                self._file.seek(self._offset)
+                left = self._count
+                while left > 0:
+                    piece = await loop.run_in_executor(None, self._file.read, min(left, blobs.WRITE_PIECE))
+                    if not piece:
+                        break
+                    await writer.write(piece)  # type: ignore[union-attr]
+                    left -= len(piece)
+            await super().write_eof()
+            return writer
+        finally:
+            self._file.close()
+
+
+def _representation_headers(response: web.StreamResponse, prerecording: Prerecording) -> None:
+    response.content_type = prerecording.type.split(";")[0].strip()
+    response.headers[hdrs.CONTENT_TYPE] = prerecording.type
+    response.headers[hdrs.ETAG] = prerecording.etag
+    response.headers[hdrs.LAST_MODIFIED] = http_date(prerecording.modified)
+
+
+# Handlers
+
+
+async def list_prerecordings(request: web.Request) -> web.Response:
+    event = parse_event(request.match_info["event"])
+    after = _query_start(request, "after")
+    before = _query_start(request, "before")
+    # limit=null is "no limit", unlike a missing limit, which is the default page of 10.
+    limit = None if request.query.get("limit") == "null" else _query_count(request, "limit", DEFAULT_LIMIT)
+    offset = _query_count(request, "offset", 0) or 0
+    order = _query_text(request, "order") or "asc"
+    if order not in ("asc", "desc"):
+        raise Problem(400, f"The query parameter order={order!r} must be 'asc' or 'desc'.")
+    settings = request.app[SETTINGS_KEY]
+    async with db.connection(request.app[POOL], settings.db_timeout_seconds) as conn:
+        count, items = await db.list_prerecordings(conn, event, after, before, limit, offset, order == "desc")
+    return web.json_response(
+        {"count": count, "limit": limit, "offset": offset, "prerecordings": [item.to_json() for item in items]}
+    )
+
+
+async def download(request: web.Request) -> web.StreamResponse:
+    event, start = _key(request)
+    settings = request.app[SETTINGS_KEY]
+    # The row is read, then its blob opened; a replace or delete committed in between unlinks
+    # that blob, so read the row again: the new row names the new blob.
+    for _ in range(3):
+        async with db.connection(request.app[POOL], settings.db_timeout_seconds) as conn:
+            prerecording = await db.get_prerecording(conn, event, start)
+        if prerecording is None:
+            raise Problem(404, f"There is no prerecording of event {event} at {format_start(start)}.")
+        try:
+            file = blobs.open_blob(settings.blob_dir, prerecording.blob)
+            break
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            raise Problem(503, f"The stored file cannot be read ({error.strerror}).", {"Retry-After": "5"}) from error
+    else:
+        log.error("prerecording %s %s points at missing blob %s", event, start, prerecording.blob)
+        raise Problem(503, "The stored file of this prerecording is missing; run the storage check.")
+    response = BlobResponse(file, 0, prerecording.size)
+    _representation_headers(response, prerecording)
+    return response
+
+
+async def upload(request: web.Request) -> web.StreamResponse:
+    event, start = _key(request)
+    _check_upload_headers(request)
+    settings = request.app[SETTINGS_KEY]
+    stored = await blobs.receive(settings.blob_dir, request.content, settings.max_upload_bytes)
+    try:
+        async with db.connection(request.app[POOL], settings.db_timeout_seconds) as conn:
+            saved = await db.save_prerecording(
+                conn, event, start, request.headers[hdrs.CONTENT_TYPE], stored.size, stored.sha256, stored.name
+            )
+    except DatabaseUnavailable:
+        # The commit may have happened before the connection broke; leave the blob for the
+        # storage check rather than risk a row pointing at nothing.
+        log.warning("database lost while recording blob %s; left for the storage check", stored.name)
+        raise
+    except BaseException:
+        await asyncio.shield(blobs.remove(settings.blob_dir, stored.name))
+        raise
+    if saved.replaced_blob is not None:
+        await blobs.remove(settings.blob_dir, saved.replaced_blob)
+    headers = {hdrs.ETAG: saved.prerecording.etag}
+    if saved.created:
+        return web.json_response(saved.prerecording.to_json(), status=201, headers=headers)
+    return web.Response(status=204, headers=headers)
+
+
+async def delete(request: web.Request) -> web.Response:
+    event, start = _key(request)
+    settings = request.app[SETTINGS_KEY]
+    async with db.connection(request.app[POOL], settings.db_timeout_seconds) as conn:
+        deleted = await db.delete_prerecording(conn, event, start)
+    if deleted is None:
+        raise Problem(404, f"There is no prerecording of event {event} at {format_start(start)}.")
+    await blobs.remove(settings.blob_dir, deleted.blob)
+    return web.Response(status=204)

@@ -1,0 +1,68 @@
+"""Errors as RFC 9457 problem details: one exception type, one middleware.
+
+Handlers raise Problem(status, detail); the middleware turns it, aiohttp's own HTTP errors
+(unknown route, wrong method) into `application/problem+json`. Nothing
+else reaches the client: an unexpected exception is logged and answered with a bare 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from http import HTTPStatus
+
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+RETRY_AFTER_SECONDS = 5
+
+
+class Problem(Exception):
+    def __init__(self, status: int, detail: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.headers = dict(headers or {})
+
+
+class DatabaseUnavailable(Problem):
+    def __init__(self, detail: str = "The database is not available; try again shortly.") -> None:
+        super().__init__(503, detail, {"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+def problem_response(status: int, detail: str, headers: Mapping[str, str] | None = None) -> web.Response:
+    body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail}
+    response = web.Response(status=status, text=json.dumps(body), headers=headers)
+    response.content_type = PROBLEM_JSON
+    return response
+
+
+@web.middleware
+async def problems_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except Problem as problem:
+        return problem_response(problem.status, problem.detail, problem.headers)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        headers = {name: error.headers[name] for name in ("Allow",) if name in error.headers}
+        detail = _http_detail(request, error)
+        return problem_response(error.status, detail, headers)
+    except Exception:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        return problem_response(500, "The server failed to answer this request.")
+
+
+def _http_detail(request: web.Request, error: web.HTTPException) -> str:
+    if error.status == 404:
+        return f"There is no resource at {request.path}."
+    if error.status == 405:
+        allowed = error.headers.get("Allow", "")
+        return f"The method {request.method} is not allowed on {request.path}; allowed: {allowed}."
+    return error.text or HTTPStatus(error.status).phrase

@@ -1,0 +1,88 @@
+"""GET /sse: every change as a Server-Sent Event, resumable with Last-Event-ID."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from aiohttp import web
+from aiohttp_sse import EventSourceResponse
+
+from prerec.config import SETTINGS_KEY
+from prerec.events import BROADCASTER
+from prerec.model import EVENT_TYPES
+from prerec.problems import Problem
+
+log = logging.getLogger(__name__)
+
+# Sent once per stream: how long an EventSource waits before reconnecting (milliseconds).
+RETRY_MS = 2000
+
+
+def parse_types(request: web.Request) -> frozenset[str]:
+    values = request.query.getall("types", [])
+    if not values:
+        return frozenset(EVENT_TYPES)
+    types: list[str] = []
+    for value in values:
+        if value.startswith("["):
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                parsed = None
+            if not isinstance(parsed, list) or not all(isinstance(item, str) for item in parsed):
+                raise Problem(400, f"The query parameter types={value!r} is not a JSON array of strings.")
+            types.extend(parsed)
+        else:
+            types.extend(item.strip() for item in value.split(","))
+    if not types or any(not item for item in types):
+        raise Problem(400, "The query parameter types must name at least one event type, without empty items.")
+    unknown = sorted(set(types) - set(EVENT_TYPES))
+    if unknown:
+        raise Problem(
+            400, f"The query parameter types names unknown event types {unknown}; known: {list(EVENT_TYPES)}."
+        )
+    return frozenset(types)
+
+
+def parse_last_event_id(request: web.Request) -> int | None:
+    # EventSource sends the header on reconnect; ?lastEventId= serves clients that cannot set it.
+    for source, value in (
+        ("header Last-Event-ID", request.headers.get("Last-Event-ID")),
+        ("query parameter lastEventId", request.query.get("lastEventId")),
+    ):
+        if value is None:
+            continue
+        if not value.strip().isascii() or not value.strip().isdigit():
+            raise Problem(400, f"The {source} {value!r} is not an event id (a non-negative integer).")
+        return int(value)
+    return None
+
+
+async def stream(request: web.Request) -> web.StreamResponse:
+    types = parse_types(request)
+    after_id = parse_last_event_id(request)
+    broadcaster = request.app[BROADCASTER]
+    async with broadcaster.subscribe(types, after_id) as subscriber:
+        response = EventSourceResponse(ping_interval=request.app[SETTINGS_KEY].sse_ping_seconds)
+        await response.prepare(request)
+        # wait() returns when the response's ping fails to write: the client is gone. Closing
+        # the subscriber then ends the loop below (aiohttp does not cancel a handler on
+        # disconnect, and a quiet stream would otherwise wait forever).
+        gone = asyncio.create_task(response.wait())
+        gone.add_done_callback(lambda _: subscriber.close("the client went away"))
+        try:
+            await response.write(f"retry: {RETRY_MS}\n\n".encode())
+            async for event in broadcaster.events(subscriber):
+                await response.send(json.dumps(event.to_json()), id=str(event.id))
+        except (ConnectionError, TimeoutError, RuntimeError, Problem) as error:
+            # The stream is already open: all we can do is end it; the client resumes
+            # with Last-Event-ID.
+            log.debug("SSE stream ended: %r", error)
+        finally:
+            if subscriber.reason:
+                log.info("SSE stream ended: %s", subscriber.reason)
+            response.stop_streaming()
+            await gone
+    return response

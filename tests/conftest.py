@@ -1,0 +1,217 @@
+"""Shared fixtures: one real embedded PostgreSQL per test session, a fresh database per test.
+
+Every test database is a copy of a migrated template (CREATE DATABASE ... TEMPLATE), which
+takes milliseconds, so tests never see each other's rows or events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from prerec import embedded
+from prerec.__main__ import migrate
+from prerec.app import create_app
+from prerec.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+EVENT = "0f339cb0-7ab4-43fe-852d-75708232f76c"
+TEMPLATE = "prerec_template"
+_numbers = itertools.count()
+
+
+def ogg(size: int, fill: bytes = b"\x00") -> bytes:
+    """A body that passes the Ogg check: the capture pattern, then filler."""
+    return b"OggS" + (fill * (size - 4))[: size - 4]
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    # Under /tmp, which the pgserver system user may traverse (it cannot enter root's home).
+    server = embedded.start(tmp_path_factory.mktemp("pg"))
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def template_url(pg_server) -> str:  # type: ignore[no-untyped-def]
+    base = pg_server.get_uri()
+
+    async def create() -> None:
+        conn = await asyncpg.connect(base)
+        try:
+            await conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE}")
+            await conn.execute(f"CREATE DATABASE {TEMPLATE}")
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    url = with_database(base, TEMPLATE)
+    migrate(url)
+    return url
+
+
+async def create_database(template_url: str) -> str:
+    name = f"test_{os.getpid()}_{next(_numbers)}"
+    conn = await asyncpg.connect(with_database(template_url, "postgres"))
+    try:
+        await conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
+    finally:
+        await conn.close()
+    return with_database(template_url, name)
+
+
+@pytest.fixture
+async def database_url(template_url: str) -> str:
+    return await create_database(template_url)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path, storage_dir=tmp_path / "storage", sse_ping_seconds=1.0)
+
+
+@pytest.fixture
+def app(settings: Settings, database_url: str) -> web.Application:
+    return create_app(settings, database_url)
+
+
+@pytest.fixture
+async def client(aiohttp_client, app: web.Application) -> TestClient:  # type: ignore[no-untyped-def]
+    return await aiohttp_client(app)
+
+
+def blob_files(settings: Settings) -> list[Path]:
+    return sorted(p for p in (settings.blob_dir / "blobs").rglob("*") if p.is_file())
+
+
+def tmp_files(settings: Settings) -> list[Path]:
+    return sorted((settings.blob_dir / "tmp").glob("*"))
+
+
+async def wait_for(condition, timeout: float = 10.0, interval: float = 0.02):  # type: ignore[no-untyped-def]
+    """Poll until condition() is truthy; fail with a clear message at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Replica:
+    """A real `python -m prerec` process."""
+
+    def __init__(self, env: dict[str, str], port: int, log: Path) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        self._log_file = open(log, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "prerec"],
+            env={**os.environ, **env, "PREREC_PORT": str(port), "PREREC_HOST": "127.0.0.1"},
+            cwd=ROOT,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"replica exited with {self.process.returncode}:\n{self.log.read_text()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/ping", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"replica not ready within {timeout} s:\n{self.log.read_text()}")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self._log_file.close()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._log_file.close()
+
+
+@pytest.fixture
+def replicas(tmp_path: Path) -> Iterator[list[Replica]]:
+    started: list[Replica] = []
+    yield started
+    for replica in started:
+        replica.kill()
+
+
+@pytest.fixture
+def storage_env(tmp_path: Path, database_url: str) -> dict[str, str]:
+    return {
+        "PREREC_DATABASE_URL": database_url,
+        "PREREC_DATA_DIR": str(tmp_path / "data"),
+        "PREREC_STORAGE_DIR": str(tmp_path / "storage"),
+        "PREREC_LOG_LEVEL": "info",
+    }
+
+
+async def read_events(response, count: int, timeout: float = 10.0) -> list[tuple[int, dict]]:  # type: ignore[no-untyped-def]
+    """Read `count` SSE messages (id and parsed data) from an open aiohttp response."""
+    import json
+
+    events: list[tuple[int, dict]] = []
+    event_id: int | None = None
+    data: list[str] = []
+    async with asyncio.timeout(timeout):
+        while len(events) < count:
+            line = (await response.content.readline()).decode()
+            if line == "":
+                raise AssertionError(f"stream ended after {len(events)} events")
+            line = line.rstrip("\r\n")
+            if line.startswith("id: "):
+                event_id = int(line[4:])
+            elif line.startswith("data: "):
+                data.append(line[6:])
+            elif line == "" and data:
+                events.append((event_id, json.loads("\n".join(data))))  # type: ignore[arg-type]
+                event_id, data = None, []
+    return events
+
+
+async def drain(aiter: AsyncIterator[bytes]) -> None:
+    async for _ in aiter:
+        pass

@@ -1,0 +1,39 @@
+"""Settings: read from the environment, every one documented in the README."""
+
+import re
+
+import pytest
+
+from prerec.config import SETTINGS, SettingError, Settings
+from tests.conftest import ROOT
+
+
+def test_every_setting_is_in_the_readme_table() -> None:
+    readme = (ROOT / "README.md").read_text()
+    documented = set(re.findall(r"^\| `(PREREC_[A-Z_]+)` \|", readme, flags=re.MULTILINE))
+    assert {setting.env for setting in SETTINGS} == documented
+
+
+def test_defaults_match_the_contract() -> None:
+    settings = Settings.from_env({})
+    assert (settings.host, settings.port) == ("0.0.0.0", 10600)
+    assert settings.database_url is None
+    assert settings.blob_dir.as_posix() == "data/blobs"
+    assert settings.max_upload_bytes == 2 * 1024**3
+    assert settings.sse_ping_seconds == 15
+    assert settings.tmp_max_age_seconds == 3600
+    assert settings.log_level == "INFO"
+
+
+def test_storage_dir_overrides_data_dir() -> None:
+    settings = Settings.from_env({"PREREC_DATA_DIR": "/srv/x", "PREREC_STORAGE_DIR": "/mnt/blobs"})
+    assert settings.blob_dir.as_posix() == "/mnt/blobs"
+
+
+@pytest.mark.parametrize(
+    ("env", "value"),
+    [("PREREC_PORT", "http"), ("PREREC_PORT", "70000"), ("PREREC_MAX_UPLOAD_BYTES", "0"), ("PREREC_LOG_LEVEL", "loud")],
+)
+def test_bad_value_names_the_variable(env: str, value: str) -> None:
+    with pytest.raises(SettingError, match=env):
+        Settings.from_env({env: value})

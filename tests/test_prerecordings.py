@@ -1,0 +1,343 @@
+"""The /prerecordings endpoints as their users meet them: requests, answers, headers, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+from email.utils import parsedate_to_datetime
+
+import pytest
+
+from prerec.app import create_app
+from tests.conftest import EVENT, blob_files, ogg, tmp_files
+
+BASE = f"/prerecordings/{EVENT}"
+OGG = {"Content-Type": "audio/ogg"}
+
+
+async def put(client, start: str, body: bytes, headers=None):  # type: ignore[no-untyped-def]
+    return await client.put(f"{BASE}/{start}", data=body, headers={**OGG, **(headers or {})})
+
+
+async def assert_problem(response, status: int, *words: str) -> dict:  # type: ignore[no-untyped-def]
+    assert response.status == status, await response.text()
+    assert response.content_type == "application/problem+json"
+    problem = await response.json()
+    assert problem["status"] == status
+    assert problem["type"] == "about:blank"
+    assert problem["title"]
+    for word in words:
+        assert word in problem["detail"], problem["detail"]
+    return problem
+
+
+# Upload and download
+
+
+async def test_upload_then_download_returns_the_same_bytes_and_headers(client) -> None:
+    body = ogg(300_000, b"\x01\x02")
+    response = await put(client, "2024-01-01T00:00:00", body, {"Content-Type": "audio/ogg; codecs=opus"})
+    assert response.status == 201
+    etag = response.headers["ETag"]
+    assert etag == f'"{hashlib.sha256(body).hexdigest()}"'
+    created = await response.json()
+    assert created["start"] == "2024-01-01T00:00:00" and created["size"] == len(body)
+
+    response = await client.get(f"{BASE}/2024-01-01T00:00:00")
+    assert response.status == 200
+    assert await response.read() == body
+    assert response.headers["Content-Type"] == "audio/ogg; codecs=opus"
+    assert response.headers["Content-Length"] == str(len(body))
+    assert response.headers["ETag"] == etag
+    assert parsedate_to_datetime(response.headers["Last-Modified"]).tzinfo is not None
+
+
+async def test_head_sends_the_get_headers_without_body(client) -> None:
+    body = ogg(5000)
+    await put(client, "2024-01-01T10:00", body)
+    get = await client.get(f"{BASE}/2024-01-01T10:00")
+    head = await client.head(f"{BASE}/2024-01-01T10:00")
+    assert head.status == 200
+    assert await head.read() == b""
+    for name in ("Content-Type", "Content-Length", "ETag", "Last-Modified"):
+        assert head.headers[name] == get.headers[name]
+
+
+async def test_replacing_answers_204_and_serves_the_new_version(client) -> None:
+    assert (await put(client, "2024-01-01T00:00", ogg(1000, b"a"))).status == 201
+    response = await put(client, "2024-01-01T00:00:00", ogg(2000, b"b"))
+    assert response.status == 204
+    assert response.headers["ETag"] == f'"{hashlib.sha256(ogg(2000, b"b")).hexdigest()}"'
+    assert await (await client.get(f"{BASE}/2024-01-01T00:00:00.000")).read() == ogg(2000, b"b")
+
+
+async def test_replace_leaves_exactly_one_blob_file(client, settings) -> None:
+    for fill in (b"a", b"b", b"c"):
+        await put(client, "2024-01-01T00:00", ogg(1000, fill))
+    assert len(blob_files(settings)) == 1
+    assert tmp_files(settings) == []
+
+
+async def test_chunked_upload_is_stored(client) -> None:
+    body = ogg(3 * 1024 * 1024 + 17, b"xyz")
+
+    async def chunks():  # type: ignore[no-untyped-def]
+        for i in range(0, len(body), 65536):
+            yield body[i : i + 65536]
+
+    response = await client.put(f"{BASE}/2024-02-02T02:02:02", data=chunks(), headers=OGG)
+    assert response.status == 201
+    assert await (await client.get(f"{BASE}/2024-02-02T02:02:02")).read() == body
+
+
+async def test_fractional_starts_are_distinct_and_canonical(client) -> None:
+    await put(client, "2024-01-01T00:00:00.5", ogg(10))
+    await put(client, "2024-01-01T00:00:00", ogg(11))
+    listing = await (await client.get(BASE)).json()
+    assert [item["start"] for item in listing["prerecordings"]] == [
+        "2024-01-01T00:00:00",
+        "2024-01-01T00:00:00.500000",
+    ]
+
+
+async def test_download_of_absent_prerecording_is_404_problem(client) -> None:
+    await assert_problem(await client.get(f"{BASE}/2024-01-01T00:00"), 404, EVENT, "2024-01-01T00:00:00")
+    head = await client.head(f"{BASE}/2024-01-01T00:00")
+    assert head.status == 404
+
+
+async def test_delete_removes_row_and_file(client, settings) -> None:
+    await put(client, "2024-01-01T00:00", ogg(100))
+    response = await client.delete(f"{BASE}/2024-01-01T00:00")
+    assert response.status == 204
+    assert (await client.get(f"{BASE}/2024-01-01T00:00")).status == 404
+    assert blob_files(settings) == []
+    await assert_problem(await client.delete(f"{BASE}/2024-01-01T00:00"), 404)
+
+
+# Upload refusals
+
+
+async def test_wrong_content_type_is_415(client, settings) -> None:
+    response = await client.put(f"{BASE}/2024-01-01T00:00", data=ogg(100), headers={"Content-Type": "audio/mpeg"})
+    await assert_problem(response, 415, "audio/ogg", "audio/mpeg")
+    response = await client.put(f"{BASE}/2024-01-01T00:00", data=ogg(100), skip_auto_headers=["Content-Type"])
+    await assert_problem(response, 415)
+    assert blob_files(settings) == []
+
+
+async def test_empty_body_is_400(client) -> None:
+    await assert_problem(await put(client, "2024-01-01T00:00", b""), 400, "empty")
+
+    async def nothing():  # type: ignore[no-untyped-def]
+        if False:
+            yield b""
+
+    response = await client.put(f"{BASE}/2024-01-01T00:00", data=nothing(), headers=OGG)
+    await assert_problem(response, 400, "empty")
+
+
+async def test_body_not_ogg_is_400_and_stores_nothing(client, settings) -> None:
+    await assert_problem(await put(client, "2024-01-01T00:00", b"ID3\x03" + b"\0" * 5000), 400, "OggS")
+    await assert_problem(await put(client, "2024-01-01T00:00", b"Og"), 400, "OggS")
+    assert blob_files(settings) == [] and tmp_files(settings) == []
+    assert (await client.get(f"{BASE}/2024-01-01T00:00")).status == 404
+
+
+@pytest.fixture
+async def limited(aiohttp_client, settings, database_url):  # type: ignore[no-untyped-def]
+    """A client of a service that takes uploads of at most 1,000,000 bytes."""
+    limited_settings = dataclasses.replace(settings, max_upload_bytes=1_000_000)
+    return await aiohttp_client(create_app(limited_settings, database_url))
+
+
+async def test_upload_at_the_limit_is_stored(limited) -> None:
+    assert (await put(limited, "2024-01-01T00:00", ogg(1_000_000))).status == 201
+
+
+async def test_declared_length_over_limit_is_413_before_the_body(limited, settings) -> None:
+    client = limited
+    response = await put(client, "2024-01-01T00:00", ogg(1_000_001))
+    await assert_problem(response, 413, "1000000")
+    assert tmp_files(settings) == [] and blob_files(settings) == []
+
+
+async def test_chunked_body_growing_over_limit_is_413_and_leaves_nothing(limited, settings) -> None:
+    client = limited
+    await put(client, "2024-01-01T00:00", ogg(1000, b"o"))
+
+    async def endless():  # type: ignore[no-untyped-def]
+        yield b"OggS"
+        for _ in range(100):
+            yield b"\0" * 65536
+
+    response = await client.put(f"{BASE}/2024-01-01T00:00", data=endless(), headers=OGG)
+    await assert_problem(response, 413, "1000000")
+    assert response.headers["Connection"] == "close"
+    assert tmp_files(settings) == []
+    assert len(blob_files(settings)) == 1
+    assert await (await client.get(f"{BASE}/2024-01-01T00:00")).read() == ogg(1000, b"o")
+
+
+async def test_expect_continue_is_refused_before_the_body(client) -> None:
+    """A refused upload is answered at its headers: curl never sends the body."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        (
+            f"PUT {BASE}/2024-01-01T00:00 HTTP/1.1\r\nHost: x\r\nContent-Type: audio/mpeg\r\n"
+            "Content-Length: 100\r\nExpect: 100-continue\r\n\r\n"
+        ).encode()
+    )
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), 5)
+    assert status_line.startswith(b"HTTP/1.1 415"), status_line
+    writer.close()
+
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        (
+            f"PUT {BASE}/2024-01-01T00:00 HTTP/1.1\r\nHost: x\r\nContent-Type: audio/ogg\r\n"
+            "Content-Length: 8\r\nExpect: 100-continue\r\n\r\n"
+        ).encode()
+    )
+    await writer.drain()
+    assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 100")
+    await reader.readline()
+    writer.write(b"OggS1234")
+    await writer.drain()
+    assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 201")
+    writer.close()
+
+
+# Bad keys
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        "2024-01-01",
+        "2024-01-01T00:00:00Z",
+        "2024-01-01T00:00:00+01:00",
+        "2024-01-01T00:00:60",
+        "2024-02-30T00:00",
+        "2024-01-01T24:00",
+        "2024-01-01T00:00:00.1234567",
+        "2024-01-01 00:00:00",
+        "24-01-01T00:00",
+        "2024-01-01T00:00:00.",
+        "yesterday",
+    ],
+)
+async def test_bad_start_is_400_naming_it(client, start: str) -> None:
+    await assert_problem(await client.get(f"{BASE}/{start}"), 400, "start", start)
+    await assert_problem(await put(client, start, ogg(10)), 400, "start")
+    await assert_problem(await client.delete(f"{BASE}/{start}"), 400, "start")
+
+
+async def test_bad_event_is_400_naming_it(client) -> None:
+    await assert_problem(await client.get("/prerecordings/not-a-uuid"), 400, "event", "not-a-uuid")
+    await assert_problem(await client.get("/prerecordings/not-a-uuid/2024-01-01T00:00"), 400, "event")
+
+
+async def test_event_output_is_lower_case(client) -> None:
+    await client.put(f"/prerecordings/{EVENT.upper()}/2024-01-01T00:00", data=ogg(10), headers=OGG)
+    listing = await (await client.get(f"/prerecordings/{EVENT.upper()}")).json()
+    assert listing["prerecordings"][0]["event"] == EVENT
+
+
+async def test_unknown_route_is_404_and_wrong_method_405_with_allow(client) -> None:
+    await assert_problem(await client.get("/nothing/here"), 404)
+    response = await client.post(f"{BASE}/2024-01-01T00:00")
+    await assert_problem(response, 405, "POST")
+    assert set(response.headers["Allow"].split(",")) == {"GET", "HEAD", "PUT", "DELETE"}
+
+
+# Listing
+
+
+async def stored(client, *starts: str) -> None:  # type: ignore[no-untyped-def]
+    for start in starts:
+        assert (await put(client, start, ogg(100))).status == 201
+
+
+STARTS = [f"2024-01-{day:02d}T12:00:00" for day in range(1, 16)]
+
+
+async def test_list_defaults_to_first_ten_ascending_with_total_count(client) -> None:
+    await stored(client, *reversed(STARTS))
+    listing = await (await client.get(BASE)).json()
+    assert listing["count"] == 15 and listing["limit"] == 10 and listing["offset"] == 0
+    assert [item["start"] for item in listing["prerecordings"]] == STARTS[:10]
+    item = listing["prerecordings"][0]
+    assert set(item) == {"event", "start", "type", "size", "etag", "modified"}
+    assert item["modified"].endswith("Z")
+    head = await client.head(f"{BASE}/{item['start']}")
+    assert head.headers["ETag"] == item["etag"]
+
+
+async def test_list_filters_pages_and_orders(client) -> None:
+    await stored(client, *STARTS)
+    query = {"after": "2024-01-03T12:00", "before": "2024-01-08T12:00:00", "order": "desc", "limit": "2", "offset": "1"}
+    listing = await (await client.get(BASE, params=query)).json()
+    assert listing["count"] == 5
+    assert listing["limit"] == 2 and listing["offset"] == 1
+    assert [item["start"] for item in listing["prerecordings"]] == ["2024-01-06T12:00:00", "2024-01-05T12:00:00"]
+
+
+async def test_list_accepts_json_encoded_values_as_the_original_clients_send(client) -> None:
+    await stored(client, *STARTS)
+    query = {
+        "after": json.dumps("2024-01-02T12:00:00"),
+        "before": "null",
+        "limit": "null",
+        "offset": json.dumps(0),
+        "order": json.dumps("asc"),
+    }
+    listing = await (await client.get(BASE, params=query)).json()
+    assert listing["count"] == 14 and listing["limit"] is None
+    assert len(listing["prerecordings"]) == 14
+
+
+async def test_playout_paging_until_offset_reaches_count(client) -> None:
+    await stored(client, *STARTS)
+    seen, offset = [], 0
+    while True:
+        page = await (await client.get(BASE, params={"offset": str(offset)})).json()
+        seen += [item["start"] for item in page["prerecordings"]]
+        offset += page["limit"]
+        if offset >= page["count"]:
+            break
+    assert seen == STARTS
+
+
+async def test_list_of_an_event_with_nothing_is_empty(client) -> None:
+    listing = await (await client.get("/prerecordings/00000000-0000-0000-0000-000000000000")).json()
+    assert listing == {"count": 0, "limit": 10, "offset": 0, "prerecordings": []}
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("limit", ""),
+        ("limit", "-1"),
+        ("limit", "ten"),
+        ("limit", "1.5"),
+        ("offset", "-3"),
+        ("offset", ""),
+        ("order", "sideways"),
+        ("order", '"sideways"'),
+        ("after", "2024-01-01T00:00Z"),
+        ("before", ""),
+        ("after", '"2024-01-01'),
+    ],
+)
+async def test_bad_list_query_is_400_naming_the_parameter(client, name: str, value: str) -> None:
+    await assert_problem(await client.get(BASE, params={name: value}), 400, name)
+
+
+async def test_limit_zero_counts_without_items(client) -> None:
+    await stored(client, *STARTS[:3])
+    listing = await (await client.get(BASE, params={"limit": "0"})).json()
+    assert listing["count"] == 3 and listing["prerecordings"] == [] and listing["limit"] == 0

@@ -1,0 +1,125 @@
+"""GET /sse: one message per change, filtered by type, across app instances, resumable."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from prerec.app import create_app
+from tests.conftest import EVENT, ogg, read_events
+
+KEY = f"/prerecordings/{EVENT}/2024-01-01T00:00"
+OGG = {"Content-Type": "audio/ogg"}
+
+
+async def change_everything(client) -> None:  # type: ignore[no-untyped-def]
+    assert (await client.put(KEY, data=ogg(100, b"a"), headers=OGG)).status == 201
+    assert (await client.put(KEY, data=ogg(200, b"b"), headers=OGG)).status == 204
+    assert (await client.delete(KEY)).status == 204
+
+
+async def test_created_updated_deleted_in_order(client) -> None:
+    stream = await client.get("/sse")
+    assert stream.status == 200
+    assert stream.headers["Content-Type"].startswith("text/event-stream")
+    await change_everything(client)
+    events = await read_events(stream, 3)
+    assert [data["type"] for _, data in events] == [
+        "prerecording-created",
+        "prerecording-updated",
+        "prerecording-deleted",
+    ]
+    ids = [event_id for event_id, _ in events]
+    assert ids == sorted(ids) and len(set(ids)) == 3
+    created = events[0][1]
+    assert created["createdAt"].endswith("Z")
+    item = created["data"]["prerecording"]
+    assert item["event"] == EVENT and item["start"] == "2024-01-01T00:00:00" and item["size"] == 100
+    assert set(item) == {"event", "start", "type", "size", "etag", "modified"}
+    listing = await (await client.get(f"/prerecordings/{EVENT}")).json()
+    assert listing["count"] == 0
+    assert events[2][1]["data"] == {"prerecording": {"event": EVENT, "start": "2024-01-01T00:00:00"}}
+    stream.close()
+
+
+async def test_stream_starts_with_retry_and_sends_keepalive_comments(client) -> None:
+    stream = await client.get("/sse")  # the test settings ping every second
+    first = await asyncio.wait_for(stream.content.readline(), 5)
+    assert first.startswith(b"retry: ")
+    lines = []
+    async with asyncio.timeout(5):
+        while not any(line.startswith(b":") for line in lines):
+            lines.append(await stream.content.readline())
+    stream.close()
+
+
+@pytest.mark.parametrize("types", ["prerecording-created,prerecording-deleted", '["prerecording-created","prerecording-deleted"]'])
+async def test_types_filter(client, types: str) -> None:
+    stream = await client.get("/sse", params={"types": types})
+    await change_everything(client)
+    events = await read_events(stream, 2)
+    assert [data["type"] for _, data in events] == ["prerecording-created", "prerecording-deleted"]
+    stream.close()
+
+
+@pytest.mark.parametrize("types", ["", "prerecording-renamed", "prerecording-created,", "[]", '["x"]', "[1]"])
+async def test_bad_types_is_400(client, types: str) -> None:
+    response = await client.get("/sse", params={"types": types})
+    assert response.status == 400
+    assert response.content_type == "application/problem+json"
+    assert "types" in (await response.json())["detail"]
+
+
+async def test_change_through_one_instance_reaches_a_subscriber_of_another(
+    aiohttp_client, settings, database_url, client
+) -> None:
+    other = await aiohttp_client(create_app(settings, database_url))
+    stream = await other.get("/sse")
+    assert (await client.put(KEY, data=ogg(100), headers=OGG)).status == 201
+    [(_, data)] = await read_events(stream, 1)
+    assert data["type"] == "prerecording-created"
+    stream.close()
+
+
+async def test_last_event_id_replays_what_was_missed_then_goes_live(client) -> None:
+    stream = await client.get("/sse")
+    await client.put(KEY, data=ogg(100), headers=OGG)
+    [(first_id, _)] = await read_events(stream, 1)
+    stream.close()
+
+    await client.put(KEY, data=ogg(200), headers=OGG)
+    await client.delete(KEY)
+    await client.put(KEY, data=ogg(300), headers=OGG)
+
+    resumed = await client.get("/sse", headers={"Last-Event-ID": str(first_id)})
+    replayed = await read_events(resumed, 3)
+    assert [data["type"] for _, data in replayed] == [
+        "prerecording-updated",
+        "prerecording-deleted",
+        "prerecording-created",
+    ]
+    await client.put(KEY, data=ogg(400), headers=OGG)
+    [(live_id, live)] = await read_events(resumed, 1)
+    assert live["type"] == "prerecording-updated" and live_id > replayed[-1][0]
+    resumed.close()
+
+    by_query = await client.get("/sse", params={"lastEventId": str(first_id), "types": "prerecording-deleted"})
+    [(_, only)] = await read_events(by_query, 1)
+    assert only["type"] == "prerecording-deleted"
+    by_query.close()
+
+
+async def test_last_event_id_from_the_future_goes_live(client) -> None:
+    stream = await client.get("/sse", headers={"Last-Event-ID": "999999"})
+    await client.put(KEY, data=ogg(100), headers=OGG)
+    [(_, data)] = await read_events(stream, 1)
+    assert data["type"] == "prerecording-created"
+    stream.close()
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "1.5", ""])
+async def test_non_numeric_last_event_id_is_400(client, value: str) -> None:
+    response = await client.get("/sse", headers={"Last-Event-ID": value})
+    assert response.status == 400
+    assert "Last-Event-ID" in (await response.json())["detail"]
