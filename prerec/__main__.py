@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
 import sys
 from pathlib import Path
-
-from aiohttp import web
 
 from prerec.config import SettingError, Settings
 
@@ -42,13 +41,13 @@ def migrate(database_url: str, revision: str = "head") -> None:
 
 def serve(settings: Settings) -> None:
     from prerec.app import create_app
+    from prerec.app import serve as serve_app
 
     database_url = resolve_database_url(settings)
     migrate(database_url)
     app = create_app(settings, database_url)
-    log.info("serving on http://%s:%d", settings.host, settings.port)
     try:
-        web.run_app(app, host=settings.host, port=settings.port, print=None, shutdown_timeout=5)
+        asyncio.run(serve_app(app, settings))
     except OSError as error:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, error.strerror)
         raise SystemExit(1) from None
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     # Python's default SIGTERM kills without running atexit, which is what stops the embedded
     # PostgreSQL; turning it into SystemExit lets the interpreter exit properly. (While the
-    # server runs, aiohttp installs its own handler for a graceful stop.)
+    # server runs, app.serve installs its own handler for a graceful stop.)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
     if args.command in (None, "serve"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -12,18 +13,22 @@ from aiohttp import web
 from prerec import blobs, db
 from prerec.config import SETTINGS_KEY, Settings
 from prerec.events import BROADCASTER, Broadcaster
+from prerec.prerecordings import UPLOADS
 from prerec.problems import problems_middleware
 from prerec.routes import add_routes
 
 log = logging.getLogger(__name__)
 
 DATABASE_URL = web.AppKey("database_url", str)
+SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
 
 
 def create_app(settings: Settings, database_url: str) -> web.Application:
     app = web.Application(middlewares=[problems_middleware])
     app[SETTINGS_KEY] = settings
     app[DATABASE_URL] = database_url
+    app[SHUTTING_DOWN] = asyncio.Event()
+    app[UPLOADS] = set()
     app.cleanup_ctx.append(_storage)
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_broadcaster)
@@ -65,7 +70,10 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _broadcaster(app: web.Application) -> AsyncIterator[None]:
-    broadcaster = Broadcaster(app[DATABASE_URL], app[db.POOL], app[SETTINGS_KEY].db_timeout_seconds)
+    settings = app[SETTINGS_KEY]
+    broadcaster = Broadcaster(
+        app[DATABASE_URL], app[db.POOL], settings.db_timeout_seconds, settings.events_retention_seconds
+    )
     await broadcaster.start()
     app[BROADCASTER] = broadcaster
     yield
@@ -76,3 +84,35 @@ async def _end_streams(app: web.Application) -> None:
     # Open SSE responses would hold the runner's cleanup until its timeout; end them now so
     # their clients reconnect (to another replica) at once.
     app[BROADCASTER].end_streams("the server is shutting down")
+
+
+async def serve(app: web.Application, settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully.
+
+    Not web.run_app: once AppRunner.cleanup() starts, aiohttp stops reading request bodies,
+    so an upload still arriving would stall and be cut. Instead: stop listening, end the event
+    streams (their clients reconnect to another replica), let uploads in flight finish within
+    PREREC_SHUTDOWN_TIMEOUT_SECONDS, and only then clean up.
+    """
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    log.info("serving on http://%s:%d", settings.host, settings.port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+
+    log.info("shutting down: no new connections, ending event streams, finishing uploads")
+    app[SHUTTING_DOWN].set()
+    await site.stop()
+    app[BROADCASTER].end_streams("the server is shutting down")
+    uploads = set(app[UPLOADS])
+    if uploads:
+        done, pending = await asyncio.wait(uploads, timeout=settings.shutdown_timeout_seconds)
+        log.info("uploads finished: %d, cut at the timeout: %d", len(done), len(pending))
+    await runner.cleanup()
+    log.info("stopped")

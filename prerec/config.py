@@ -103,6 +103,20 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_float,
         "Longest wait for the database in a request; past it the answer is 503 with `Retry-After`.",
     ),
+    Setting(
+        "events_retention_seconds",
+        "PREREC_EVENTS_RETENTION_SECONDS",
+        "86400",
+        _positive_float,
+        "How long the event log keeps events for `/sse` resumption (`Last-Event-ID`).",
+    ),
+    Setting(
+        "shutdown_timeout_seconds",
+        "PREREC_SHUTDOWN_TIMEOUT_SECONDS",
+        "25",
+        _positive_float,
+        "On SIGTERM, how long uploads in flight may take to finish before the process exits.",
+    ),
     Setting("log_level", "PREREC_LOG_LEVEL", "info", _log_level, "Logging level: debug, info, warning, error."),
     Setting(
         "scalar_js_url",
@@ -125,6 +139,8 @@ class Settings:
     sse_ping_seconds: float = 15.0
     tmp_max_age_seconds: float = 3600.0
     db_timeout_seconds: float = 5.0
+    events_retention_seconds: float = 86400.0
+    shutdown_timeout_seconds: float = 25.0
     log_level: str = "INFO"
     scalar_js_url: str = "https://cdn.jsdelivr.net/npm/@scalar/api-reference"
 

@@ -73,6 +73,9 @@ async def connection(pool: asyncpg.Pool, timeout: float) -> AsyncIterator[asyncp
     try:
         yield conn
     except DATABASE_DOWN as error:
+        # After a database restart every idle pooled connection is dead too: have the pool
+        # replace them all rather than fail one request per stale connection.
+        await pool.expire_connections()
         raise DatabaseUnavailable() from error
     finally:
         # A connection broken by an outage is closed here, not returned to serve again.
@@ -213,8 +216,14 @@ async def latest_event_id(conn: asyncpg.Connection) -> int:
     return await conn.fetchval("SELECT coalesce(max(id), 0) FROM events")
 
 
-async def prune_events(conn: asyncpg.Connection, older_than_seconds: float) -> int:
+async def prune_events(conn: asyncpg.Connection, older_than_seconds: float, batch: int) -> int:
     status = await conn.execute(
-        "DELETE FROM events WHERE created_at < now() - make_interval(secs => $1)", older_than_seconds
+        """
+        DELETE FROM events WHERE id IN (
+            SELECT id FROM events WHERE created_at < now() - make_interval(secs => $1) ORDER BY id LIMIT $2
+        )
+        """,
+        older_than_seconds,
+        batch,
     )
     return int(status.split()[-1])

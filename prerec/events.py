@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 QUEUE_SIZE = 1000
 REPLAY_PAGE = 500
 HEALTH_INTERVAL_SECONDS = 2.0
+PRUNE_BATCH = 10_000
 MAX_BACKOFF_SECONDS = 5.0
 
 
@@ -41,6 +42,7 @@ class Subscriber:
     queue: asyncio.Queue[Event] = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     reason: str = ""
+    too_slow: bool = False
 
     def offer(self, event: Event) -> None:
         if event.type not in self.types or self.closed.is_set():
@@ -48,6 +50,7 @@ class Subscriber:
         try:
             self.queue.put_nowait(event)
         except asyncio.QueueFull:
+            self.too_slow = True
             self.close("too slow: its queue of undelivered events is full")
 
     def close(self, reason: str) -> None:
@@ -73,10 +76,11 @@ class Subscriber:
 
 
 class Broadcaster:
-    def __init__(self, url: str, pool: asyncpg.Pool, timeout: float) -> None:
+    def __init__(self, url: str, pool: asyncpg.Pool, timeout: float, retention_seconds: float) -> None:
         self.url = url
         self.pool = pool
         self.timeout = timeout
+        self.retention_seconds = retention_seconds
         self.subscribers: set[Subscriber] = set()
         # Id of the last event read from the log and fanned out.
         self.last_id = 0
@@ -91,7 +95,11 @@ class Broadcaster:
         async with db.connection(self.pool, self.timeout) as conn:
             self.last_id = await db.latest_event_id(conn)
         await self._connect()
-        self._tasks = [asyncio.create_task(self._deliver_forever()), asyncio.create_task(self._watch())]
+        self._tasks = [
+            asyncio.create_task(self._deliver_forever()),
+            asyncio.create_task(self._watch()),
+            asyncio.create_task(self._prune_forever()),
+        ]
 
     async def close(self) -> None:
         self._closing = True
@@ -178,6 +186,23 @@ class Broadcaster:
                 self.last_id = event.id
             if len(events) < REPLAY_PAGE:
                 return
+
+    async def _prune_forever(self) -> None:
+        """Drop events older than the retention, in batches, so no long lock is ever held.
+
+        Every replica prunes; deleting what another replica already deleted is harmless."""
+        while True:
+            try:
+                while True:
+                    async with db.connection(self.pool, self.timeout) as conn:
+                        removed = await db.prune_events(conn, self.retention_seconds, PRUNE_BATCH)
+                    if removed < PRUNE_BATCH:
+                        break
+            except (asyncio.CancelledError, KeyboardInterrupt):
+                raise
+            except Exception as error:
+                log.warning("could not prune the event log: %r", error)
+            await asyncio.sleep(min(self.retention_seconds / 10, 600))
 
     # Subscriptions
 

@@ -19,6 +19,9 @@ from prerec.problems import DatabaseUnavailable, Problem, problem_response
 
 log = logging.getLogger(__name__)
 
+# Upload handlers in progress, which a graceful shutdown waits for.
+UPLOADS = web.AppKey("uploads", set[asyncio.Task[object]])
+
 DEFAULT_LIMIT = 10
 OGG = "audio/ogg"
 
@@ -201,6 +204,16 @@ async def download(request: web.Request) -> web.StreamResponse:
 
 
 async def upload(request: web.Request) -> web.StreamResponse:
+    task = asyncio.current_task()
+    assert task is not None
+    request.app[UPLOADS].add(task)
+    try:
+        return await _upload(request)
+    finally:
+        request.app[UPLOADS].discard(task)
+
+
+async def _upload(request: web.Request) -> web.StreamResponse:
     event, start = _key(request)
     _check_upload_headers(request)
     settings = request.app[SETTINGS_KEY]

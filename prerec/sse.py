@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from prerec.config import SETTINGS_KEY
-from prerec.events import BROADCASTER
+from prerec.events import BROADCASTER, Subscriber
 from prerec.model import EVENT_TYPES
 from prerec.problems import Problem
 
@@ -18,6 +19,10 @@ log = logging.getLogger(__name__)
 
 # Sent once per stream: how long an EventSource waits before reconnecting (milliseconds).
 RETRY_MS = 2000
+# A fixed, small kernel send buffer for event streams (autotuning would grow it to megabytes):
+# a reader that stops reading then blocks our writes after a few hundred events, its queue
+# fills and it is dropped, instead of the kernel hoarding thousands of events for it.
+SEND_BUFFER_BYTES = 64 * 1024
 
 
 def parse_types(request: web.Request) -> frozenset[str]:
@@ -60,18 +65,30 @@ def parse_last_event_id(request: web.Request) -> int | None:
     return None
 
 
+def _abort_if_too_slow(request: web.Request, subscriber: Subscriber) -> None:
+    if subscriber.too_slow and request.transport is not None:
+        request.transport.abort()
+
+
 async def stream(request: web.Request) -> web.StreamResponse:
     types = parse_types(request)
     after_id = parse_last_event_id(request)
     broadcaster = request.app[BROADCASTER]
     async with broadcaster.subscribe(types, after_id) as subscriber:
         response = EventSourceResponse(ping_interval=request.app[SETTINGS_KEY].sse_ping_seconds)
+        sock = request.transport.get_extra_info("socket") if request.transport else None
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         await response.prepare(request)
         # wait() returns when the response's ping fails to write: the client is gone. Closing
         # the subscriber then ends the loop below (aiohttp does not cancel a handler on
         # disconnect, and a quiet stream would otherwise wait forever).
         gone = asyncio.create_task(response.wait())
         gone.add_done_callback(lambda _: subscriber.close("the client went away"))
+        # A subscriber dropped as too slow may be stuck in a write that will never drain:
+        # abort its connection so the handler (and its buffers) go at once.
+        dropped = asyncio.create_task(subscriber.closed.wait())
+        dropped.add_done_callback(lambda _: _abort_if_too_slow(request, subscriber))
         try:
             await response.write(f"retry: {RETRY_MS}\n\n".encode())
             async for event in broadcaster.events(subscriber):
@@ -83,6 +100,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         finally:
             if subscriber.reason:
                 log.info("SSE stream ended: %s", subscriber.reason)
+            dropped.cancel()
             response.stop_streaming()
             await gone
     return response

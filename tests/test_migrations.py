@@ -46,3 +46,44 @@ def test_stairway(pg_server) -> None:  # type: ignore[no-untyped-def]
     assert {"prerecordings", "events", "alembic_version"} <= asyncio.run(_tables(url))
     command.downgrade(config, "base")
     assert asyncio.run(_tables(url)) == {"alembic_version"}
+
+
+def test_two_replicas_migrating_at_once_both_succeed_with_one_schema(pg_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    base = pg_server.get_uri()
+
+    async def fresh() -> str:
+        conn = await asyncpg.connect(base)
+        try:
+            await conn.execute("DROP DATABASE IF EXISTS concurrent")
+            await conn.execute("CREATE DATABASE concurrent")
+        finally:
+            await conn.close()
+        return with_database(base, "concurrent")
+
+    url = asyncio.run(fresh())
+    env = {**os.environ, "PREREC_DATABASE_URL": url, "PREREC_DATA_DIR": str(tmp_path)}
+    subprocess.run(["make", "--no-print-directory", "install"], cwd=ROOT, env=env, check=True, capture_output=True)
+    runs = [
+        subprocess.Popen(["make", "--no-print-directory", "migrate"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(2)
+    ]
+    outputs = [run.communicate(timeout=120)[0].decode() for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    # Exactly one of them applied the revisions; the other found the schema at head.
+    assert sum("Running upgrade  -> 0001" in output for output in outputs) == 1, outputs
+
+    async def versions() -> list[str]:
+        conn = await asyncpg.connect(url)
+        try:
+            return [row["version_num"] for row in await conn.fetch("SELECT version_num FROM alembic_version")]
+        finally:
+            await conn.close()
+
+    head = ScriptDirectory.from_config(_alembic(url)).get_current_head()
+    assert asyncio.run(versions()) == [head]
+    assert {"prerecordings", "events"} <= asyncio.run(_tables(url))

@@ -123,3 +123,55 @@ async def test_non_numeric_last_event_id_is_400(client, value: str) -> None:
     response = await client.get("/sse", headers={"Last-Event-ID": value})
     assert response.status == 400
     assert "Last-Event-ID" in (await response.json())["detail"]
+
+
+async def test_a_stalled_subscriber_is_dropped_while_others_keep_receiving(client, app, database_url) -> None:
+    import socket
+
+    from prerec.events import BROADCASTER
+
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect((client.host, client.port))
+    stalled.sendall(b"GET /sse HTTP/1.1\r\nHost: x\r\n\r\n")
+    reading = await client.get("/sse")
+    broadcaster = app[BROADCASTER]
+    while len(broadcaster.subscribers) < 2:
+        await asyncio.sleep(0.01)
+
+    import asyncpg
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            """
+            INSERT INTO events (type, data)
+            SELECT 'prerecording-deleted', jsonb_build_object('prerecording', jsonb_build_object('n', n, 'pad', repeat('x', 200)))
+            FROM generate_series(1, 5000) AS n
+            """
+        )
+        await conn.execute("SELECT pg_notify('prerec_events', 'bulk')")
+    finally:
+        await conn.close()
+
+    events = await read_events(reading, 5000, timeout=30)
+    assert [data["data"]["prerecording"]["n"] for _, data in events] == list(range(1, 5001))
+    assert len(broadcaster.subscribers) == 1, "the stalled subscriber is still registered"
+    # Its connection was closed: what the kernel buffered ends, then EOF or a reset.
+    stalled.setblocking(False)
+    total = 0
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                data = stalled.recv(1 << 20)
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+                continue
+            except ConnectionResetError:
+                break
+            if not data:
+                break
+            total += len(data)
+    assert total < 5000 * 250
+    stalled.close()
+    reading.close()

@@ -1,0 +1,77 @@
+"""The process lifecycle: graceful shutdown on SIGTERM (real processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import aiohttp
+
+from tests.conftest import EVENT, Replica, free_port, ogg
+
+KEY = f"/prerecordings/{EVENT}/2024-01-01T00:00"
+
+
+async def test_sigterm_ends_streams_finishes_uploads_and_exits_0(tmp_path, storage_env, replicas) -> None:
+    env = {**storage_env, "PREREC_SHUTDOWN_TIMEOUT_SECONDS": "10"}
+    replica = Replica(env, free_port(), tmp_path / "replica.log")
+    replicas.append(replica)
+    replica.wait_ready()
+
+    async with aiohttp.ClientSession() as session:
+        stream = await session.get(f"{replica.url}/sse")
+        assert (await asyncio.wait_for(stream.content.readline(), 5)).startswith(b"retry:")
+
+        body = ogg(4 * 1024 * 1024, b"s")
+        half = len(body) // 2
+        reader, writer = await asyncio.open_connection("127.0.0.1", replica.port)
+        writer.write(
+            f"PUT {KEY} HTTP/1.1\r\nHost: x\r\nContent-Type: audio/ogg\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        )
+        writer.write(body[:half])
+        await writer.drain()
+        await asyncio.sleep(0.3)
+
+        replica.process.send_signal(signal.SIGTERM)
+        began = time.monotonic()
+        # The event stream ends promptly...
+        async with asyncio.timeout(3):
+            while await stream.content.readline():
+                pass
+        assert time.monotonic() - began < 3
+
+        # ...while the upload's remaining bytes still arrive and are stored.
+        await asyncio.sleep(0.5)
+        writer.write(body[half:])
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+        assert status_line.startswith(b"HTTP/1.1 201"), status_line
+        writer.close()
+
+    exit_code = await asyncio.to_thread(replica.process.wait, 15)
+    assert exit_code == 0, replica.log.read_text()
+    assert time.monotonic() - began < 10
+
+    successor = Replica(env, free_port(), tmp_path / "successor.log")
+    replicas.append(successor)
+    successor.wait_ready()
+    async with aiohttp.ClientSession() as session:
+        assert await (await session.get(f"{successor.url}{KEY}")).read() == body
+
+
+async def test_sigterm_cuts_an_upload_that_outlasts_the_timeout(tmp_path, storage_env, replicas) -> None:
+    env = {**storage_env, "PREREC_SHUTDOWN_TIMEOUT_SECONDS": "1"}
+    replica = Replica(env, free_port(), tmp_path / "replica.log")
+    replicas.append(replica)
+    replica.wait_ready()
+    reader, writer = await asyncio.open_connection("127.0.0.1", replica.port)
+    writer.write(f"PUT {KEY} HTTP/1.1\r\nHost: x\r\nContent-Type: audio/ogg\r\nContent-Length: 1000000\r\n\r\nOggS".encode())
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    began = time.monotonic()
+    replica.process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(replica.process.wait, 15) == 0
+    assert time.monotonic() - began < 5
+    writer.close()
+    assert list((tmp_path / "storage" / "tmp").glob("*")) == []
