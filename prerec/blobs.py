@@ -42,7 +42,12 @@ WRITE_PIECE = 1024 * 1024
 class StoredBlob:
     name: str
     size: int
-    sha256: bytes
+    # hashlib name -> digest; always "sha256", plus whatever the caller asked for.
+    digests: dict[str, bytes]
+
+    @property
+    def sha256(self) -> bytes:
+        return self.digests["sha256"]
 
 
 def layout(root: Path) -> None:
@@ -73,19 +78,22 @@ class _Upload:
     """One upload's temporary file; its methods run in a worker thread."""
 
     root: Path
+    algorithms: frozenset[str]
     tmp: Path = field(init=False)
     file: IO[bytes] | None = field(init=False, default=None)
-    hasher: hashlib._Hash = field(init=False, default_factory=hashlib.sha256)
+    hashers: dict[str, hashlib._Hash] = field(init=False)
 
     def __post_init__(self) -> None:
         self.tmp = self.root / "tmp" / f"{uuid.uuid4().hex}.part"
+        self.hashers = {name: hashlib.new(name) for name in self.algorithms | {"sha256"}}
 
     def open(self) -> None:
         self.file = open(self.tmp, "xb", buffering=0)
 
     def write(self, piece: bytes | bytearray) -> None:
         assert self.file is not None
-        self.hasher.update(piece)
+        for hasher in self.hashers.values():
+            hasher.update(piece)
         view = memoryview(piece)
         while view:
             view = view[self.file.write(view) :]
@@ -111,10 +119,15 @@ class _Upload:
         self.tmp.unlink(missing_ok=True)
 
 
-async def receive(root: Path, body: StreamReader, max_bytes: int) -> StoredBlob:
-    """Stream a request body into a new blob; the caller records it or removes it."""
+async def receive(
+    root: Path, body: StreamReader, max_bytes: int, algorithms: frozenset[str] = frozenset()
+) -> StoredBlob:
+    """Stream a request body into a new blob; the caller records it or removes it.
+
+    The body is hashed with SHA-256 (the ETag) and any other hashlib `algorithms` asked for.
+    """
     loop = asyncio.get_running_loop()
-    upload = _Upload(root)
+    upload = _Upload(root, algorithms)
     pending: asyncio.Future[None] | None = None
     piece = bytearray()
     size = 0
@@ -161,7 +174,7 @@ async def receive(root: Path, body: StreamReader, max_bytes: int) -> StoredBlob:
             await asyncio.gather(pending, return_exceptions=True)
         await asyncio.shield(loop.run_in_executor(None, upload.discard))
         raise
-    return StoredBlob(name, size, upload.hasher.digest())
+    return StoredBlob(name, size, {name_: hasher.digest() for name_, hasher in upload.hashers.items()})
 
 
 def _check_ogg(head: bytes) -> None:

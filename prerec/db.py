@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -142,6 +142,15 @@ class Saved:
     replaced_blob: str | None
 
 
+# Called inside a write's transaction, after the key's lock, with what is stored now: the
+# place to decide preconditions (If-Match ...) so that racing writers cannot both pass them.
+Check = Callable[[Prerecording | None], None]
+
+
+def _no_check(current: Prerecording | None) -> None:
+    pass
+
+
 async def save_prerecording(
     conn: asyncpg.Connection,
     event: uuid.UUID,
@@ -150,13 +159,14 @@ async def save_prerecording(
     size: int,
     sha256: bytes,
     blob: str,
+    check: Check = _no_check,
 ) -> Saved:
     """Point the key at a new blob; return what it replaced so the caller can unlink it."""
     async with conn.transaction():
         await _lock_key(conn, event, start)
-        old_blob = await conn.fetchval(
-            "SELECT blob FROM prerecordings WHERE event = $1 AND start = $2", event, start
-        )
+        current = await get_prerecording(conn, event, start)
+        check(current)
+        old_blob = None if current is None else current.blob
         row = await conn.fetchrow(
             f"""
             INSERT INTO prerecordings (event, start, type, size, sha256, blob, modified)
@@ -180,9 +190,15 @@ async def save_prerecording(
     return Saved(saved, created, old_blob)
 
 
-async def delete_prerecording(conn: asyncpg.Connection, event: uuid.UUID, start: datetime) -> Prerecording | None:
+async def delete_prerecording(
+    conn: asyncpg.Connection, event: uuid.UUID, start: datetime, check: Check = _no_check
+) -> Prerecording | None:
     async with conn.transaction():
         await _lock_key(conn, event, start)
+        current = await get_prerecording(conn, event, start)
+        if current is None:
+            return None
+        check(current)
         row = await conn.fetchrow(
             f"DELETE FROM prerecordings WHERE event = $1 AND start = $2 RETURNING {_COLUMNS}", event, start
         )

@@ -33,11 +33,30 @@ _UNAVAILABLE = _problem("The database or the storage folder is not available rig
 _BAD_REQUEST = _problem("A path or query value is malformed; the detail names it.")
 _NOT_FOUND = _problem("No prerecording of that event at that start.")
 _KEY_PARAMETERS = [{"$ref": "#/components/parameters/event"}, {"$ref": "#/components/parameters/start"}]
-_REPRESENTATION_HEADERS = {
-    "Content-Length": {"schema": {"type": "integer", "minimum": 0}, "description": "Size in bytes."},
+_VALIDATORS = {
     "ETag": {"$ref": "#/components/headers/ETag"},
     "Last-Modified": {"$ref": "#/components/headers/Last-Modified"},
 }
+_REPRESENTATION_HEADERS = {
+    "Content-Length": {"schema": {"type": "integer", "minimum": 0}, "description": "Size in bytes."},
+    "Content-Type": {"$ref": "#/components/headers/Content-Type"},
+    "Accept-Ranges": {"description": "Always `bytes`.", "schema": {"type": "string", "enum": ["bytes"]}},
+    "Repr-Digest": {
+        "description": "SHA-256 of the whole representation (RFC 9530), also on 206.",
+        "schema": {"type": "string"},
+    },
+    **_VALIDATORS,
+}
+_PRECONDITION_FAILED = _problem("A precondition (If-Match, If-None-Match, If-Unmodified-Since) failed.")
+
+
+def _header(name: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "header", "required": False, "description": description, "schema": {"type": "string"}}
+
+
+_IF_MATCH = _header("If-Match", "Only if the current ETag is one of these (strong comparison), or `*`: it exists.")
+_IF_NONE_MATCH = _header("If-None-Match", "Only if the current ETag is none of these (weak comparison); `*`: it does not exist.")
+_IF_UNMODIFIED_SINCE = _header("If-Unmodified-Since", "Only if not modified since this HTTP date.")
 
 
 def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -100,19 +119,44 @@ SPEC: dict[str, Any] = {
         "/prerecordings/{event}/{start}": {
             "get": {
                 "operationId": "downloadPrerecording",
-                "summary": "Download a prerecording",
-                "parameters": _KEY_PARAMETERS,
+                "summary": "Download a prerecording, whole or one byte range",
+                "description": (
+                    "Single byte ranges (`bytes=a-b`, `bytes=a-`, `bytes=-n`) get 206; a request for several "
+                    "ranges, or a malformed Range, gets the whole body (200). Conditional requests follow "
+                    "RFC 9110: If-Match and If-Unmodified-Since (412), If-None-Match and If-Modified-Since "
+                    "(304), If-Range with an ETag or a date."
+                ),
+                "parameters": [
+                    *_KEY_PARAMETERS,
+                    _header("Range", "One byte range: bytes=a-b, bytes=a- or bytes=-n."),
+                    _header("If-Range", "Apply Range only if this ETag or HTTP date is still current."),
+                    _IF_MATCH,
+                    _IF_NONE_MATCH,
+                    _header("If-Modified-Since", "Answer 304 unless modified after this HTTP date."),
+                    _IF_UNMODIFIED_SINCE,
+                ],
                 "responses": {
                     "200": {
                         "description": "The audio, exactly as uploaded.",
+                        "headers": _REPRESENTATION_HEADERS,
+                        "content": {"audio/ogg": {"schema": {"type": "string", "contentMediaType": "audio/ogg"}}},
+                    },
+                    "206": {
+                        "description": "The requested byte range.",
                         "headers": {
                             **_REPRESENTATION_HEADERS,
-                            "Content-Type": {"$ref": "#/components/headers/Content-Type"},
+                            "Content-Range": {"description": "bytes a-b/size", "schema": {"type": "string"}},
                         },
                         "content": {"audio/ogg": {"schema": {"type": "string", "contentMediaType": "audio/ogg"}}},
                     },
+                    "304": {"description": "Not modified (If-None-Match or If-Modified-Since).", "headers": _VALIDATORS},
                     "400": _BAD_REQUEST,
                     "404": _NOT_FOUND,
+                    "412": _PRECONDITION_FAILED,
+                    "416": _problem(
+                        "The range is outside the stored bytes.",
+                        {"Content-Range": {"description": "bytes */size", "schema": {"type": "string"}}},
+                    ),
                     "503": _UNAVAILABLE,
                 },
             },
@@ -122,9 +166,22 @@ SPEC: dict[str, Any] = {
                 "description": (
                     "The body is streamed to disk as it arrives, chunked or with Content-Length. It must "
                     "start with the Ogg capture pattern `OggS`. The previous version stays served, whole, "
-                    "until the new one is completely stored."
+                    "until the new one is completely stored. `If-None-Match: *` makes it create-only; "
+                    "`If-Match` replaces only a known version; both are decided in the writing transaction. "
+                    "Content-MD5, Repr-Digest and Content-Digest (sha-256, sha-512) are checked against the "
+                    "body. A wrong Content-Type, a declared length over the limit or a failed precondition "
+                    "is answered before the body is read (and before `100 Continue`)."
                 ),
-                "parameters": _KEY_PARAMETERS,
+                "parameters": [
+                    *_KEY_PARAMETERS,
+                    _IF_MATCH,
+                    _IF_NONE_MATCH,
+                    _IF_UNMODIFIED_SINCE,
+                    _header("Content-MD5", "Base64 MD5 of the body."),
+                    _header("Repr-Digest", "RFC 9530 digests of the body: sha-256, sha-512."),
+                    _header("Content-Digest", "RFC 9530 digests of the body: sha-256, sha-512."),
+                    _header("Expect", "100-continue: the answer comes before the body is sent if it is a refusal."),
+                ],
                 "requestBody": {
                     "required": True,
                     "content": {
@@ -141,7 +198,8 @@ SPEC: dict[str, Any] = {
                         "description": "Replaced.",
                         "headers": {"ETag": {"$ref": "#/components/headers/ETag"}},
                     },
-                    "400": _problem("A path value is malformed, or the body is empty or not Ogg."),
+                    "400": _problem("A path value or digest header is malformed, the body is empty or not Ogg, or a digest does not match."),
+                    "412": _PRECONDITION_FAILED,
                     "413": _problem("The body is larger than PREREC_MAX_UPLOAD_BYTES."),
                     "415": _problem("The Content-Type is not audio/ogg."),
                     "417": _problem("The Expect header names something other than 100-continue."),
@@ -152,11 +210,12 @@ SPEC: dict[str, Any] = {
             "delete": {
                 "operationId": "deletePrerecording",
                 "summary": "Delete a prerecording",
-                "parameters": _KEY_PARAMETERS,
+                "parameters": [*_KEY_PARAMETERS, _IF_MATCH, _IF_UNMODIFIED_SINCE],
                 "responses": {
                     "204": {"description": "Deleted."},
                     "400": _BAD_REQUEST,
                     "404": _NOT_FOUND,
+                    "412": _PRECONDITION_FAILED,
                     "503": _UNAVAILABLE,
                 },
             },

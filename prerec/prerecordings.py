@@ -11,7 +11,7 @@ from typing import IO
 
 from aiohttp import hdrs, web
 
-from prerec import blobs, db
+from prerec import blobs, conditional, db, digests
 from prerec.config import SETTINGS_KEY
 from prerec.db import POOL
 from prerec.model import Prerecording, format_start, http_date, parse_event, parse_start
@@ -92,9 +92,7 @@ async def upload_expect(request: web.Request) -> web.StreamResponse | None:
     sends a body that will be refused; this one refuses first.
     """
     try:
-        parse_event(request.match_info["event"])
-        parse_start(request.match_info["start"])
-        _check_upload_headers(request)
+        await _refuse_early(request)
     except Problem as problem:
         headers = {**problem.headers, "Connection": "close"}
         return problem_response(problem.status, problem.detail, headers)
@@ -150,11 +148,16 @@ class BlobResponse(web.StreamResponse):
             self._file.close()
 
 
-def _representation_headers(response: web.StreamResponse, prerecording: Prerecording) -> None:
-    response.content_type = prerecording.type.split(";")[0].strip()
-    response.headers[hdrs.CONTENT_TYPE] = prerecording.type
+def _validator_headers(response: web.StreamResponse, prerecording: Prerecording) -> None:
     response.headers[hdrs.ETAG] = prerecording.etag
     response.headers[hdrs.LAST_MODIFIED] = http_date(prerecording.modified)
+
+
+def _representation_headers(response: web.StreamResponse, prerecording: Prerecording) -> None:
+    _validator_headers(response, prerecording)
+    response.headers[hdrs.CONTENT_TYPE] = prerecording.type
+    response.headers[hdrs.ACCEPT_RANGES] = "bytes"
+    response.headers["Repr-Digest"] = prerecording.repr_digest
 
 
 # Handlers
@@ -178,18 +181,27 @@ async def list_prerecordings(request: web.Request) -> web.Response:
     )
 
 
+async def _current(request: web.Request, event: uuid.UUID, start: datetime) -> Prerecording | None:
+    settings = request.app[SETTINGS_KEY]
+    async with db.connection(request.app[POOL], settings.db_timeout_seconds) as conn:
+        return await db.get_prerecording(conn, event, start)
+
+
+def _not_found(event: uuid.UUID, start: datetime) -> Problem:
+    return Problem(404, f"There is no prerecording of event {event} at {format_start(start)}.")
+
+
 async def download(request: web.Request) -> web.StreamResponse:
     event, start = _key(request)
-    settings = request.app[SETTINGS_KEY]
+    blob_dir = request.app[SETTINGS_KEY].blob_dir
     # The row is read, then its blob opened; a replace or delete committed in between unlinks
     # that blob, so read the row again: the new row names the new blob.
     for _ in range(3):
-        async with db.connection(request.app[POOL], settings.db_timeout_seconds) as conn:
-            prerecording = await db.get_prerecording(conn, event, start)
+        prerecording = await _current(request, event, start)
         if prerecording is None:
-            raise Problem(404, f"There is no prerecording of event {event} at {format_start(start)}.")
+            raise _not_found(event, start)
         try:
-            file = blobs.open_blob(settings.blob_dir, prerecording.blob)
+            file = blobs.open_blob(blob_dir, prerecording.blob)
             break
         except FileNotFoundError:
             continue
@@ -198,7 +210,32 @@ async def download(request: web.Request) -> web.StreamResponse:
     else:
         log.error("prerecording %s %s points at missing blob %s", event, start, prerecording.blob)
         raise Problem(503, "The stored file of this prerecording is missing; run the storage check.")
-    response = BlobResponse(file, 0, prerecording.size)
+
+    try:
+        status = conditional.evaluate(request, prerecording)
+        if status == 412:
+            raise Problem(412, f"The precondition failed: the current ETag is {prerecording.etag}.")
+        if status == 304:
+            file.close()
+            not_modified = web.Response(status=304)
+            _validator_headers(not_modified, prerecording)
+            return not_modified
+        try:
+            byte_range = conditional.requested_range(request, prerecording)
+        except conditional.Unsatisfiable:
+            raise Problem(
+                416,
+                f"The Range {request.headers[hdrs.RANGE]!r} is outside the {prerecording.size} bytes stored.",
+                {hdrs.CONTENT_RANGE: f"bytes */{prerecording.size}"},
+            ) from None
+    except BaseException:
+        file.close()
+        raise
+    if byte_range is None:
+        response = BlobResponse(file, 0, prerecording.size)
+    else:
+        response = BlobResponse(file, byte_range.start, byte_range.length, status=206)
+        response.headers[hdrs.CONTENT_RANGE] = f"bytes {byte_range.start}-{byte_range.end}/{prerecording.size}"
     _representation_headers(response, prerecording)
     return response
 
@@ -213,15 +250,42 @@ async def upload(request: web.Request) -> web.StreamResponse:
         request.app[UPLOADS].discard(task)
 
 
-async def _upload(request: web.Request) -> web.StreamResponse:
+async def _refuse_early(request: web.Request) -> list[digests.Claim]:
+    """Every check that needs no body byte: key, type, length, digest headers, preconditions."""
     event, start = _key(request)
     _check_upload_headers(request)
-    settings = request.app[SETTINGS_KEY]
-    stored = await blobs.receive(settings.blob_dir, request.content, settings.max_upload_bytes)
+    claims = digests.claims(request)
+    if conditional.has_preconditions(request):
+        # A first look, so a doomed upload is refused before its body is read; the decision
+        # that counts is taken again inside the writing transaction.
+        conditional.check_write(request, await _current(request, event, start))
+    return claims
+
+
+async def _upload(request: web.Request) -> web.StreamResponse:
+    event, start = _key(request)
     try:
+        claims = await _refuse_early(request)
+    except Problem as problem:
+        # The body is left unread: close the connection rather than have aiohttp read and
+        # discard what may be gigabytes.
+        problem.headers.setdefault("Connection", "close")
+        raise
+    settings = request.app[SETTINGS_KEY]
+    algorithms = frozenset(claim.algorithm for claim in claims)
+    stored = await blobs.receive(settings.blob_dir, request.content, settings.max_upload_bytes, algorithms)
+    try:
+        digests.verify(claims, stored.digests)
         async with db.connection(request.app[POOL], settings.db_timeout_seconds) as conn:
             saved = await db.save_prerecording(
-                conn, event, start, request.headers[hdrs.CONTENT_TYPE], stored.size, stored.sha256, stored.name
+                conn,
+                event,
+                start,
+                request.headers[hdrs.CONTENT_TYPE],
+                stored.size,
+                stored.sha256,
+                stored.name,
+                check=lambda current: conditional.check_write(request, current),
             )
     except DatabaseUnavailable:
         # The commit may have happened before the connection broke; leave the blob for the
@@ -243,8 +307,10 @@ async def delete(request: web.Request) -> web.Response:
     event, start = _key(request)
     settings = request.app[SETTINGS_KEY]
     async with db.connection(request.app[POOL], settings.db_timeout_seconds) as conn:
-        deleted = await db.delete_prerecording(conn, event, start)
+        deleted = await db.delete_prerecording(
+            conn, event, start, check=lambda current: conditional.check_write(request, current)
+        )
     if deleted is None:
-        raise Problem(404, f"There is no prerecording of event {event} at {format_start(start)}.")
+        raise _not_found(event, start)
     await blobs.remove(settings.blob_dir, deleted.blob)
     return web.Response(status=204)
