@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install run test migrate migration downgrade clean
+.PHONY: install run test lint migrate migration downgrade clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,12 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) -m prerec
 
-test: $(TEST_STAMP)
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(TEST_STAMP)
+	$(VENV)/bin/ruff check prerec tests migrations
+	$(VENV)/bin/ruff format --check prerec tests migrations
 
 migrate: $(STAMP)
 	$(PY) -m prerec migrate

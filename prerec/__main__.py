@@ -16,6 +16,10 @@ ALEMBIC_INI = Path(__file__).resolve().parent.parent / "alembic.ini"
 log = logging.getLogger("prerec")
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    sys.exit(0)
+
+
 def resolve_database_url(settings: Settings) -> str:
     """PREREC_DATABASE_URL, or the embedded PostgreSQL under the data folder (started here)."""
     if settings.database_url:
@@ -51,6 +55,10 @@ def serve(settings: Settings) -> None:
     except OSError as error:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, error.strerror)
         raise SystemExit(1) from None
+    finally:
+        # Closing the loop restores SIGTERM's default, which would kill us without atexit while
+        # the embedded PostgreSQL is being stopped.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     # Python's default SIGTERM kills without running atexit, which is what stops the embedded
     # PostgreSQL; turning it into SystemExit lets the interpreter exit properly. (While the
     # server runs, app.serve installs its own handler for a graceful stop.)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     if args.command in (None, "serve"):
         serve(settings)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
@@ -14,7 +14,7 @@ from prerec import blobs, db
 from prerec.config import SETTINGS_KEY, Settings
 from prerec.events import BROADCASTER, Broadcaster
 from prerec.prerecordings import UPLOADS
-from prerec.problems import problems_middleware
+from prerec.problems import Problem, problems_middleware
 from prerec.routes import add_routes
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
 
 
 def create_app(settings: Settings, database_url: str) -> web.Application:
-    app = web.Application(middlewares=[problems_middleware])
+    app = web.Application(middlewares=[problems_middleware, _refuse_when_shutting_down])
     app[SETTINGS_KEY] = settings
     app[DATABASE_URL] = database_url
     app[SHUTTING_DOWN] = asyncio.Event()
@@ -37,27 +37,38 @@ def create_app(settings: Settings, database_url: str) -> web.Application:
     return app
 
 
+@web.middleware
+async def _refuse_when_shutting_down(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    # After SIGTERM the listening socket is closed, but a keep-alive connection (from a load
+    # balancer's pool, say) can still bring a new request: send it elsewhere.
+    if request.app[SHUTTING_DOWN].is_set() and request.path != "/ping":
+        raise Problem(
+            503, "This replica is shutting down; retry on another.", {"Retry-After": "1", "Connection": "close"}
+        )
+    return await handler(request)
+
+
 async def _storage(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS_KEY]
     blobs.layout(settings.blob_dir)
-    sweeper = asyncio.create_task(_sweep_tmp_forever(settings))
+    sweeper = asyncio.create_task(_sweep_forever(settings))
     yield
     sweeper.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await sweeper
 
 
-async def _sweep_tmp_forever(settings: Settings) -> None:
+async def _sweep_forever(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     while True:
         try:
-            removed = await loop.run_in_executor(
-                None, blobs.sweep_tmp, settings.blob_dir, settings.tmp_max_age_seconds
-            )
+            removed = await loop.run_in_executor(None, blobs.sweep, settings.blob_dir, settings.tmp_max_age_seconds)
             for path in removed:
-                log.info("removed stale temporary file %s", path.name)
+                log.info("removed %s/%s", path.parent.name, path.name)
         except OSError as error:
-            log.warning("could not sweep temporary files: %s", error)
+            log.warning("could not sweep the storage folder: %s", error)
         await asyncio.sleep(min(settings.tmp_max_age_seconds / 2, 600))
 
 
@@ -110,9 +121,12 @@ async def serve(app: web.Application, settings: Settings) -> None:
     app[SHUTTING_DOWN].set()
     await site.stop()
     app[BROADCASTER].end_streams("the server is shutting down")
-    uploads = set(app[UPLOADS])
-    if uploads:
-        done, pending = await asyncio.wait(uploads, timeout=settings.shutdown_timeout_seconds)
-        log.info("uploads finished: %d, cut at the timeout: %d", len(done), len(pending))
+    deadline = loop.time() + settings.shutdown_timeout_seconds
+    # Uploads that began on a keep-alive connection just before the flag was set may join
+    # the set late, so look again until it stays empty.
+    while app[UPLOADS] and loop.time() < deadline:
+        await asyncio.wait(set(app[UPLOADS]), timeout=deadline - loop.time())
+    if app[UPLOADS]:
+        log.warning("%d uploads still arriving at the shutdown timeout are cut", len(app[UPLOADS]))
     await runner.cleanup()
     log.info("stopped")

@@ -3,13 +3,17 @@
 Layout under the storage folder (which several replicas may share):
     tmp/<random>.part       uploads in progress
     blobs/<xx>/<random>.ogg finished blobs, each written once and never modified
+    trash/<random>.ogg      replaced or deleted blobs, kept a while for readers still sending them
 
 A blob is never overwritten in place. An upload streams into a new temporary file while its
 SHA-256 is computed, is fsynced, renamed to a fresh blob name and its folder fsynced; only then
 does the database point the key at it (db.save_prerecording), and only after that commit is
 the blob it replaced unlinked. A crash at any point leaves the old row with its old file, or
-the new row with its new file; what is left over is an unreferenced file (see sweep_tmp, gc).
-A reader holding an open blob keeps reading it after it is replaced: unlink does not cut it.
+the new row with its new file; what is left over is an unreferenced file (see sweep).
+
+A replaced blob is not unlinked at once but moved to trash/ and removed after a grace period:
+on a local disk an open file survives unlink, but on NFS another client's unlink makes a
+reader's handle stale, and a download in progress on another replica would be cut.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from aiohttp import StreamReader
+from aiohttp import StreamReader, hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from prerec.problems import Problem
 
@@ -50,9 +55,12 @@ class StoredBlob:
         return self.digests["sha256"]
 
 
+FOLDERS = ("tmp", "blobs", "trash")
+
+
 def layout(root: Path) -> None:
-    (root / "tmp").mkdir(parents=True, exist_ok=True)
-    (root / "blobs").mkdir(parents=True, exist_ok=True)
+    for folder in FOLDERS:
+        (root / folder).mkdir(parents=True, exist_ok=True)
 
 
 def blob_path(root: Path, name: str) -> Path:
@@ -62,7 +70,9 @@ def blob_path(root: Path, name: str) -> Path:
 def _storage_problem(error: OSError) -> Problem:
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         return Problem(507, "The storage folder is full; the upload was not stored.")
-    return Problem(503, f"The storage folder cannot be written ({os.strerror(error.errno or 0)}).", {"Retry-After": "5"})
+    return Problem(
+        503, f"The storage folder cannot be written ({os.strerror(error.errno or 0)}).", {"Retry-After": "5"}
+    )
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -119,8 +129,39 @@ class _Upload:
         self.tmp.unlink(missing_ok=True)
 
 
+async def _read(body: StreamReader) -> bytes:
+    """The next bytes of a request body; a client that breaks off is a 400, not a crash."""
+    try:
+        return await body.readany()
+    except _Stalled as error:
+        raise Problem(408, str(error), {"Connection": "close"}) from None
+    except (ConnectionError, HttpProcessingError) as error:
+        raise Problem(400, "The upload was cut off or malformed before its end; nothing was stored.") from error
+
+
+async def _guard_progress(body: StreamReader, last_progress: list[float], timeout: float) -> None:
+    """End a body that has stalled for `timeout` seconds (slow or vanished client).
+
+    One watchdog per upload instead of a timeout around every read: reads come thousands of
+    times a second, and a timer each would cost more than the check."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(min(timeout / 4, 1.0))
+        if loop.time() - last_progress[0] > timeout:
+            body.set_exception(_Stalled(f"No body bytes arrived for {timeout:g} seconds; the upload was abandoned."))
+            return
+
+
+class _Stalled(ConnectionError):
+    pass
+
+
 async def receive(
-    root: Path, body: StreamReader, max_bytes: int, algorithms: frozenset[str] = frozenset()
+    root: Path,
+    body: StreamReader,
+    max_bytes: int,
+    read_timeout: float,
+    algorithms: frozenset[str] = frozenset(),
 ) -> StoredBlob:
     """Stream a request body into a new blob; the caller records it or removes it.
 
@@ -132,6 +173,8 @@ async def receive(
     piece = bytearray()
     size = 0
     checked = False
+    last_progress = [loop.time()]
+    watchdog = asyncio.create_task(_guard_progress(body, last_progress, read_timeout))
 
     async def to_disk(call, *args):  # type: ignore[no-untyped-def]
         try:
@@ -141,7 +184,8 @@ async def receive(
 
     try:
         await to_disk(upload.open)
-        while chunk := await body.readany():
+        while chunk := await _read(body):
+            last_progress[0] = loop.time()
             size += len(chunk)
             if size > max_bytes:
                 raise Problem(
@@ -169,23 +213,49 @@ async def receive(
             await to_disk(upload.write, piece)
         name = await to_disk(upload.commit)
     except BaseException:
-        if pending is not None:
-            pending.cancel()
-            await asyncio.gather(pending, return_exceptions=True)
-        await asyncio.shield(loop.run_in_executor(None, upload.discard))
+
+        async def clean_up() -> None:
+            # A write already handed to a thread cannot be cancelled: let it finish before
+            # the file is closed and removed under it.
+            if pending is not None:
+                await asyncio.gather(pending, return_exceptions=True)
+            await loop.run_in_executor(None, upload.discard)
+
+        await asyncio.shield(clean_up())
         raise
+    finally:
+        watchdog.cancel()
     return StoredBlob(name, size, {name_: hasher.digest() for name_, hasher in upload.hashers.items()})
 
 
 def _check_ogg(head: bytes) -> None:
     if not head.startswith(OGG_CAPTURE_PATTERN):
         raise Problem(
-            400, "The upload is not Ogg audio: it does not start with the capture pattern 'OggS'.", {"Connection": "close"}
+            400,
+            "The upload is not Ogg audio: it does not start with the capture pattern 'OggS'.",
+            {"Connection": "close"},
         )
 
 
+def _retire(root: Path, name: str) -> None:
+    target = root / "trash" / Path(name).name
+    os.rename(blob_path(root, name), target)
+    # The grace period counts from now, not from when the blob was written.
+    os.utime(target)
+
+
+async def retire(root: Path, name: str) -> None:
+    """Take a blob out of service (see the module's note on trash/); gone already is fine."""
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, _retire, root, name)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        log.warning("could not retire blob %s: %s", name, error)
+
+
 async def remove(root: Path, name: str) -> None:
-    """Unlink a blob; one already gone is fine (another replica or gc got there first)."""
+    """Unlink a blob that was never served (its upload failed before commit)."""
     path = blob_path(root, name)
     try:
         await asyncio.get_running_loop().run_in_executor(None, path.unlink)
@@ -201,15 +271,58 @@ def open_blob(root: Path, name: str) -> IO[bytes]:
     return open(blob_path(root, name), "rb")
 
 
-def sweep_tmp(root: Path, max_age_seconds: float) -> list[Path]:
-    """Remove temporary files untouched for max_age_seconds: uploads cut off by a crash.
+class BlobResponse(web.StreamResponse):
+    """A blob sent from an already opened file with sendfile.
 
-    Age is the file's mtime, which every write refreshes, so an upload still arriving (on this
-    replica or another sharing the folder) is never touched.
+    Not web.FileResponse: that one stats and opens the file in the thread pool (slow for the
+    small files playout and UIs probe) and replaces our content-derived ETag with one made
+    from mtime and size.
+    """
+
+    def __init__(self, file: IO[bytes], offset: int, count: int, *, status: int = 200) -> None:
+        super().__init__(status=status)
+        self._file = file
+        self._offset = offset
+        self._count = count
+        self.content_length = count
+
+    async def prepare(self, request: web.BaseRequest) -> web.AbstractStreamWriter | None:  # type: ignore[override]
+        try:
+            writer = await super().prepare(request)
+            if request.method == hdrs.METH_HEAD or self._count == 0:
+                return writer
+            loop = asyncio.get_running_loop()
+            transport = request.transport
+            if transport is None:
+                raise ConnectionResetError("Connection lost")
+            try:
+                await loop.sendfile(transport, self._file, self._offset, self._count)
+            except NotImplementedError:
+                # No sendfile (uvloop, TLS): copy in pieces through a thread.
+                self._file.seek(self._offset)
+                left = self._count
+                while left > 0:
+                    piece = await loop.run_in_executor(None, self._file.read, min(left, WRITE_PIECE))
+                    if not piece:
+                        break
+                    await writer.write(piece)  # type: ignore[union-attr]
+                    left -= len(piece)
+            await super().write_eof()
+            return writer
+        finally:
+            self._file.close()
+
+
+def sweep(root: Path, max_age_seconds: float) -> list[Path]:
+    """Remove temporary files untouched for max_age_seconds (uploads cut off by a crash) and
+    retired blobs past the same grace period.
+
+    Age is the file's mtime, which every write refreshes (and retiring sets), so an upload
+    still arriving, on this replica or another sharing the folder, is never touched.
     """
     removed = []
     cutoff = time.time() - max_age_seconds
-    for path in (root / "tmp").glob("*.part"):
+    for path in [*(root / "tmp").glob("*.part"), *(root / "trash").glob("*")]:
         try:
             if path.stat().st_mtime < cutoff:
                 path.unlink()

@@ -67,7 +67,9 @@ def check_write(request: web.Request, current: Prerecording | None) -> None:
         raise Problem(412, "The precondition failed: nothing is stored at this key.")
     if request.headers.get(hdrs.IF_NONE_MATCH, "").strip() == "*":
         raise Problem(412, f"The precondition If-None-Match: * failed: a prerecording exists (ETag {current.etag}).")
-    raise Problem(412, f"The precondition failed: the current ETag is {current.etag}, modified {http_date(current.modified)}.")
+    raise Problem(
+        412, f"The precondition failed: the current ETag is {current.etag}, modified {http_date(current.modified)}."
+    )
 
 
 def has_preconditions(request: web.Request) -> bool:

@@ -67,7 +67,9 @@ SETTINGS: tuple[Setting, ...] = (
         "PostgreSQL URL (`postgresql://user:pass@host/db`); unset starts an embedded PostgreSQL "
         "under `$PREREC_DATA_DIR/postgres`.",
     ),
-    Setting("data_dir", "PREREC_DATA_DIR", "./data", Path, "Folder for the embedded database and, by default, the blobs."),
+    Setting(
+        "data_dir", "PREREC_DATA_DIR", "./data", Path, "Folder for the embedded database and, by default, the blobs."
+    ),
     Setting(
         "storage_dir",
         "PREREC_STORAGE_DIR",
@@ -94,7 +96,8 @@ SETTINGS: tuple[Setting, ...] = (
         "PREREC_TMP_MAX_AGE_SECONDS",
         "3600",
         _positive_float,
-        "Temporary upload files untouched this long are taken as left by a crash and removed.",
+        "Temporary upload files untouched this long are taken as left by a crash and removed; replaced "
+        "blobs are kept this long for downloads still reading them.",
     ),
     Setting(
         "db_timeout_seconds",
@@ -102,6 +105,13 @@ SETTINGS: tuple[Setting, ...] = (
         "5",
         _positive_float,
         "Longest wait for the database in a request; past it the answer is 503 with `Retry-After`.",
+    ),
+    Setting(
+        "read_timeout_seconds",
+        "PREREC_READ_TIMEOUT_SECONDS",
+        "60",
+        _positive_float,
+        "An upload whose body stalls this long is cut off with 408 and its temporary file removed.",
     ),
     Setting(
         "events_retention_seconds",
@@ -130,19 +140,22 @@ SETTINGS: tuple[Setting, ...] = (
 
 @dataclass(frozen=True)
 class Settings:
-    host: str = "0.0.0.0"
-    port: int = 10600
-    database_url: str | None = None
-    data_dir: Path = Path("./data")
-    storage_dir: Path | None = None
-    max_upload_bytes: int = 2 * 1024**3
-    sse_ping_seconds: float = 15.0
-    tmp_max_age_seconds: float = 3600.0
-    db_timeout_seconds: float = 5.0
-    events_retention_seconds: float = 86400.0
-    shutdown_timeout_seconds: float = 25.0
-    log_level: str = "INFO"
-    scalar_js_url: str = "https://cdn.jsdelivr.net/npm/@scalar/api-reference"
+    """The service's settings; `from_env` fills them from SETTINGS, the one home of the defaults."""
+
+    host: str
+    port: int
+    database_url: str | None
+    data_dir: Path
+    storage_dir: Path | None
+    max_upload_bytes: int
+    sse_ping_seconds: float
+    tmp_max_age_seconds: float
+    db_timeout_seconds: float
+    read_timeout_seconds: float
+    events_retention_seconds: float
+    shutdown_timeout_seconds: float
+    log_level: str
+    scalar_js_url: str
 
     @property
     def blob_dir(self) -> Path:
@@ -152,8 +165,10 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
         values: dict[str, Any] = {}
         for setting in SETTINGS:
-            raw = environ.get(setting.env, setting.default)
-            if raw is None or raw == "":
+            # An empty variable counts as unset, as shells and compose files often leave them.
+            raw = environ.get(setting.env) or setting.default
+            if raw is None:
+                values[setting.field] = None
                 continue
             try:
                 values[setting.field] = setting.parse(raw)

@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from prerec.model import Prerecording, format_utc, key_json
+from prerec.model import Event, Prerecording, key_json
 from prerec.problems import DatabaseUnavailable
 
 POOL = web.AppKey("pool", asyncpg.Pool)
@@ -206,17 +206,6 @@ async def delete_prerecording(
             return None
         await _append_event(conn, "prerecording-deleted", {"prerecording": key_json(event, start)})
     return _prerecording(row)
-
-
-@dataclass(frozen=True)
-class Event:
-    id: int
-    type: str
-    data: dict[str, Any]
-    created_at: datetime
-
-    def to_json(self) -> dict[str, Any]:
-        return {"type": self.type, "createdAt": format_utc(self.created_at), "data": self.data}
 
 
 async def events_after(conn: asyncpg.Connection, after_id: int, limit: int = 500) -> list[Event]:

@@ -62,5 +62,6 @@ def verify(expected: list[Claim], computed: dict[str, bytes]) -> None:
     for claim in expected:
         if computed[claim.algorithm] != claim.digest:
             raise Problem(
-                400, f"The {claim.header} {claim.algorithm} digest does not match the body received; nothing was stored."
+                400,
+                f"The {claim.header} {claim.algorithm} digest does not match the body received; nothing was stored.",
             )

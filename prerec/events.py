@@ -19,7 +19,7 @@ import asyncpg
 from aiohttp import web
 
 from prerec import db
-from prerec.db import Event
+from prerec.model import Event
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,6 @@ class Subscriber:
     types: frozenset[str]
     # Id of the last event this subscriber has passed (sent or filtered out).
     position: int
-    # Events up to this id come from the log (replay); later ones from the live queue.
-    replay_until: int
     queue: asyncio.Queue[Event] = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     reason: str = ""
@@ -208,31 +206,40 @@ class Broadcaster:
 
     @contextlib.asynccontextmanager
     async def subscribe(self, types: Iterable[str], after_id: int | None) -> AsyncIterator[Subscriber]:
-        """Register a subscriber; with after_id, it first replays the log after that id.
+        """A subscriber, live at once, or (with after_id) first replaying the log after that id.
 
-        Registration and the snapshot of last_id happen together, before any await: events
-        up to the snapshot come from the log, later ones from the live queue, so the seam has
-        neither a gap nor a duplicate.
+        Reading the newest id here, before the response starts, is what makes a resume
+        during a database outage a 503 rather than an empty stream.
         """
-        snapshot = self.last_id
-        subscriber = Subscriber(frozenset(types), position=snapshot, replay_until=snapshot)
-        self.subscribers.add(subscriber)
+        subscriber = Subscriber(frozenset(types), position=self.last_id)
+        if after_id is None:
+            self.subscribers.add(subscriber)
+        else:
+            async with db.connection(self.pool, self.timeout) as conn:
+                newest = await db.latest_event_id(conn)
+            # An id from the future (or from a replica further ahead) replays nothing.
+            subscriber.position = min(after_id, newest)
         try:
-            if after_id is not None:
-                async with db.connection(self.pool, self.timeout) as conn:
-                    newest = await db.latest_event_id(conn)
-                # An id from the future (or from a replica further ahead) replays nothing.
-                subscriber.position = min(after_id, newest)
             yield subscriber
         finally:
             self.subscribers.discard(subscriber)
 
     async def events(self, subscriber: Subscriber) -> AsyncIterator[Event]:
-        while subscriber.position < subscriber.replay_until and not subscriber.closed.is_set():
+        """The subscriber's events in id order: the replay from the log, then live ones.
+
+        A replaying subscriber is kept out of the fan-out, so a long replay cannot overflow its
+        live queue. It joins once it has caught up with what this broadcaster delivered; the
+        check and the join happen with no await between them, so the seam has neither a gap
+        nor a duplicate (live events it already read from the log are skipped by id).
+        """
+        while subscriber not in self.subscribers and not subscriber.closed.is_set():
+            if subscriber.position >= self.last_id:
+                self.subscribers.add(subscriber)
+                break
             async with db.connection(self.pool, self.timeout) as conn:
                 page = await db.events_after(conn, subscriber.position, REPLAY_PAGE)
-            page = [event for event in page if event.id <= subscriber.replay_until]
-            if not page:
+            if not page:  # the rest was pruned meanwhile: nothing more to replay
+                self.subscribers.add(subscriber)
                 break
             for event in page:
                 subscriber.position = event.id

@@ -18,7 +18,10 @@ from prerec.problems import Problem
 
 # The three accepted forms of a start: minutes, seconds, or seconds with 1-6 fraction digits.
 # No offset and no "Z": a start is a naive time in the event's own timezone.
-_START = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,6}))?)?")
+_START = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,6}))?)?", re.ASCII)
+
+# The largest count or id PostgreSQL's bigint holds; larger values are refused, not overflowed.
+MAX_BIGINT = 2**63 - 1
 
 EVENT_TYPES = ("prerecording-created", "prerecording-updated", "prerecording-deleted")
 
@@ -53,8 +56,11 @@ def parse_start(text: str, name: str = "start") -> datetime:
         raise Problem(400, f"The {name} {text!r} is not a valid date and time: {error}.") from None
 
 
-def format_event(event: uuid.UUID) -> str:
-    return str(event)
+def parse_count(text: str, name: str) -> int:
+    """A non-negative integer that fits a bigint, from a query value or header."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > MAX_BIGINT:
+        raise Problem(400, f"The {name} {text[:40]!r} is not a non-negative integer up to {MAX_BIGINT}.")
+    return int(text)
 
 
 def format_start(start: datetime) -> str:
@@ -93,7 +99,7 @@ class Prerecording:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "event": format_event(self.event),
+            "event": str(self.event),
             "start": format_start(self.start),
             "type": self.type,
             "size": self.size,
@@ -103,4 +109,18 @@ class Prerecording:
 
 
 def key_json(event: uuid.UUID, start: datetime) -> dict[str, Any]:
-    return {"event": format_event(event), "start": format_start(start)}
+    return {"event": str(event), "start": format_start(start)}
+
+
+@dataclass(frozen=True)
+class Event:
+    """One change, as the event log stores it and /sse sends it."""
+
+    id: int
+    type: str
+    data: dict[str, Any]
+    created_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        # The original family's shape: type, camelCase createdAt in UTC, data by entity.
+        return {"type": self.type, "createdAt": format_utc(self.created_at), "data": self.data}

@@ -55,7 +55,9 @@ def _header(name: str, description: str) -> dict[str, Any]:
 
 
 _IF_MATCH = _header("If-Match", "Only if the current ETag is one of these (strong comparison), or `*`: it exists.")
-_IF_NONE_MATCH = _header("If-None-Match", "Only if the current ETag is none of these (weak comparison); `*`: it does not exist.")
+_IF_NONE_MATCH = _header(
+    "If-None-Match", "Only if the current ETag is none of these (weak comparison); `*`: it does not exist."
+)
 _IF_UNMODIFIED_SINCE = _header("If-Unmodified-Since", "Only if not modified since this HTTP date.")
 
 
@@ -86,8 +88,8 @@ SPEC: dict[str, Any] = {
                 "operationId": "listPrerecordings",
                 "summary": "List an event's prerecordings, ordered by start",
                 "description": (
-                    "Every query value may also be sent JSON-encoded (`after=\"2024-01-01T00:00:00\"`, "
-                    "`limit=10`, `order=\"desc\"`); the JSON `null` means not given, except for `limit`, "
+                    'Every query value may also be sent JSON-encoded (`after="2024-01-01T00:00:00"`, '
+                    '`limit=10`, `order="desc"`); the JSON `null` means not given, except for `limit`, '
                     "where it means no limit. An empty value is rejected."
                 ),
                 "parameters": [
@@ -149,7 +151,10 @@ SPEC: dict[str, Any] = {
                         },
                         "content": {"audio/ogg": {"schema": {"type": "string", "contentMediaType": "audio/ogg"}}},
                     },
-                    "304": {"description": "Not modified (If-None-Match or If-Modified-Since).", "headers": _VALIDATORS},
+                    "304": {
+                        "description": "Not modified (If-None-Match or If-Modified-Since).",
+                        "headers": _VALIDATORS,
+                    },
                     "400": _BAD_REQUEST,
                     "404": _NOT_FOUND,
                     "412": _PRECONDITION_FAILED,
@@ -198,7 +203,10 @@ SPEC: dict[str, Any] = {
                         "description": "Replaced.",
                         "headers": {"ETag": {"$ref": "#/components/headers/ETag"}},
                     },
-                    "400": _problem("A path value or digest header is malformed, the body is empty or not Ogg, or a digest does not match."),
+                    "400": _problem(
+                        "A path value or digest header is malformed, the body is empty or not Ogg, "
+                        "or a digest does not match."
+                    ),
                     "412": _PRECONDITION_FAILED,
                     "413": _problem("The body is larger than PREREC_MAX_UPLOAD_BYTES."),
                     "415": _problem("The Content-Type is not audio/ogg."),
@@ -258,7 +266,9 @@ SPEC: dict[str, Any] = {
             "get": {
                 "operationId": "apiReference",
                 "summary": "This API's reference page (Scalar)",
-                "responses": {"200": {"description": "HTML.", "content": {"text/html": {"schema": {"type": "string"}}}}},
+                "responses": {
+                    "200": {"description": "HTML.", "content": {"text/html": {"schema": {"type": "string"}}}}
+                },
             }
         },
         "/openapi/openapi.json": {
@@ -266,7 +276,10 @@ SPEC: dict[str, Any] = {
                 "operationId": "openapiSpec",
                 "summary": "This specification",
                 "responses": {
-                    "200": {"description": "OpenAPI 3.1.", "content": {"application/json": {"schema": {"type": "object"}}}}
+                    "200": {
+                        "description": "OpenAPI 3.1.",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
                 },
             }
         },
@@ -355,7 +368,6 @@ SPEC: dict[str, Any] = {
         },
     },
 }
-
 
 
 def _add_head_operations(spec: dict[str, Any]) -> None:

@@ -7,14 +7,13 @@ import json
 import logging
 import uuid
 from datetime import datetime
-from typing import IO
 
 from aiohttp import hdrs, web
 
 from prerec import blobs, conditional, db, digests
 from prerec.config import SETTINGS_KEY
 from prerec.db import POOL
-from prerec.model import Prerecording, format_start, http_date, parse_event, parse_start
+from prerec.model import Prerecording, format_start, http_date, parse_count, parse_event, parse_start
 from prerec.problems import DatabaseUnavailable, Problem, problem_response
 
 log = logging.getLogger(__name__)
@@ -56,11 +55,7 @@ def _query_text(request: web.Request, name: str) -> str | None:
 
 def _query_count(request: web.Request, name: str, default: int | None) -> int | None:
     text = _query_text(request, name)
-    if text is None:
-        return default
-    if not (text.isascii() and text.isdigit()):
-        raise Problem(400, f"The query parameter {name}={text!r} is not a non-negative integer.")
-    return int(text)
+    return default if text is None else parse_count(text, f"query parameter {name}")
 
 
 def _query_start(request: web.Request, name: str) -> datetime | None:
@@ -71,7 +66,9 @@ def _query_start(request: web.Request, name: str) -> datetime | None:
 def _check_upload_headers(request: web.Request) -> None:
     """What can be refused before a byte of the body is read."""
     declared = request.headers.get(hdrs.CONTENT_TYPE)
-    if declared is None or request.content_type.lower() != OGG:
+    # Stored and sent back as a header: it must be plain ASCII (aiohttp hands non-UTF-8 bytes
+    # over as surrogate escapes, which PostgreSQL could not store).
+    if declared is None or not declared.isascii() or request.content_type.lower() != OGG:
         raise Problem(415, f"The Content-Type must be {OGG} (parameters such as codecs are allowed), not {declared!r}.")
     length = request.content_length
     max_bytes = request.app[SETTINGS_KEY].max_upload_bytes
@@ -104,48 +101,6 @@ async def upload_expect(request: web.Request) -> web.StreamResponse | None:
 
 
 # Responses
-
-
-class BlobResponse(web.StreamResponse):
-    """A blob sent from an already opened file with sendfile.
-
-    Not web.FileResponse: that one stats and opens the file in the thread pool (slow for the
-    small files playout and UIs probe) and replaces our content-derived ETag with one made
-    from mtime and size.
-    """
-
-    def __init__(self, file: IO[bytes], offset: int, count: int, *, status: int = 200) -> None:
-        super().__init__(status=status)
-        self._file = file
-        self._offset = offset
-        self._count = count
-        self.content_length = count
-
-    async def prepare(self, request: web.BaseRequest) -> web.AbstractStreamWriter | None:  # type: ignore[override]
-        try:
-            writer = await super().prepare(request)
-            if request.method == hdrs.METH_HEAD or self._count == 0:
-                return writer
-            loop = asyncio.get_running_loop()
-            transport = request.transport
-            if transport is None:
-                raise ConnectionResetError("Connection lost")
-            try:
-                await loop.sendfile(transport, self._file, self._offset, self._count)
-            except NotImplementedError:
-                # No sendfile (uvloop, TLS): copy in pieces through a thread.
-                self._file.seek(self._offset)
-                left = self._count
-                while left > 0:
-                    piece = await loop.run_in_executor(None, self._file.read, min(left, blobs.WRITE_PIECE))
-                    if not piece:
-                        break
-                    await writer.write(piece)  # type: ignore[union-attr]
-                    left -= len(piece)
-            await super().write_eof()
-            return writer
-        finally:
-            self._file.close()
 
 
 def _validator_headers(response: web.StreamResponse, prerecording: Prerecording) -> None:
@@ -232,9 +187,9 @@ async def download(request: web.Request) -> web.StreamResponse:
         file.close()
         raise
     if byte_range is None:
-        response = BlobResponse(file, 0, prerecording.size)
+        response = blobs.BlobResponse(file, 0, prerecording.size)
     else:
-        response = BlobResponse(file, byte_range.start, byte_range.length, status=206)
+        response = blobs.BlobResponse(file, byte_range.start, byte_range.length, status=206)
         response.headers[hdrs.CONTENT_RANGE] = f"bytes {byte_range.start}-{byte_range.end}/{prerecording.size}"
     _representation_headers(response, prerecording)
     return response
@@ -273,7 +228,9 @@ async def _upload(request: web.Request) -> web.StreamResponse:
         raise
     settings = request.app[SETTINGS_KEY]
     algorithms = frozenset(claim.algorithm for claim in claims)
-    stored = await blobs.receive(settings.blob_dir, request.content, settings.max_upload_bytes, algorithms)
+    stored = await blobs.receive(
+        settings.blob_dir, request.content, settings.max_upload_bytes, settings.read_timeout_seconds, algorithms
+    )
     try:
         digests.verify(claims, stored.digests)
         async with db.connection(request.app[POOL], settings.db_timeout_seconds) as conn:
@@ -287,16 +244,17 @@ async def _upload(request: web.Request) -> web.StreamResponse:
                 stored.name,
                 check=lambda current: conditional.check_write(request, current),
             )
-    except DatabaseUnavailable:
-        # The commit may have happened before the connection broke; leave the blob for the
-        # storage check rather than risk a row pointing at nothing.
-        log.warning("database lost while recording blob %s; left for the storage check", stored.name)
+    except (DatabaseUnavailable, asyncio.CancelledError):
+        # The commit may have happened before the connection broke (or before we were
+        # cancelled at shutdown): leave the blob for the storage check rather than risk a
+        # row pointing at nothing.
+        log.warning("blob %s may or may not be recorded; left for the storage check", stored.name)
         raise
     except BaseException:
         await asyncio.shield(blobs.remove(settings.blob_dir, stored.name))
         raise
     if saved.replaced_blob is not None:
-        await blobs.remove(settings.blob_dir, saved.replaced_blob)
+        await blobs.retire(settings.blob_dir, saved.replaced_blob)
     headers = {hdrs.ETAG: saved.prerecording.etag}
     if saved.created:
         return web.json_response(saved.prerecording.to_json(), status=201, headers=headers)
@@ -312,5 +270,5 @@ async def delete(request: web.Request) -> web.Response:
         )
     if deleted is None:
         raise _not_found(event, start)
-    await blobs.remove(settings.blob_dir, deleted.blob)
+    await blobs.retire(settings.blob_dir, deleted.blob)
     return web.Response(status=204)

@@ -12,7 +12,7 @@ from aiohttp_sse import EventSourceResponse
 
 from prerec.config import SETTINGS_KEY
 from prerec.events import BROADCASTER, Subscriber
-from prerec.model import EVENT_TYPES
+from prerec.model import EVENT_TYPES, parse_count
 from prerec.problems import Problem
 
 log = logging.getLogger(__name__)
@@ -59,9 +59,7 @@ def parse_last_event_id(request: web.Request) -> int | None:
     ):
         if value is None:
             continue
-        if not value.strip().isascii() or not value.strip().isdigit():
-            raise Problem(400, f"The {source} {value!r} is not an event id (a non-negative integer).")
-        return int(value)
+        return parse_count(value.strip(), source)
     return None
 
 

@@ -7,6 +7,7 @@ takes milliseconds, so tests never see each other's rows or events.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 import socket
@@ -15,7 +16,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -37,6 +38,12 @@ _numbers = itertools.count()
 def ogg(size: int, fill: bytes = b"\x00") -> bytes:
     """A body that passes the Ogg check: the capture pattern, then filler."""
     return b"OggS" + (fill * (size - 4))[: size - 4]
+
+
+def put_head(path: str, length: int, *extra: str, content_type: str = "audio/ogg") -> bytes:
+    """The request line and headers of a raw PUT, for tests that control every byte sent."""
+    lines = [f"PUT {path} HTTP/1.1", "Host: x", f"Content-Type: {content_type}", f"Content-Length: {length}", *extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 def with_database(url: str, name: str) -> str:
@@ -87,7 +94,8 @@ async def database_url(template_url: str) -> str:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path, storage_dir=tmp_path / "storage", sse_ping_seconds=1.0)
+    defaults = Settings.from_env({})
+    return dataclasses.replace(defaults, data_dir=tmp_path, storage_dir=tmp_path / "storage", sse_ping_seconds=1.0)
 
 
 @pytest.fixture
@@ -210,8 +218,3 @@ async def read_events(response, count: int, timeout: float = 10.0) -> list[tuple
                 events.append((event_id, json.loads("\n".join(data))))  # type: ignore[arg-type]
                 event_id, data = None, []
     return events
-
-
-async def drain(aiter: AsyncIterator[bytes]) -> None:
-    async for _ in aiter:
-        pass

@@ -8,7 +8,7 @@ import time
 
 import aiohttp
 
-from tests.conftest import EVENT, Replica, free_port, ogg
+from tests.conftest import EVENT, Replica, free_port, ogg, put_head
 
 KEY = f"/prerecordings/{EVENT}/2024-01-01T00:00"
 
@@ -26,11 +26,13 @@ async def test_sigterm_ends_streams_finishes_uploads_and_exits_0(tmp_path, stora
         body = ogg(4 * 1024 * 1024, b"s")
         half = len(body) // 2
         reader, writer = await asyncio.open_connection("127.0.0.1", replica.port)
-        writer.write(
-            f"PUT {KEY} HTTP/1.1\r\nHost: x\r\nContent-Type: audio/ogg\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-        )
+        writer.write(put_head(KEY, len(body)))
         writer.write(body[:half])
         await writer.drain()
+        # An idle keep-alive connection, as a load balancer's pool holds them.
+        idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", replica.port)
+        idle_writer.write(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await asyncio.wait_for(idle_reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 204")
         await asyncio.sleep(0.3)
 
         replica.process.send_signal(signal.SIGTERM)
@@ -40,6 +42,12 @@ async def test_sigterm_ends_streams_finishes_uploads_and_exits_0(tmp_path, stora
             while await stream.content.readline():
                 pass
         assert time.monotonic() - began < 3
+
+        # A new request on the kept-alive connection is sent elsewhere, not half-served.
+        idle_writer.write(f"GET /prerecordings/{EVENT} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        head = (await asyncio.wait_for(idle_reader.readuntil(b"\r\n\r\n"), 5)).decode()
+        assert head.startswith("HTTP/1.1 503") and "Retry-After" in head
+        idle_writer.close()
 
         # ...while the upload's remaining bytes still arrive and are stored.
         await asyncio.sleep(0.5)
@@ -66,7 +74,7 @@ async def test_sigterm_cuts_an_upload_that_outlasts_the_timeout(tmp_path, storag
     replicas.append(replica)
     replica.wait_ready()
     reader, writer = await asyncio.open_connection("127.0.0.1", replica.port)
-    writer.write(f"PUT {KEY} HTTP/1.1\r\nHost: x\r\nContent-Type: audio/ogg\r\nContent-Length: 1000000\r\n\r\nOggS".encode())
+    writer.write(put_head(KEY, 1_000_000) + b"OggS")
     await writer.drain()
     await asyncio.sleep(0.3)
     began = time.monotonic()

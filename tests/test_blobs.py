@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import time
 import tracemalloc
 
+import pytest
+
 from prerec import blobs
-from tests.conftest import EVENT, blob_files, ogg, tmp_files, wait_for
+from prerec.app import create_app
+from tests.conftest import EVENT, blob_files, ogg, put_head, tmp_files, wait_for
 
 KEY = f"/prerecordings/{EVENT}/2024-01-01T00:00:00"
 OGG = {"Content-Type": "audio/ogg"}
@@ -41,9 +45,7 @@ async def test_client_cut_off_mid_upload_keeps_the_old_version_and_no_leftover(c
     assert (await client.put(KEY, data=old, headers=OGG)).status == 201
 
     reader, writer = await asyncio.open_connection(client.host, client.port)
-    writer.write(
-        f"PUT {KEY} HTTP/1.1\r\nHost: x\r\nContent-Type: audio/ogg\r\nContent-Length: 10000000\r\n\r\n".encode()
-    )
+    writer.write(put_head(KEY, 10_000_000))
     writer.write(b"OggS" + b"\x01" * (3 * 1024 * 1024))
     await writer.drain()
     await wait_for(lambda: tmp_files(settings))  # the upload is in progress
@@ -53,6 +55,37 @@ async def test_client_cut_off_mid_upload_keeps_the_old_version_and_no_leftover(c
     response = await client.get(KEY)
     assert await response.read() == old
     assert len(blob_files(settings)) == 1
+
+
+async def test_cut_off_upload_is_not_logged_as_a_server_error(client, settings, caplog) -> None:
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(put_head(KEY, 9_000_000))
+    writer.write(b"OggS" + b"\0" * 2_000_000)
+    await writer.drain()
+    await wait_for(lambda: tmp_files(settings))
+    writer.transport.abort()
+    await wait_for(lambda: not tmp_files(settings))
+    assert [record for record in caplog.records if record.levelname in ("ERROR", "CRITICAL")] == []
+
+
+@pytest.fixture
+async def impatient(aiohttp_client, settings, database_url):  # type: ignore[no-untyped-def]
+    """A service that waits at most one second for the next body bytes."""
+    return await aiohttp_client(create_app(dataclasses.replace(settings, read_timeout_seconds=1.0), database_url))
+
+
+async def test_stalled_upload_is_cut_off_with_408_and_leaves_nothing(impatient, settings) -> None:
+    assert (await impatient.put(KEY, data=ogg(100, b"o"), headers=OGG)).status == 201
+    reader, writer = await asyncio.open_connection(impatient.host, impatient.port)
+    writer.write(put_head(KEY, 1000) + b"OggS")
+    await writer.drain()
+    began = time.monotonic()
+    status_line = await asyncio.wait_for(reader.readline(), 10)
+    assert status_line.startswith(b"HTTP/1.1 408"), status_line
+    assert 1.0 <= time.monotonic() - began < 4
+    writer.close()
+    assert tmp_files(settings) == []
+    assert await (await impatient.get(KEY)).read() == ogg(100, b"o")
 
 
 async def test_concurrent_puts_to_one_key_leave_one_whole_body(client, settings) -> None:
@@ -76,16 +109,29 @@ async def test_reader_keeps_its_blob_after_a_replace(client, settings) -> None:
     with blobs.open_blob(settings.blob_dir, name) as opened:
         await client.put(KEY, data=ogg(100, b"n"), headers=OGG)
         assert not (settings.blob_dir / "blobs" / name).exists()
+        blobs.sweep(settings.blob_dir, 0)  # even once the grace period is over
         assert opened.read() == old
 
 
-def test_sweep_removes_only_stale_temporary_files(tmp_path) -> None:
+def test_sweep_removes_only_stale_temporary_and_retired_files(tmp_path) -> None:
     blobs.layout(tmp_path)
     stale = tmp_path / "tmp" / "stale.part"
     fresh = tmp_path / "tmp" / "fresh.part"
-    stale.write_bytes(b"x")
-    fresh.write_bytes(b"y")
+    retired = tmp_path / "trash" / "old.ogg"
+    for path in (stale, fresh, retired):
+        path.write_bytes(b"x")
     an_hour_ago = time.time() - 3601
     os.utime(stale, (an_hour_ago, an_hour_ago))
-    assert blobs.sweep_tmp(tmp_path, 3600) == [stale]
-    assert not stale.exists() and fresh.exists()
+    os.utime(retired, (an_hour_ago, an_hour_ago))
+    assert sorted(blobs.sweep(tmp_path, 3600)) == sorted([stale, retired])
+    assert not stale.exists() and not retired.exists() and fresh.exists()
+
+
+async def test_a_replaced_blob_stays_readable_for_the_grace_period(client, settings) -> None:
+    """Another replica may still be sending it (on NFS an unlink would cut that reader)."""
+    await client.put(KEY, data=ogg(1000, b"o"), headers=OGG)
+    await client.put(KEY, data=ogg(1000, b"n"), headers=OGG)
+    await client.delete(KEY)
+    trash = sorted((settings.blob_dir / "trash").iterdir())
+    assert sorted(path.read_bytes() for path in trash) == [ogg(1000, b"n"), ogg(1000, b"o")]
+    assert blobs.sweep(settings.blob_dir, 3600) == []

@@ -10,7 +10,7 @@ from email.utils import format_datetime, parsedate_to_datetime
 
 import pytest
 
-from tests.conftest import EVENT, blob_files, ogg
+from tests.conftest import EVENT, blob_files, ogg, put_head
 
 KEY = f"/prerecordings/{EVENT}/2024-01-01T00:00"
 OGG = {"Content-Type": "audio/ogg"}
@@ -76,7 +76,9 @@ async def test_head_and_get_advertise_ranges_and_digest(client, stored) -> None:
         assert response.headers["Accept-Ranges"] == "bytes"
         import base64
 
-        assert response.headers["Repr-Digest"] == f"sha-256=:{base64.b64encode(hashlib.sha256(BODY).digest()).decode()}:"
+        assert (
+            response.headers["Repr-Digest"] == f"sha-256=:{base64.b64encode(hashlib.sha256(BODY).digest()).decode()}:"
+        )
 
 
 async def test_resuming_a_download_with_if_range(client, stored) -> None:
@@ -179,7 +181,7 @@ async def test_racing_create_only_puts_have_exactly_one_winner(client, settings)
     )
     statuses = sorted(response.status for response in responses)
     assert statuses == [201] + [412] * 19
-    winner = next(body for body, response in zip(bodies, responses) if response.status == 201)
+    winner = next(body for body, response in zip(bodies, responses, strict=True) if response.status == 201)
     assert await (await client.get(KEY)).read() == winner
     assert len(blob_files(settings)) == 1
 
@@ -187,12 +189,7 @@ async def test_racing_create_only_puts_have_exactly_one_winner(client, settings)
 async def test_failed_precondition_is_answered_before_the_body(client, stored) -> None:
     """With Expect: 100-continue, a create-only upload of an existing key never sends its body."""
     reader, writer = await asyncio.open_connection(client.host, client.port)
-    writer.write(
-        (
-            f"PUT {KEY} HTTP/1.1\r\nHost: x\r\nContent-Type: audio/ogg\r\nContent-Length: 50000000\r\n"
-            "If-None-Match: *\r\nExpect: 100-continue\r\n\r\n"
-        ).encode()
-    )
+    writer.write(put_head(KEY, 50_000_000, "If-None-Match: *", "Expect: 100-continue"))
     await writer.drain()
     status_line = await asyncio.wait_for(reader.readline(), 5)
     assert status_line.startswith(b"HTTP/1.1 412"), status_line
@@ -202,12 +199,7 @@ async def test_failed_precondition_is_answered_before_the_body(client, stored) -
 async def test_failed_precondition_without_expect_reads_no_body(client, stored, settings) -> None:
     """Without Expect the answer still comes at the headers: the body is never stored."""
     reader, writer = await asyncio.open_connection(client.host, client.port)
-    writer.write(
-        (
-            f"PUT {KEY} HTTP/1.1\r\nHost: x\r\nContent-Type: audio/ogg\r\nContent-Length: 50000000\r\n"
-            'If-Match: "other"\r\n\r\nOggS'
-        ).encode()
-    )
+    writer.write(put_head(KEY, 50_000_000, 'If-Match: "other"') + b"OggS")
     await writer.drain()
     status_line = await asyncio.wait_for(reader.readline(), 5)
     assert status_line.startswith(b"HTTP/1.1 412"), status_line

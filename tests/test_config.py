@@ -37,3 +37,7 @@ def test_storage_dir_overrides_data_dir() -> None:
 def test_bad_value_names_the_variable(env: str, value: str) -> None:
     with pytest.raises(SettingError, match=env):
         Settings.from_env({env: value})
+
+
+def test_an_empty_variable_means_the_default() -> None:
+    assert Settings.from_env({"PREREC_PORT": ""}).port == 10600

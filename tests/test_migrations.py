@@ -69,7 +69,13 @@ def test_two_replicas_migrating_at_once_both_succeed_with_one_schema(pg_server, 
     env = {**os.environ, "PREREC_DATABASE_URL": url, "PREREC_DATA_DIR": str(tmp_path)}
     subprocess.run(["make", "--no-print-directory", "install"], cwd=ROOT, env=env, check=True, capture_output=True)
     runs = [
-        subprocess.Popen(["make", "--no-print-directory", "migrate"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        subprocess.Popen(
+            ["make", "--no-print-directory", "migrate"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         for _ in range(2)
     ]
     outputs = [run.communicate(timeout=120)[0].decode() for run in runs]

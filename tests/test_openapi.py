@@ -18,7 +18,7 @@ async def test_spec_is_valid_openapi_31(client) -> None:
 
 async def test_spec_names_every_route_and_method(client) -> None:
     spec = await (await client.get("/openapi/openapi.json")).json()
-    app = create_app(Settings(), "postgresql://unused")
+    app = create_app(Settings.from_env({}), "postgresql://unused")
     registered = set()
     for route in app.router.routes():
         info = route.resource.get_info() if route.resource is not None else {}

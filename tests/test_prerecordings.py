@@ -11,7 +11,7 @@ from email.utils import parsedate_to_datetime
 import pytest
 
 from prerec.app import create_app
-from tests.conftest import EVENT, blob_files, ogg, tmp_files
+from tests.conftest import EVENT, blob_files, ogg, put_head, tmp_files
 
 BASE = f"/prerecordings/{EVENT}"
 OGG = {"Content-Type": "audio/ogg"}
@@ -128,6 +128,18 @@ async def test_wrong_content_type_is_415(client, settings) -> None:
     assert blob_files(settings) == []
 
 
+async def test_content_type_that_is_not_ascii_is_415(client, settings) -> None:
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        f"PUT {BASE}/2024-01-01T00:00 HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n".encode()
+        + b"Content-Type: audio/ogg; x=\xff\r\n\r\nOggS1234"
+    )
+    await writer.drain()
+    assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 415")
+    writer.close()
+    assert blob_files(settings) == []
+
+
 async def test_empty_body_is_400(client) -> None:
     await assert_problem(await put(client, "2024-01-01T00:00", b""), 400, "empty")
 
@@ -184,24 +196,14 @@ async def test_chunked_body_growing_over_limit_is_413_and_leaves_nothing(limited
 async def test_expect_continue_is_refused_before_the_body(client) -> None:
     """A refused upload is answered at its headers: curl never sends the body."""
     reader, writer = await asyncio.open_connection(client.host, client.port)
-    writer.write(
-        (
-            f"PUT {BASE}/2024-01-01T00:00 HTTP/1.1\r\nHost: x\r\nContent-Type: audio/mpeg\r\n"
-            "Content-Length: 100\r\nExpect: 100-continue\r\n\r\n"
-        ).encode()
-    )
+    writer.write(put_head(f"{BASE}/2024-01-01T00:00", 100, "Expect: 100-continue", content_type="audio/mpeg"))
     await writer.drain()
     status_line = await asyncio.wait_for(reader.readline(), 5)
     assert status_line.startswith(b"HTTP/1.1 415"), status_line
     writer.close()
 
     reader, writer = await asyncio.open_connection(client.host, client.port)
-    writer.write(
-        (
-            f"PUT {BASE}/2024-01-01T00:00 HTTP/1.1\r\nHost: x\r\nContent-Type: audio/ogg\r\n"
-            "Content-Length: 8\r\nExpect: 100-continue\r\n\r\n"
-        ).encode()
-    )
+    writer.write(put_head(f"{BASE}/2024-01-01T00:00", 8, "Expect: 100-continue"))
     await writer.drain()
     assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 100")
     await reader.readline()
@@ -228,6 +230,7 @@ async def test_expect_continue_is_refused_before_the_body(client) -> None:
         "24-01-01T00:00",
         "2024-01-01T00:00:00.",
         "yesterday",
+        "\u0662\u0660\u0662\u0664-01-01T00:00",
     ],
 )
 async def test_bad_start_is_400_naming_it(client, start: str) -> None:
@@ -331,6 +334,9 @@ async def test_list_of_an_event_with_nothing_is_empty(client) -> None:
         ("after", "2024-01-01T00:00Z"),
         ("before", ""),
         ("after", '"2024-01-01'),
+        ("limit", "99999999999999999999"),
+        ("offset", "9" * 5000),
+        ("limit", "\u0661\u0660"),
     ],
 )
 async def test_bad_list_query_is_400_naming_the_parameter(client, name: str, value: str) -> None:

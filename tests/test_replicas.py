@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -51,15 +52,13 @@ def fleet(tmp_path, storage_env, replicas):  # type: ignore[no-untyped-def]
     listen = free_port()
     nginx = subprocess.Popen([NGINX, "-c", str(nginx_config(tmp_path, listen, ports))], stderr=subprocess.PIPE)
     deadline = time.monotonic() + 10
-    import socket
-
     while True:
         try:
             socket.create_connection(("127.0.0.1", listen), timeout=1).close()
             break
         except OSError:
             if nginx.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"nginx did not start: {nginx.stderr.read() if nginx.stderr else ''}")
+                raise AssertionError(f"nginx did not start: {nginx.stderr.read() if nginx.stderr else ''}") from None
             time.sleep(0.05)
     yield f"http://127.0.0.1:{listen}", [replica.url for replica in replicas]
     nginx.terminate()

@@ -54,7 +54,9 @@ async def test_stream_starts_with_retry_and_sends_keepalive_comments(client) -> 
     stream.close()
 
 
-@pytest.mark.parametrize("types", ["prerecording-created,prerecording-deleted", '["prerecording-created","prerecording-deleted"]'])
+@pytest.mark.parametrize(
+    "types", ["prerecording-created,prerecording-deleted", '["prerecording-created","prerecording-deleted"]']
+)
 async def test_types_filter(client, types: str) -> None:
     stream = await client.get("/sse", params={"types": types})
     await change_everything(client)
@@ -118,7 +120,7 @@ async def test_last_event_id_from_the_future_goes_live(client) -> None:
     stream.close()
 
 
-@pytest.mark.parametrize("value", ["abc", "-1", "1.5", ""])
+@pytest.mark.parametrize("value", ["abc", "-1", "1.5", "", "9" * 5000, "99999999999999999999"])
 async def test_non_numeric_last_event_id_is_400(client, value: str) -> None:
     response = await client.get("/sse", headers={"Last-Event-ID": value})
     assert response.status == 400
@@ -146,7 +148,8 @@ async def test_a_stalled_subscriber_is_dropped_while_others_keep_receiving(clien
         await conn.execute(
             """
             INSERT INTO events (type, data)
-            SELECT 'prerecording-deleted', jsonb_build_object('prerecording', jsonb_build_object('n', n, 'pad', repeat('x', 200)))
+            SELECT 'prerecording-deleted',
+                   jsonb_build_object('prerecording', jsonb_build_object('n', n, 'pad', repeat('x', 200)))
             FROM generate_series(1, 5000) AS n
             """
         )

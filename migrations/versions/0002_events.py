@@ -24,7 +24,10 @@ def upgrade() -> None:
         sa.Column("type", sa.Text(), nullable=False),
         sa.Column("data", postgresql.JSONB(), nullable=False),
         sa.Column(
-            "created_at", postgresql.TIMESTAMP(timezone=True), server_default=sa.text("clock_timestamp()"), nullable=False
+            "created_at",
+            postgresql.TIMESTAMP(timezone=True),
+            server_default=sa.text("clock_timestamp()"),
+            nullable=False,
         ),
     )
     op.create_index("events_created_at", "events", ["created_at"])
