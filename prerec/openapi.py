@@ -15,7 +15,12 @@ from aiohttp import web
 from prerec.config import SETTINGS_KEY
 from prerec.model import EVENT_TYPES
 
-START_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?$"
+# Field ranges spelled out so that generated values are mostly real times (a day 31 in a
+# 30-day month is still refused by the server, with 400).
+START_PATTERN = (
+    r"^(?!0000)[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+    r"T([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]{1,6})?)?$"
+)
 
 
 def _problem(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 import subprocess
 import time
 
@@ -19,14 +18,15 @@ def usage_commands() -> dict[str, str]:
     usage = (ROOT / "README.md").read_text().split("## Usage", 1)[1].split("\n## ", 1)[0]
     commands = {}
     for line in usage.splitlines():
-        match = re.match(r"- ([\w -]+):.*?`(curl [^`]+)`", line.strip())
+        match = re.match(r"- ([^:`]+):.*?`(curl [^`]+)`", line.strip())
         if match:
             commands[match.group(1)] = match.group(2)
     return commands
 
 
-def run(command: str, cwd) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
-    return subprocess.run(shlex.split(command), cwd=cwd, capture_output=True, text=True, timeout=30, check=True)
+def run(command: str, cwd, check: bool = True) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    """Run a command as a reader would paste it into bash."""
+    return subprocess.run(["bash", "-c", command], cwd=cwd, capture_output=True, text=True, timeout=30, check=check)
 
 
 @pytest.fixture
@@ -39,13 +39,13 @@ def server(tmp_path, storage_env, replicas):  # type: ignore[no-untyped-def]
 
 def test_usage_page_commands_work_as_written(server, tmp_path) -> None:
     commands = usage_commands()
-    assert set(commands) >= {"List", "Upload", "Download", "Delete", "Ping", "Server-Sent Events"}
+    assert set(commands) >= {"List", "Upload", "Download", "Delete", "Ping", "Server-Sent Events", "Resume a download"}
     body = ogg(1_500_000, b"\x07\x08\x09")
     (tmp_path / "prerecording.ogg").write_bytes(body)
     downloads = tmp_path / "downloads"
     downloads.mkdir()
 
-    sse = subprocess.Popen(shlex.split(commands["Server-Sent Events"]), stdout=subprocess.PIPE, text=True)
+    sse = subprocess.Popen(["bash", "-c", commands["Server-Sent Events"]], stdout=subprocess.PIPE, text=True)
     try:
         assert sse.stdout is not None
         assert sse.stdout.readline().startswith("retry:")  # the stream is open
@@ -58,17 +58,30 @@ def test_usage_page_commands_work_as_written(server, tmp_path) -> None:
         run(commands["Download"], downloads)
         assert (downloads / "prerecording.ogg").read_bytes() == body
 
+        partial = downloads / "prerecording.ogg"
+        partial.write_bytes(body[:600_000])  # a download cut off part way
+        run(commands["Resume a download"], downloads)
+        assert partial.read_bytes() == body
+
+        run(commands["Create only, never overwrite"], tmp_path)
+        again = run(commands["Create only, never overwrite"], tmp_path, check=False)
+        assert again.returncode == 22 and "412" in again.stderr  # curl --fail: refused, not overwritten
+
+        run(commands["Upload with an integrity check"], tmp_path)
+        starts = [item["start"] for item in json.loads(run(commands["List"], tmp_path).stdout)["prerecordings"]]
+        assert starts == ["2024-01-01T00:00:00", "2024-01-02T00:00:00", "2024-01-03T00:00:00"]
+
         assert "204" in run(commands["Ping"], tmp_path).stdout.splitlines()[0]
 
         run(commands["Delete"], tmp_path)
-        assert json.loads(run(commands["List"], tmp_path).stdout)["count"] == 0
+        assert json.loads(run(commands["List"], tmp_path).stdout)["count"] == 2
 
         seen: list[str] = []
         deadline = time.monotonic() + 10
         while "prerecording-deleted" not in "".join(seen) and time.monotonic() < deadline:
             seen.append(sse.stdout.readline())
         events = [json.loads(line[6:]) for line in seen if line.startswith("data: ")]
-        assert [event["type"] for event in events] == ["prerecording-created", "prerecording-deleted"]
+        assert [event["type"] for event in events] == ["prerecording-created"] * 3 + ["prerecording-deleted"]
     finally:
         sse.kill()
         sse.wait()
