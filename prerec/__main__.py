@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from prerec.config import SettingError, Settings
+from prerec.telemetry import configure_logging
 
 ALEMBIC_INI = Path(__file__).resolve().parent.parent / "alembic.ini"
 
@@ -77,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingError as error:
         print(f"prerec: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    configure_logging(settings.log_level, settings.log_format)
     # Python's default SIGTERM kills without running atexit, which is what stops the embedded
     # PostgreSQL; turning it into SystemExit lets the interpreter exit properly. (While the
     # server runs, app.serve installs its own handler for a graceful stop.)

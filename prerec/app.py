@@ -15,20 +15,22 @@ from prerec.config import SETTINGS_KEY, Settings
 from prerec.events import BROADCASTER, Broadcaster
 from prerec.prerecordings import UPLOADS
 from prerec.problems import Problem, problems_middleware
+from prerec.ready import SHUTTING_DOWN
 from prerec.routes import add_routes
+from prerec.telemetry import METRICS, Metrics, StateCollector, telemetry_middleware
 
 log = logging.getLogger(__name__)
 
 DATABASE_URL = web.AppKey("database_url", str)
-SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
 
 
 def create_app(settings: Settings, database_url: str) -> web.Application:
-    app = web.Application(middlewares=[problems_middleware, _refuse_when_shutting_down])
+    app = web.Application(middlewares=[telemetry_middleware, problems_middleware, _refuse_when_shutting_down])
     app[SETTINGS_KEY] = settings
     app[DATABASE_URL] = database_url
     app[SHUTTING_DOWN] = asyncio.Event()
     app[UPLOADS] = set()
+    app[METRICS] = Metrics()
     app.cleanup_ctx.append(_storage)
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_broadcaster)
@@ -87,6 +89,14 @@ async def _broadcaster(app: web.Application) -> AsyncIterator[None]:
     )
     await broadcaster.start()
     app[BROADCASTER] = broadcaster
+    app[METRICS].watch(
+        StateCollector(
+            uploads=lambda: len(app[UPLOADS]),
+            subscribers=lambda: len(broadcaster.subscribers),
+            reconnects=lambda: broadcaster.reconnects,
+            storage=settings.blob_dir,
+        )
+    )
     yield
     await broadcaster.close()
 
@@ -105,7 +115,8 @@ async def serve(app: web.Application, settings: Settings) -> None:
     streams (their clients reconnect to another replica), let uploads in flight finish within
     PREREC_SHUTDOWN_TIMEOUT_SECONDS, and only then clean up.
     """
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
+    # access_log=None: telemetry_middleware writes the one line per request, with its id.
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()

@@ -123,10 +123,14 @@ class _Upload:
         return name
 
     def discard(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-        self.tmp.unlink(missing_ok=True)
+        try:
+            if self.file is not None:
+                self.file.close()
+                self.file = None
+            self.tmp.unlink(missing_ok=True)
+        except OSError as error:
+            # Cleaning up must not hide the error that made us clean up; sweep() retries.
+            log.warning("could not remove temporary file %s: %s", self.tmp.name, error)
 
 
 async def _read(body: StreamReader) -> bytes:
@@ -287,6 +291,8 @@ class BlobResponse(web.StreamResponse):
         self.content_length = count
 
     async def prepare(self, request: web.BaseRequest) -> web.AbstractStreamWriter | None:  # type: ignore[override]
+        if self.prepared:  # sent already (by the telemetry middleware): aiohttp only asks again
+            return await super().prepare(request)
         try:
             writer = await super().prepare(request)
             if request.method == hdrs.METH_HEAD or self._count == 0:

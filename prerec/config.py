@@ -47,6 +47,13 @@ def _log_level(text: str) -> str:
     return level
 
 
+def _log_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("json", "text"):
+        raise ValueError("must be json or text")
+    return value
+
+
 @dataclass(frozen=True)
 class Setting:
     field: str
@@ -127,6 +134,14 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_float,
         "On SIGTERM, how long uploads in flight may take to finish before the process exits.",
     ),
+    Setting(
+        "write_token",
+        "PREREC_WRITE_TOKEN",
+        None,
+        str,
+        "When set, PUT and DELETE need `Authorization: Bearer <token>` (else 401); reads stay open.",
+    ),
+    Setting("log_format", "PREREC_LOG_FORMAT", "json", _log_format, "`json` (one object per line) or `text`."),
     Setting("log_level", "PREREC_LOG_LEVEL", "info", _log_level, "Logging level: debug, info, warning, error."),
     Setting(
         "scalar_js_url",
@@ -154,6 +169,8 @@ class Settings:
     read_timeout_seconds: float
     events_retention_seconds: float
     shutdown_timeout_seconds: float
+    write_token: str | None
+    log_format: str
     log_level: str
     scalar_js_url: str
 

@@ -64,7 +64,7 @@ async def create_pool(url: str, timeout: float) -> asyncpg.Pool:
 
 @contextlib.asynccontextmanager
 async def connection(pool: asyncpg.Pool, timeout: float) -> AsyncIterator[asyncpg.Connection]:
-    """A pooled connection; an unreachable database becomes a 503 within `timeout` seconds."""
+    """A pooled connection; an unreachable or hung database becomes a 503 within `timeout`."""
     try:
         async with asyncio.timeout(timeout):
             conn = await pool.acquire()
@@ -73,13 +73,18 @@ async def connection(pool: asyncpg.Pool, timeout: float) -> AsyncIterator[asyncp
     try:
         yield conn
     except DATABASE_DOWN as error:
-        # After a database restart every idle pooled connection is dead too: have the pool
-        # replace them all rather than fail one request per stale connection.
+        # A connection that failed like this gets no graceful goodbye (that would wait on the
+        # same dead server); and after a restart every idle pooled connection is dead too, so
+        # have the pool replace them all rather than fail one request per stale connection.
+        conn.terminate()
         await pool.expire_connections()
         raise DatabaseUnavailable() from error
     finally:
-        # A connection broken by an outage is closed here, not returned to serve again.
-        await pool.release(conn)
+        try:
+            await pool.release(conn, timeout=timeout)
+        except (*DATABASE_DOWN, OSError):
+            conn.terminate()
+            await pool.release(conn)
 
 
 _COLUMNS = "event, start, type, size, sha256, modified, blob"

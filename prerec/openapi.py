@@ -52,6 +52,12 @@ _REPRESENTATION_HEADERS = {
     },
     **_VALIDATORS,
 }
+_UNAUTHORIZED = _problem(
+    "PREREC_WRITE_TOKEN is set and the request lacks `Authorization: Bearer <token>`.",
+    {"WWW-Authenticate": {"description": 'Bearer realm="prerec"', "schema": {"type": "string"}}},
+)
+# Writes are open unless the operator sets PREREC_WRITE_TOKEN: either way is valid.
+_WRITE_SECURITY = [{}, {"writeToken": []}]
 _PRECONDITION_FAILED = _problem("A precondition (If-Match, If-None-Match, If-Unmodified-Since) failed.")
 
 
@@ -86,6 +92,35 @@ SPEC: dict[str, Any] = {
                 "operationId": "ping",
                 "summary": "Liveness check (does not touch the database)",
                 "responses": {"204": {"description": "The process is alive."}},
+            },
+        },
+        "/ready": {
+            "get": {
+                "operationId": "ready",
+                "summary": "Readiness: the database answers, storage is writable, the listener is connected",
+                "responses": {
+                    "200": {
+                        "description": "Ready for traffic.",
+                        "content": {
+                            "application/json": {
+                                "schema": {"type": "object", "properties": {"status": {"const": "ready"}}}
+                            }
+                        },
+                    },
+                    "503": _problem("Not ready (the detail names why), or shutting down.", _RETRY_AFTER),
+                },
+            },
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "summary": "Prometheus metrics (text exposition format)",
+                "responses": {
+                    "200": {
+                        "description": "Counters, gauges and histograms named prerec_*.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
             },
         },
         "/prerecordings/{event}": {
@@ -172,6 +207,7 @@ SPEC: dict[str, Any] = {
             },
             "put": {
                 "operationId": "uploadPrerecording",
+                "security": _WRITE_SECURITY,
                 "summary": "Upload (create or replace) a prerecording",
                 "description": (
                     "The body is streamed to disk as it arrives, chunked or with Content-Length. It must "
@@ -212,6 +248,8 @@ SPEC: dict[str, Any] = {
                         "A path value or digest header is malformed, the body is empty or not Ogg, "
                         "or a digest does not match."
                     ),
+                    "401": _UNAUTHORIZED,
+                    "408": _problem("The body stalled for PREREC_READ_TIMEOUT_SECONDS; nothing was stored."),
                     "412": _PRECONDITION_FAILED,
                     "413": _problem("The body is larger than PREREC_MAX_UPLOAD_BYTES."),
                     "415": _problem("The Content-Type is not audio/ogg."),
@@ -222,11 +260,13 @@ SPEC: dict[str, Any] = {
             },
             "delete": {
                 "operationId": "deletePrerecording",
+                "security": _WRITE_SECURITY,
                 "summary": "Delete a prerecording",
                 "parameters": [*_KEY_PARAMETERS, _IF_MATCH, _IF_UNMODIFIED_SINCE],
                 "responses": {
                     "204": {"description": "Deleted."},
                     "400": _BAD_REQUEST,
+                    "401": _UNAUTHORIZED,
                     "404": _NOT_FOUND,
                     "412": _PRECONDITION_FAILED,
                     "503": _UNAVAILABLE,
@@ -290,6 +330,13 @@ SPEC: dict[str, Any] = {
         },
     },
     "components": {
+        "securitySchemes": {
+            "writeToken": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "PREREC_WRITE_TOKEN, needed for PUT and DELETE when the operator sets it.",
+            }
+        },
         "parameters": {
             "event": {
                 "name": "event",

@@ -11,10 +11,12 @@ from datetime import datetime
 from aiohttp import hdrs, web
 
 from prerec import blobs, conditional, db, digests
+from prerec.auth import check_write_token
 from prerec.config import SETTINGS_KEY
 from prerec.db import POOL
 from prerec.model import Prerecording, format_start, http_date, parse_count, parse_event, parse_start
 from prerec.problems import DatabaseUnavailable, Problem, problem_response
+from prerec.telemetry import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +208,9 @@ async def upload(request: web.Request) -> web.StreamResponse:
 
 
 async def _refuse_early(request: web.Request) -> list[digests.Claim]:
-    """Every check that needs no body byte: key, type, length, digest headers, preconditions."""
+    """Every check that needs no body byte: token, key, type, length, digest headers,
+    preconditions."""
+    check_write_token(request)
     event, start = _key(request)
     _check_upload_headers(request)
     claims = digests.claims(request)
@@ -231,6 +235,7 @@ async def _upload(request: web.Request) -> web.StreamResponse:
     stored = await blobs.receive(
         settings.blob_dir, request.content, settings.max_upload_bytes, settings.read_timeout_seconds, algorithms
     )
+    request.app[METRICS].uploaded.inc(stored.size)
     try:
         digests.verify(claims, stored.digests)
         async with db.connection(request.app[POOL], settings.db_timeout_seconds) as conn:
@@ -262,6 +267,7 @@ async def _upload(request: web.Request) -> web.StreamResponse:
 
 
 async def delete(request: web.Request) -> web.Response:
+    check_write_token(request)
     event, start = _key(request)
     settings = request.app[SETTINGS_KEY]
     async with db.connection(request.app[POOL], settings.db_timeout_seconds) as conn:

@@ -2,11 +2,13 @@
 
 from aiohttp import web
 
-from prerec import openapi, ping, prerecordings, sse
+from prerec import openapi, ping, prerecordings, ready, sse, telemetry
 
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/ping", ping.ping)
+    app.router.add_get("/ready", ready.ready)
+    app.router.add_get("/metrics", telemetry.metrics_page)
     app.router.add_get("/prerecordings/{event}", prerecordings.list_prerecordings)
     app.router.add_get("/prerecordings/{event}/{start}", prerecordings.download)
     app.router.add_put(

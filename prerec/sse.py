@@ -14,6 +14,7 @@ from prerec.config import SETTINGS_KEY
 from prerec.events import BROADCASTER, Subscriber
 from prerec.model import EVENT_TYPES, parse_count
 from prerec.problems import Problem
+from prerec.telemetry import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
         dropped.add_done_callback(lambda _: _abort_if_too_slow(request, subscriber))
         try:
             await response.write(f"retry: {RETRY_MS}\n\n".encode())
+            delivered = request.app[METRICS].events_delivered
             async for event in broadcaster.events(subscriber):
                 await response.send(json.dumps(event.to_json()), id=str(event.id))
+                delivered.inc()
         except (ConnectionError, TimeoutError, RuntimeError, Problem) as error:
             # The stream is already open: all we can do is end it; the client resumes
             # with Last-Event-ID.

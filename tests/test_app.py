@@ -43,8 +43,9 @@ async def test_sigterm_ends_streams_finishes_uploads_and_exits_0(tmp_path, stora
                 pass
         assert time.monotonic() - began < 3
 
-        # A new request on the kept-alive connection is sent elsewhere, not half-served.
-        idle_writer.write(f"GET /prerecordings/{EVENT} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        # The replica is no longer ready, and a new request on the kept-alive connection is
+        # sent elsewhere, not half-served.
+        idle_writer.write(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
         head = (await asyncio.wait_for(idle_reader.readuntil(b"\r\n\r\n"), 5)).decode()
         assert head.startswith("HTTP/1.1 503") and "Retry-After" in head
         idle_writer.close()

@@ -59,6 +59,8 @@ async def test_database_restart_under_a_subscriber(aiohttp_client, settings, own
     assert resume.status == 503
     assert time.monotonic() - began < 4 * settings.db_timeout_seconds
     assert (await client.get("/ping")).status == 204
+    not_ready = await client.get("/ready")
+    assert not_ready.status == 503 and "database" in (await not_ready.json())["detail"]
 
     await asyncio.to_thread(start, own_server)
 
@@ -68,6 +70,10 @@ async def test_database_restart_under_a_subscriber(aiohttp_client, settings, own
         assert time.monotonic() < deadline, "uploads did not recover"
         await asyncio.sleep(0.2)
     assert (await client.delete(KEY)).status == 204
+    deadline = time.monotonic() + 10
+    while (await client.get("/ready")).status != 200:
+        assert time.monotonic() < deadline, "not ready again after the database came back"
+        await asyncio.sleep(0.2)
 
     # The stream stayed open and delivers what happened after the restart, once each.
     events = await read_events(stream, 2, timeout=20)
@@ -81,3 +87,38 @@ async def test_database_restart_under_a_subscriber(aiohttp_client, settings, own
     assert [event_id for event_id, _ in again] == [event_id for event_id, _ in events]
     resumed.close()
     stream.close()
+
+
+def _freeze(server, signum) -> None:  # type: ignore[no-untyped-def]
+    import psutil
+
+    postmaster = psutil.Process(server.get_pid())
+    for process in [postmaster, *postmaster.children(recursive=True)]:
+        process.send_signal(signum)
+
+
+async def test_a_hung_database_never_holds_a_request_past_the_timeout(aiohttp_client, settings, own_server) -> None:
+    """Not down but frozen (SIGSTOP): connections neither fail nor answer."""
+    import dataclasses
+    import signal
+
+    settings = dataclasses.replace(settings, db_timeout_seconds=1.0)
+    client = await aiohttp_client(create_app(settings, own_server.get_uri()))
+    assert (await client.put(KEY, data=ogg(100), headers=OGG)).status == 201
+    _freeze(own_server, signal.SIGSTOP)
+    try:
+        for method, path in (("GET", KEY), ("GET", f"/prerecordings/{EVENT}"), ("DELETE", KEY), ("GET", "/ready")):
+            began = time.monotonic()
+            response = await client.request(method, path)
+            assert response.status == 503, (method, path, response.status)
+            assert time.monotonic() - began < 2 * settings.db_timeout_seconds + 0.5, (method, path)
+        began = time.monotonic()
+        assert (await client.put(KEY, data=ogg(100), headers=OGG)).status == 503
+        assert time.monotonic() - began < 2 * settings.db_timeout_seconds + 0.5
+        assert (await client.get("/ping")).status == 204
+    finally:
+        _freeze(own_server, signal.SIGCONT)
+    deadline = time.monotonic() + 20
+    while (await client.get(KEY)).status != 200:
+        assert time.monotonic() < deadline, "reads did not recover after the database thawed"
+        await asyncio.sleep(0.2)

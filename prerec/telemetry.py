@@ -1,0 +1,161 @@
+"""What operators observe: Prometheus metrics, one log line per request, request ids.
+
+Metrics live in a registry of the app's own (not prometheus-client's global one), so several
+apps in one process (tests, workers) never mix their counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from pythonjsonlogger.json import JsonFormatter
+
+from prerec.blobs import BlobResponse
+
+access_log = logging.getLogger("prerec.access")
+
+REQUEST_ID = "X-Request-ID"
+# An id from the client is echoed only if it is short printable ASCII; anything else is
+# replaced, so a log line can never be forged or bloated through it.
+_REQUEST_ID_OK = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "prerec_http_requests", "HTTP requests answered", ["route", "method", "status"], registry=r
+        )
+        self.duration = Histogram(
+            "prerec_http_request_duration_seconds",
+            "Time to answer an HTTP request (downloads: until the last byte is handed to the kernel)",
+            ["route", "method"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=r,
+        )
+        self.uploaded = Counter("prerec_uploaded_bytes", "Body bytes of uploads received", registry=r)
+        self.downloaded = Counter("prerec_downloaded_bytes", "Audio bytes sent to downloads", registry=r)
+        self.events_delivered = Counter("prerec_sse_events_delivered", "Events written to /sse subscribers", registry=r)
+
+    def watch(self, collector: Collector) -> None:
+        self.registry.register(collector)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class StateCollector(Collector):
+    """Values read at scrape time from the objects that own them."""
+
+    def __init__(
+        self,
+        uploads: Callable[[], int],
+        subscribers: Callable[[], int],
+        reconnects: Callable[[], int],
+        storage: Path,
+    ) -> None:
+        self._uploads = uploads
+        self._subscribers = subscribers
+        self._reconnects = reconnects
+        self._storage = storage
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        yield GaugeMetricFamily("prerec_uploads_in_flight", "Uploads being received now", value=self._uploads())
+        yield GaugeMetricFamily("prerec_sse_subscribers", "Open /sse streams", value=self._subscribers())
+        yield CounterMetricFamily(
+            "prerec_listener_reconnects", "Times the LISTEN connection was re-established", value=self._reconnects()
+        )
+        try:
+            free = shutil.disk_usage(self._storage).free
+        except OSError:
+            free = float("nan")
+        yield GaugeMetricFamily("prerec_blob_store_free_bytes", "Free space in the storage folder", value=free)
+
+
+METRICS = web.AppKey("metrics", Metrics)
+
+
+def _route(request: web.Request) -> str:
+    # The route template, never the concrete path: label values must stay few (no event ids).
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def telemetry_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Outermost middleware: request id, metrics and the access log line for every answer."""
+    began = time.perf_counter()
+    offered = request.headers.get(REQUEST_ID, "")
+    request_id = offered if _REQUEST_ID_OK.fullmatch(offered) else uuid.uuid4().hex
+    response: web.StreamResponse | None = None
+    try:
+        response = await handler(request)
+        response.headers[REQUEST_ID] = request_id
+        if isinstance(response, BlobResponse):
+            # Sent here rather than after the middleware returns, so the duration covers the
+            # transfer and the bytes can be counted once they are out.
+            await response.prepare(request)
+            if request.method == "GET":
+                request.app[METRICS].downloaded.inc(response.content_length or 0)
+        return response
+    finally:
+        status = response.status if response is not None else 500
+        route = _route(request)
+        elapsed = time.perf_counter() - began
+        metrics = request.app[METRICS]
+        metrics.requests.labels(route, request.method, str(status)).inc()
+        metrics.duration.labels(route, request.method).observe(elapsed)
+        access_log.info(
+            "%s %s %d",
+            request.method,
+            request.path,
+            status,
+            extra={
+                "method": request.method,
+                "path": request.path,
+                "route": route,
+                "status": status,
+                "bytes": response.content_length if response is not None else None,
+                "duration_ms": round(elapsed * 1000, 3),
+                "request_id": request_id,
+                "remote": request.remote,
+            },
+        )
+
+
+async def metrics_page(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].render(), content_type="text/plain", charset="utf-8")
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(
+            JsonFormatter(
+                "{asctime}{levelname}{name}{message}",
+                style="{",
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
