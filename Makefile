@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install run test lint migrate migration downgrade clean
+.PHONY: install run test lint migrate migration downgrade gc clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ migration: $(STAMP)
 
 downgrade: $(STAMP)
 	$(PY) -m prerec downgrade
+
+# The storage check: `make gc`, or `make gc ARGS=--apply` to repair.
+gc: $(STAMP)
+	$(PY) -m prerec gc $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -9,6 +9,8 @@ import signal
 import sys
 from pathlib import Path
 
+import asyncpg
+
 from prerec.config import SettingError, Settings
 from prerec.telemetry import configure_logging
 
@@ -62,6 +64,23 @@ def serve(settings: Settings) -> None:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
 
+def storage_check(settings: Settings, apply: bool, grace_seconds: float) -> int:
+    from prerec.storage_check import check
+
+    try:
+        report = asyncio.run(check(resolve_database_url(settings), settings.blob_dir, grace_seconds, apply))
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        print(f"prerec gc: could not check: {error}", file=sys.stderr)
+        return 2
+    for line in report.lines():
+        print(line)
+    log.info(
+        "gc finished",
+        extra={"orphans": len(report.orphans), "missing": len(report.missing), "repaired": len(report.repaired)},
+    )
+    return 1 if report.anything_wrong else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prerec", description=__doc__)
     commands = parser.add_subparsers(dest="command")
@@ -69,6 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("migrate", help="upgrade the database schema to the newest revision")
     down = commands.add_parser("downgrade", help="take the schema back one revision (or to REVISION)")
     down.add_argument("revision", nargs="?", default="-1")
+    gc = commands.add_parser(
+        "gc", help="check that database and storage agree; exit 1 if anything was wrong (--apply repairs)"
+    )
+    gc.add_argument("--apply", action="store_true", help="remove orphans and leftovers, take broken rows out")
+    gc.add_argument(
+        "--grace-seconds",
+        type=float,
+        default=3600.0,
+        help="leave files younger than this alone: they may be uploads in progress (default: one hour)",
+    )
     new = commands.add_parser("revision", help="write a new, empty migration")
     new.add_argument("-m", "--message", required=True)
     args = parser.parse_args(argv)
@@ -92,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         from alembic import command
 
         command.downgrade(_alembic(resolve_database_url(settings)), args.revision)
+    elif args.command == "gc":
+        return storage_check(settings, args.apply, args.grace_seconds)
     elif args.command == "revision":
         from alembic import command
         from alembic.config import Config

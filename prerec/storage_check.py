@@ -1,0 +1,155 @@
+"""`python -m prerec gc`: check that the database and the storage folder agree, and repair.
+
+Finds blob files no row points at (left by a crash between the rename and the commit, or
+before a replaced blob was retired), rows whose blob is missing or has the wrong size, and
+leftover temporary files. With --apply it removes orphans and leftovers older than the grace
+period, and takes rows with a missing or torn blob out of the listing (with a
+prerecording-deleted event, so UIs and playout see the truth instead of failing at air time).
+
+Safe while replicas serve traffic: a file younger than the grace period may be an upload
+between its rename and its commit, so it is never touched; and every suspicious row is read
+again, under its key's lock, right before it is repaired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import asyncpg
+
+from prerec import blobs, db
+from prerec.model import Prerecording, format_start
+
+
+@dataclass
+class Report:
+    orphans: list[str] = field(default_factory=list)
+    young_orphans: list[str] = field(default_factory=list)
+    missing: list[Prerecording] = field(default_factory=list)
+    wrong_size: list[tuple[Prerecording, int]] = field(default_factory=list)
+    stale_tmp: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+
+    @property
+    def anything_wrong(self) -> bool:
+        return bool(self.orphans or self.missing or self.wrong_size or self.stale_tmp)
+
+    def lines(self) -> list[str]:
+        out = [f"orphan blob (no row points at it): {name}" for name in self.orphans]
+        out += [f"recent unreferenced blob, left alone (may be an upload committing): {n}" for n in self.young_orphans]
+        out += [f"missing blob for {_key(p)}: {p.blob}" for p in self.missing]
+        out += [
+            f"wrong size for {_key(p)}: {p.blob} has {size} bytes, expected {p.size}" for p, size in self.wrong_size
+        ]
+        out += [f"leftover temporary file: {name}" for name in self.stale_tmp]
+        out += [f"repaired: {action}" for action in self.repaired]
+        summary = "something was wrong" if self.anything_wrong else "storage and database agree"
+        counts = (
+            f"{len(self.orphans)} orphans, {len(self.missing)} missing, {len(self.wrong_size)} wrong size, "
+            f"{len(self.stale_tmp)} leftover temporary files"
+        )
+        return [*out, f"{summary}: {counts}"]
+
+
+def _key(prerecording: Prerecording) -> str:
+    return f"{prerecording.event} {format_start(prerecording.start)}"
+
+
+def _blob_files(root: Path) -> dict[str, os.stat_result]:
+    found = {}
+    for path in (root / "blobs").glob("*/*"):
+        try:
+            found[path.relative_to(root / "blobs").as_posix()] = path.stat()
+        except FileNotFoundError:  # retired meanwhile
+            continue
+    return found
+
+
+def _stale(paths: list[Path], cutoff: float) -> list[Path]:
+    stale = []
+    for path in paths:
+        try:
+            if path.stat().st_mtime < cutoff:
+                stale.append(path)
+        except FileNotFoundError:
+            continue
+    return stale
+
+
+def _size_now(root: Path, name: str) -> int | None:
+    try:
+        return blobs.blob_path(root, name).stat().st_size
+    except FileNotFoundError:
+        return None
+
+
+class _Changed(Exception):
+    """The row changed since it was checked: it is no longer ours to repair."""
+
+
+async def check(url: str, root: Path, grace_seconds: float, apply: bool) -> Report:
+    report = Report()
+    cutoff = time.time() - grace_seconds
+    # Files first, rows second: a blob renamed in after the listing cannot look orphaned.
+    files = await asyncio.to_thread(_blob_files, root)
+    conn = await asyncpg.connect(url)
+    try:
+        rows = [
+            Prerecording(**dict(row))
+            for row in await conn.fetch("SELECT event, start, type, size, sha256, modified, blob FROM prerecordings")
+        ]
+        referenced = {row.blob for row in rows}
+        for name, stat in sorted(files.items()):
+            if name not in referenced:
+                (report.orphans if stat.st_mtime < cutoff else report.young_orphans).append(name)
+        for row in rows:
+            size = _size_now(root, row.blob)
+            if size == row.size:
+                continue
+            current = await db.get_prerecording(conn, row.event, row.start)
+            if current is None or current.blob != row.blob:
+                continue  # replaced or deleted meanwhile: fine
+            size = _size_now(root, row.blob)
+            if size is None:
+                report.missing.append(row)
+            elif size != row.size:
+                report.wrong_size.append((row, size))
+        stale_tmp = await asyncio.to_thread(_stale, list((root / "tmp").glob("*.part")), cutoff)
+        report.stale_tmp = [path.name for path in stale_tmp]
+
+        if apply:
+            await _repair(conn, root, report, stale_tmp)
+    finally:
+        await conn.close()
+    return report
+
+
+async def _repair(conn: asyncpg.Connection, root: Path, report: Report, stale_tmp: list[Path]) -> None:
+    for name in report.orphans:
+        # Retired, not unlinked: it may have just been replaced, with a download still reading it.
+        await blobs.retire(root, name)
+        report.repaired.append(f"retired orphan blob {name}")
+    for path in stale_tmp:
+        path.unlink(missing_ok=True)
+        report.repaired.append(f"removed temporary file {path.name}")
+    for row in [*report.missing, *(row for row, _ in report.wrong_size)]:
+        if await _take_out(conn, row.event, row.start, row.blob):
+            await blobs.retire(root, row.blob)
+            report.repaired.append(f"took {_key(row)} out of the listing (its blob was missing or torn)")
+
+
+async def _take_out(conn: asyncpg.Connection, event: uuid.UUID, start: datetime, blob: str) -> bool:
+    def still_broken(current: Prerecording | None) -> None:
+        if current is None or current.blob != blob:
+            raise _Changed
+
+    try:
+        return await db.delete_prerecording(conn, event, start, check=still_broken) is not None
+    except _Changed:
+        return False

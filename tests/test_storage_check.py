@@ -1,0 +1,98 @@
+"""`python -m prerec gc`: finds and repairs what a crash can leave behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import asyncpg
+
+from prerec import blobs
+from prerec.storage_check import check
+from tests.conftest import EVENT, ROOT, blob_files, ogg, read_events
+
+OGG = {"Content-Type": "audio/ogg"}
+KEYS = [f"/prerecordings/{EVENT}/2024-01-0{day}T00:00" for day in (1, 2, 3)]
+
+
+def age(path, seconds: float = 7200) -> None:  # type: ignore[no-untyped-def]
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+async def test_a_healthy_store_reports_nothing(client, settings, database_url) -> None:
+    for key in KEYS:
+        await client.put(key, data=ogg(1000), headers=OGG)
+    report = await check(database_url, settings.blob_dir, 3600, apply=False)
+    assert not report.anything_wrong and report.lines()[-1].startswith("storage and database agree")
+
+
+async def test_finds_and_repairs_orphans_leftovers_missing_and_torn_blobs(client, settings, database_url) -> None:
+    for key in KEYS:
+        await client.put(key, data=ogg(1000), headers=OGG)
+    first, second, third = sorted(blob_files(settings), key=lambda p: p.stat().st_mtime)
+    conn = await asyncpg.connect(database_url)
+    try:
+        by_blob = {row["blob"]: row["start"] for row in await conn.fetch("SELECT blob, start FROM prerecordings")}
+    finally:
+        await conn.close()
+
+    orphan = settings.blob_dir / "blobs" / "ff" / "ffff.ogg"  # as if a crash came before the commit
+    orphan.parent.mkdir(exist_ok=True)
+    orphan.write_bytes(b"OggS...")
+    age(orphan)
+    young = settings.blob_dir / "blobs" / "ff" / "fffe.ogg"  # maybe an upload committing right now
+    young.write_bytes(b"OggS...")
+    leftover = settings.blob_dir / "tmp" / "crashed.part"
+    leftover.write_bytes(b"OggS")
+    age(leftover)
+    first.unlink()  # missing
+    second.write_bytes(b"OggS torn")  # wrong size
+
+    stream = await client.get("/sse")
+    report = await check(database_url, settings.blob_dir, 3600, apply=False)
+    assert report.anything_wrong
+    assert report.orphans == ["ff/ffff.ogg"] and report.young_orphans == ["ff/fffe.ogg"]
+    assert [row.blob for row in report.missing] == [first.relative_to(settings.blob_dir / "blobs").as_posix()]
+    assert [(row.size, size) for row, size in report.wrong_size] == [(1000, 9)]
+    assert report.stale_tmp == ["crashed.part"]
+    assert orphan.exists() and leftover.exists()  # a check alone changes nothing
+
+    repaired = await check(database_url, settings.blob_dir, 3600, apply=True)
+    assert len(repaired.repaired) == 4
+    assert not orphan.exists() and not leftover.exists() and young.exists()
+    listing = await (await client.get(f"/prerecordings/{EVENT}")).json()
+    assert [item["start"] for item in listing["prerecordings"]] == [
+        by_blob[third.relative_to(settings.blob_dir / "blobs").as_posix()].isoformat()
+    ]
+    # UIs hear about the rows taken out.
+    events = await read_events(stream, 2)
+    assert {data["type"] for _, data in events} == {"prerecording-deleted"}
+    stream.close()
+
+    again = await check(database_url, settings.blob_dir, 3600, apply=False)
+    assert not again.anything_wrong
+    blobs.sweep(settings.blob_dir, 0)
+
+
+async def test_command_line_exit_status(client, settings, database_url) -> None:
+    env = {
+        **os.environ,
+        "PREREC_DATABASE_URL": database_url,
+        "PREREC_STORAGE_DIR": str(settings.blob_dir),
+        "PREREC_LOG_FORMAT": "text",
+    }
+    command = [sys.executable, "-m", "prerec", "gc"]
+    await client.put(KEYS[0], data=ogg(1000), headers=OGG)
+    clean = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    leftover = settings.blob_dir / "tmp" / "crashed.part"
+    leftover.write_bytes(b"x")
+    age(leftover)
+    found = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert found.returncode == 1 and "crashed.part" in found.stdout
+    fixed = subprocess.run([*command, "--apply"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert fixed.returncode == 1 and not leftover.exists()
+    assert subprocess.run(command, env=env, cwd=ROOT, capture_output=True, timeout=60).returncode == 0
