@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import asyncpg
@@ -47,14 +50,21 @@ def migrate(database_url: str, revision: str = "head") -> None:
 
 
 def serve(settings: Settings) -> None:
+    database_url = resolve_database_url(settings)
+    migrate(database_url)
+    if settings.workers == 1:
+        serve_worker(settings, database_url, reuse_port=False)
+    else:
+        supervise_workers(settings, database_url)
+
+
+def serve_worker(settings: Settings, database_url: str, reuse_port: bool) -> None:
     from prerec.app import create_app
     from prerec.app import serve as serve_app
 
-    database_url = resolve_database_url(settings)
-    migrate(database_url)
     app = create_app(settings, database_url)
     try:
-        asyncio.run(serve_app(app, settings))
+        asyncio.run(serve_app(app, settings, reuse_port=reuse_port))
     except OSError as error:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, error.strerror)
         raise SystemExit(1) from None
@@ -62,6 +72,39 @@ def serve(settings: Settings) -> None:
         # Closing the loop restores SIGTERM's default, which would kill us without atexit while
         # the embedded PostgreSQL is being stopped.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
+def supervise_workers(settings: Settings, database_url: str) -> None:
+    """PREREC_WORKERS > 1: run that many worker processes on one port (SO_REUSEPORT).
+
+    Each worker has its own pool and its own listener; this process only owns the embedded
+    database (if any), forwards SIGTERM/SIGINT, and restarts a worker that dies unasked.
+    """
+    env = {**os.environ, "PREREC_DATABASE_URL": database_url, "PREREC_WORKERS": "1"}
+    command = [sys.executable, "-m", "prerec", "worker"]
+    workers = [subprocess.Popen(command, env=env) for _ in range(settings.workers)]
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("serving on http://%s:%d with %d workers", settings.host, settings.port, settings.workers)
+    while not stopping:
+        for index, worker in enumerate(workers):
+            if worker.poll() is not None and not stopping:
+                log.warning("worker %d exited with %d; starting a new one", worker.pid, worker.returncode)
+                workers[index] = subprocess.Popen(command, env=env)
+        time.sleep(0.2)
+    codes = [worker.wait() for worker in workers]
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    if any(codes):
+        raise SystemExit(1)
 
 
 def storage_check(settings: Settings, apply: bool, grace_seconds: float) -> int:
@@ -85,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prerec", description=__doc__)
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("serve", help="serve HTTP (the default); applies migrations first")
+    commands.add_parser("worker", help="one worker of a PREREC_WORKERS > 1 server (started by serve)")
     commands.add_parser("migrate", help="upgrade the database schema to the newest revision")
     down = commands.add_parser("downgrade", help="take the schema back one revision (or to REVISION)")
     down.add_argument("revision", nargs="?", default="-1")
@@ -115,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command in (None, "serve"):
         serve(settings)
+    elif args.command == "worker":
+        serve_worker(settings, resolve_database_url(settings), reuse_port=True)
     elif args.command == "migrate":
         migrate(resolve_database_url(settings))
     elif args.command == "downgrade":

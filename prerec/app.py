@@ -107,7 +107,7 @@ async def _end_streams(app: web.Application) -> None:
     app[BROADCASTER].end_streams("the server is shutting down")
 
 
-async def serve(app: web.Application, settings: Settings) -> None:
+async def serve(app: web.Application, settings: Settings, reuse_port: bool = False) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully.
 
     Not web.run_app: once AppRunner.cleanup() starts, aiohttp stops reading request bodies,
@@ -118,7 +118,9 @@ async def serve(app: web.Application, settings: Settings) -> None:
     # access_log=None: telemetry_middleware writes the one line per request, with its id.
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
+    # reuse_port: with PREREC_WORKERS > 1 every worker listens on the same port and the kernel
+    # spreads connections over them.
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
     await site.start()
     log.info("serving on http://%s:%d", settings.host, settings.port)
 

@@ -135,6 +135,13 @@ SETTINGS: tuple[Setting, ...] = (
         "On SIGTERM, how long uploads in flight may take to finish before the process exits.",
     ),
     Setting(
+        "workers",
+        "PREREC_WORKERS",
+        "1",
+        _positive_int,
+        "Worker processes per replica, sharing the port (SO_REUSEPORT), each with its own pool and listener.",
+    ),
+    Setting(
         "write_token",
         "PREREC_WRITE_TOKEN",
         None,
@@ -169,6 +176,7 @@ class Settings:
     read_timeout_seconds: float
     events_retention_seconds: float
     shutdown_timeout_seconds: float
+    workers: int
     write_token: str | None
     log_format: str
     log_level: str

@@ -8,9 +8,10 @@ import time
 
 import aiohttp
 
-from tests.conftest import EVENT, Replica, free_port, ogg, put_head
+from tests.conftest import EVENT, Replica, free_port, ogg, put_head, read_events
 
 KEY = f"/prerecordings/{EVENT}/2024-01-01T00:00"
+OGG = {"Content-Type": "audio/ogg"}
 
 
 async def test_sigterm_ends_streams_finishes_uploads_and_exits_0(tmp_path, storage_env, replicas) -> None:
@@ -84,3 +85,31 @@ async def test_sigterm_cuts_an_upload_that_outlasts_the_timeout(tmp_path, storag
     assert time.monotonic() - began < 5
     writer.close()
     assert list((tmp_path / "storage" / "tmp").glob("*")) == []
+
+
+async def test_workers_share_one_port_and_stop_together(tmp_path, storage_env, replicas) -> None:
+    import psutil
+
+    replica = Replica({**storage_env, "PREREC_WORKERS": "2"}, free_port(), tmp_path / "workers.log")
+    replicas.append(replica)
+    replica.wait_ready()
+    workers = psutil.Process(replica.process.pid).children()
+    assert len(workers) == 2
+    listening = [
+        worker.pid
+        for worker in workers
+        if any(conn.laddr.port == replica.port and conn.status == "LISTEN" for conn in worker.net_connections())
+    ]
+    assert len(listening) == 2, "both workers listen on the replica's port"
+
+    async with aiohttp.ClientSession() as session:
+        streams = [await session.get(f"{replica.url}/sse") for _ in range(8)]  # spread over both
+        assert (await session.put(f"{replica.url}{KEY}", data=ogg(1000), headers=OGG)).status == 201
+        for stream in streams:
+            [(_, data)] = await read_events(stream, 1)
+            assert data["type"] == "prerecording-created"
+            stream.close()
+
+    replica.process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(replica.process.wait, 20) == 0
+    assert not any(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers)
