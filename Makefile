@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install run test lint migrate migration downgrade gc clean
+.PHONY: install run test lint migrate migration downgrade gc bench bench-smoke bench-tools clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,30 @@ migration: $(STAMP)
 
 downgrade: $(STAMP)
 	$(PY) -m prerec downgrade
+
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): pyproject.toml | $(PY)
+	$(PIP) install --quiet --disable-pip-version-check -e '.[bench]'
+	touch $(STAMP) $@
+
+# The bench drives nginx (the reference), wrk and curl; install them when missing and root.
+bench-tools:
+	@missing=""; for tool in nginx:nginx-light wrk:wrk curl:curl; do \
+		command -v $${tool%%:*} >/dev/null || [ -x /usr/sbin/$${tool%%:*} ] || missing="$$missing $${tool#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		else echo "make bench needs:$$missing (apt-get install them)"; exit 1; fi; \
+	fi
+
+# Rewrites docs/benchmarks.md and docs/benchmarks.png (about ten minutes).
+bench: $(BENCH_STAMP) bench-tools
+	$(PY) bench/bench.py
+
+# The same code on small sizes, in seconds; writes nothing.
+bench-smoke: $(BENCH_STAMP) bench-tools
+	$(PY) bench/bench.py --smoke
 
 # The storage check: `make gc`, or `make gc ARGS=--apply` to repair.
 gc: $(STAMP)

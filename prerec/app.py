@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from prerec import blobs, db
+from prerec.cache import CACHE, MetadataCache
 from prerec.config import SETTINGS_KEY, Settings
 from prerec.events import BROADCASTER, Broadcaster
 from prerec.prerecordings import UPLOADS
@@ -31,6 +32,7 @@ def create_app(settings: Settings, database_url: str) -> web.Application:
     app[SHUTTING_DOWN] = asyncio.Event()
     app[UPLOADS] = set()
     app[METRICS] = Metrics()
+    app[CACHE] = MetadataCache()
     app.cleanup_ctx.append(_storage)
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_broadcaster)
@@ -85,7 +87,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 async def _broadcaster(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS_KEY]
     broadcaster = Broadcaster(
-        app[DATABASE_URL], app[db.POOL], settings.db_timeout_seconds, settings.events_retention_seconds
+        app[DATABASE_URL], app[db.POOL], settings.db_timeout_seconds, settings.events_retention_seconds, app[CACHE]
     )
     await broadcaster.start()
     app[BROADCASTER] = broadcaster

@@ -63,8 +63,10 @@ def layout(root: Path) -> None:
         (root / folder).mkdir(parents=True, exist_ok=True)
 
 
-def blob_path(root: Path, name: str) -> Path:
-    return root / "blobs" / name
+def blob_path(root: Path, name: str) -> str:
+    # A plain string join: this runs for every HEAD and GET, and pathlib's objects cost more
+    # than the stat or open they lead to.
+    return os.path.join(root, "blobs", name)
 
 
 def _storage_problem(error: OSError) -> Problem:
@@ -116,7 +118,7 @@ class _Upload:
         self.file = None
         token = uuid.uuid4().hex
         name = f"{token[:2]}/{token}.ogg"
-        target = blob_path(self.root, name)
+        target = Path(blob_path(self.root, name))
         target.parent.mkdir(exist_ok=True)
         os.rename(self.tmp, target)
         _fsync_folder(target.parent)
@@ -260,9 +262,8 @@ async def retire(root: Path, name: str) -> None:
 
 async def remove(root: Path, name: str) -> None:
     """Unlink a blob that was never served (its upload failed before commit)."""
-    path = blob_path(root, name)
     try:
-        await asyncio.get_running_loop().run_in_executor(None, path.unlink)
+        await asyncio.get_running_loop().run_in_executor(None, os.unlink, blob_path(root, name))
     except FileNotFoundError:
         pass
     except OSError as error:
@@ -275,15 +276,21 @@ def open_blob(root: Path, name: str) -> IO[bytes]:
     return open(blob_path(root, name), "rb")
 
 
+# Below this size a blob is read and written in one go: cheaper than the sendfile machinery
+# (which waits for the socket to be writable and loops in the event loop) for the small files
+# UIs and probes fetch in bursts.
+SMALL_BLOB = 64 * 1024
+
+
 class BlobResponse(web.StreamResponse):
-    """A blob sent from an already opened file with sendfile.
+    """A blob (or a range of it) from an already opened file, with sendfile.
 
     Not web.FileResponse: that one stats and opens the file in the thread pool (slow for the
     small files playout and UIs probe) and replaces our content-derived ETag with one made
-    from mtime and size.
+    from mtime and size. `file` is None for HEAD, which sends no body.
     """
 
-    def __init__(self, file: IO[bytes], offset: int, count: int, *, status: int = 200) -> None:
+    def __init__(self, file: IO[bytes] | None, offset: int, count: int, *, status: int = 200) -> None:
         super().__init__(status=status)
         self._file = file
         self._offset = offset
@@ -295,28 +302,44 @@ class BlobResponse(web.StreamResponse):
             return await super().prepare(request)
         try:
             writer = await super().prepare(request)
-            if request.method == hdrs.METH_HEAD or self._count == 0:
+            if self._file is None or request.method == hdrs.METH_HEAD or self._count == 0:
                 return writer
-            loop = asyncio.get_running_loop()
-            transport = request.transport
-            if transport is None:
-                raise ConnectionResetError("Connection lost")
-            try:
-                await loop.sendfile(transport, self._file, self._offset, self._count)
-            except NotImplementedError:
-                # No sendfile (uvloop, TLS): copy in pieces through a thread.
-                self._file.seek(self._offset)
-                left = self._count
-                while left > 0:
-                    piece = await loop.run_in_executor(None, self._file.read, min(left, WRITE_PIECE))
-                    if not piece:
-                        break
-                    await writer.write(piece)  # type: ignore[union-attr]
-                    left -= len(piece)
+            if self._count <= SMALL_BLOB:
+                await self.write(os.pread(self._file.fileno(), self._count, self._offset))
+            else:
+                await self._sendfile(request, self._file)
             await super().write_eof()
             return writer
         finally:
+            self.close_file()
+
+    async def _sendfile(self, request: web.BaseRequest, file: IO[bytes]) -> None:
+        loop = asyncio.get_running_loop()
+        transport = request.transport
+        if transport is None:
+            raise ConnectionResetError("Connection lost")
+        try:
+            await loop.sendfile(transport, file, self._offset, self._count)
+        except NotImplementedError:
+            # No sendfile (uvloop, TLS): copy in pieces through a thread.
+            file.seek(self._offset)
+            left = self._count
+            while left > 0:
+                piece = await loop.run_in_executor(None, file.read, min(left, WRITE_PIECE))
+                if not piece:
+                    break
+                await self.write(piece)
+                left -= len(piece)
+
+    def close_file(self) -> None:
+        if self._file is not None:
             self._file.close()
+            self._file = None
+
+
+def blob_exists(root: Path, name: str) -> bool:
+    # A stat on the loop, like open_blob: microseconds on a local disk.
+    return os.path.exists(blob_path(root, name))
 
 
 def sweep(root: Path, max_age_seconds: float) -> list[Path]:

@@ -59,7 +59,19 @@ def sqlalchemy_url(url: str) -> str:
 async def create_pool(url: str, timeout: float) -> asyncpg.Pool:
     # min_size=0: the pool connects on demand, so it starts and keeps working across a
     # database restart; broken connections are dropped and replaced on next acquire.
-    return await asyncpg.create_pool(url, min_size=0, max_size=10, command_timeout=timeout, timeout=timeout)
+    return await asyncpg.create_pool(
+        url, min_size=0, max_size=10, command_timeout=timeout, timeout=timeout, reset=_end_transaction
+    )
+
+
+async def _end_transaction(conn: asyncpg.Connection) -> None:
+    """Reset a connection coming back to the pool.
+
+    asyncpg's default reset (RESET ALL, UNLISTEN *, advisory unlock...) costs a round trip on
+    every release, and these sessions never change state: no SET, no LISTEN (that is the
+    broadcaster's own connection), only transaction-scoped advisory locks."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
 
 
 @contextlib.asynccontextmanager

@@ -19,6 +19,7 @@ import asyncpg
 from aiohttp import web
 
 from prerec import db
+from prerec.cache import MetadataCache
 from prerec.model import Event
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,11 @@ class Subscriber:
 
 
 class Broadcaster:
-    def __init__(self, url: str, pool: asyncpg.Pool, timeout: float, retention_seconds: float) -> None:
+    def __init__(
+        self, url: str, pool: asyncpg.Pool, timeout: float, retention_seconds: float, cache: MetadataCache
+    ) -> None:
         self.url = url
+        self.cache = cache
         self.pool = pool
         self.timeout = timeout
         self.retention_seconds = retention_seconds
@@ -121,6 +125,7 @@ class Broadcaster:
         conn.add_termination_listener(self._terminated)
         self._listener = conn
         self.connected.set()
+        self.cache.enable()
         # Whatever was committed while no one listened is in the log: read on from last_id.
         self._wake.set()
 
@@ -131,6 +136,7 @@ class Broadcaster:
         if conn is self._listener and not self._closing:
             log.warning("listening connection lost; reconnecting")
             self.connected.clear()
+            self.cache.disable()
 
     async def _watch(self) -> None:
         """Notice a dead listener (the termination callback does not fire for every way a
@@ -149,6 +155,7 @@ class Broadcaster:
                 except Exception as error:
                     log.warning("listening connection failed its health check (%r); reconnecting", error)
                     self.connected.clear()
+                    self.cache.disable()
             if self._listener is not None:
                 self._listener.terminate()
                 self._listener = None
@@ -179,6 +186,7 @@ class Broadcaster:
             async with db.connection(self.pool, self.timeout) as conn:
                 events = await db.events_after(conn, self.last_id, REPLAY_PAGE)
             for event in events:
+                self.cache.evict_for(event.data)
                 for subscriber in list(self.subscribers):
                     subscriber.offer(event)
                 self.last_id = event.id

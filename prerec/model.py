@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import functools
 import re
 import uuid
 from dataclasses import dataclass
@@ -87,6 +88,10 @@ class Prerecording:
     sha256: bytes
     modified: datetime
     blob: str
+
+    @functools.cached_property
+    def last_modified(self) -> str:
+        return http_date(self.modified)
 
     @property
     def etag(self) -> str:

@@ -7,14 +7,16 @@ import json
 import logging
 import uuid
 from datetime import datetime
+from typing import IO
 
 from aiohttp import hdrs, web
 
 from prerec import blobs, conditional, db, digests
 from prerec.auth import check_write_token
+from prerec.cache import CACHE
 from prerec.config import SETTINGS_KEY
 from prerec.db import POOL
-from prerec.model import Prerecording, format_start, http_date, parse_count, parse_event, parse_start
+from prerec.model import Prerecording, format_start, parse_count, parse_event, parse_start
 from prerec.problems import DatabaseUnavailable, Problem, problem_response
 from prerec.telemetry import METRICS
 
@@ -107,7 +109,7 @@ async def upload_expect(request: web.Request) -> web.StreamResponse | None:
 
 def _validator_headers(response: web.StreamResponse, prerecording: Prerecording) -> None:
     response.headers[hdrs.ETAG] = prerecording.etag
-    response.headers[hdrs.LAST_MODIFIED] = http_date(prerecording.modified)
+    response.headers[hdrs.LAST_MODIFIED] = prerecording.last_modified
 
 
 def _representation_headers(response: web.StreamResponse, prerecording: Prerecording) -> None:
@@ -148,32 +150,49 @@ def _not_found(event: uuid.UUID, start: datetime) -> Problem:
     return Problem(404, f"There is no prerecording of event {event} at {format_start(start)}.")
 
 
-async def download(request: web.Request) -> web.StreamResponse:
-    event, start = _key(request)
+async def _served(request: web.Request, event: uuid.UUID, start: datetime) -> tuple[Prerecording, IO[bytes] | None]:
+    """The current prerecording and its opened blob (None for HEAD, which only checks it exists).
+
+    Metadata comes from the cache when it can. A blob that is gone means the entry (or the row
+    just read) was replaced or deleted meanwhile: evict and ask the database again.
+    """
     blob_dir = request.app[SETTINGS_KEY].blob_dir
-    # The row is read, then its blob opened; a replace or delete committed in between unlinks
-    # that blob, so read the row again: the new row names the new blob.
-    for _ in range(3):
-        prerecording = await _current(request, event, start)
+    cache = request.app[CACHE]
+    key = (str(event), format_start(start))
+    head = request.method == hdrs.METH_HEAD
+    for attempt in range(3):
+        prerecording = cache.get(key) if attempt == 0 else None
         if prerecording is None:
-            raise _not_found(event, start)
+            token = cache.token()
+            prerecording = await _current(request, event, start)
+            if prerecording is None:
+                raise _not_found(event, start)
+            cache.put(key, prerecording, token)
         try:
-            file = blobs.open_blob(blob_dir, prerecording.blob)
-            break
+            if head:
+                if blobs.blob_exists(blob_dir, prerecording.blob):
+                    return prerecording, None
+            else:
+                return prerecording, blobs.open_blob(blob_dir, prerecording.blob)
         except FileNotFoundError:
-            continue
+            pass
         except OSError as error:
             raise Problem(503, f"The stored file cannot be read ({error.strerror}).", {"Retry-After": "5"}) from error
-    else:
-        log.error("prerecording %s %s points at missing blob %s", event, start, prerecording.blob)
-        raise Problem(503, "The stored file of this prerecording is missing; run the storage check.")
+        cache.evict(key)
+    log.error("prerecording %s %s points at missing blob %s", event, start, prerecording.blob)
+    raise Problem(503, "The stored file of this prerecording is missing; run the storage check (make gc).")
 
+
+async def download(request: web.Request) -> web.StreamResponse:
+    event, start = _key(request)
+    prerecording, file = await _served(request, event, start)
+    response = blobs.BlobResponse(file, 0, prerecording.size)
     try:
         status = conditional.evaluate(request, prerecording)
         if status == 412:
             raise Problem(412, f"The precondition failed: the current ETag is {prerecording.etag}.")
         if status == 304:
-            file.close()
+            response.close_file()
             not_modified = web.Response(status=304)
             _validator_headers(not_modified, prerecording)
             return not_modified
@@ -186,11 +205,9 @@ async def download(request: web.Request) -> web.StreamResponse:
                 {hdrs.CONTENT_RANGE: f"bytes */{prerecording.size}"},
             ) from None
     except BaseException:
-        file.close()
+        response.close_file()
         raise
-    if byte_range is None:
-        response = blobs.BlobResponse(file, 0, prerecording.size)
-    else:
+    if byte_range is not None:
         response = blobs.BlobResponse(file, byte_range.start, byte_range.length, status=206)
         response.headers[hdrs.CONTENT_RANGE] = f"bytes {byte_range.start}-{byte_range.end}/{prerecording.size}"
     _representation_headers(response, prerecording)

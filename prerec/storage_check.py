@@ -84,7 +84,7 @@ def _stale(paths: list[Path], cutoff: float) -> list[Path]:
 
 def _size_now(root: Path, name: str) -> int | None:
     try:
-        return blobs.blob_path(root, name).stat().st_size
+        return os.stat(blobs.blob_path(root, name)).st_size
     except FileNotFoundError:
         return None
 

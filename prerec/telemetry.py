@@ -6,11 +6,12 @@ apps in one process (tests, workers) never mix their counts.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import re
 import shutil
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,10 @@ from prerec.blobs import BlobResponse
 access_log = logging.getLogger("prerec.access")
 
 REQUEST_ID = "X-Request-ID"
+# Generated ids: a random prefix per process and a counter. Unique, and far cheaper than a
+# uuid4 per request (which showed up in profiles of HEAD bursts); they need not be secret.
+_ID_PREFIX = os.urandom(6).hex()
+_id_counter = itertools.count(1)
 # An id from the client is echoed only if it is short printable ASCII; anything else is
 # replaced, so a log line can never be forged or bloated through it.
 _REQUEST_ID_OK = re.compile(r"[\x21-\x7e]{1,128}")
@@ -102,7 +107,7 @@ async def telemetry_middleware(
     """Outermost middleware: request id, metrics and the access log line for every answer."""
     began = time.perf_counter()
     offered = request.headers.get(REQUEST_ID, "")
-    request_id = offered if _REQUEST_ID_OK.fullmatch(offered) else uuid.uuid4().hex
+    request_id = offered if _REQUEST_ID_OK.fullmatch(offered) else f"{_ID_PREFIX}{next(_id_counter):08x}"
     response: web.StreamResponse | None = None
     try:
         response = await handler(request)

@@ -1,0 +1,655 @@
+"""`make bench`: prerec measured against nginx and a bare aiohttp handler, in alternation.
+
+Every figure is a ratio to a reference measured in the same run, on the same machine, a few
+seconds apart, so a noisy machine moves both sides together. Each measurement is repeated
+(rounds) and reported as median and min-max. `--smoke` runs the same code on small sizes in
+seconds (CI runs it so the bench cannot rot) and writes nothing into docs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import random
+import re
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Awaitable, Iterator
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from prerec import embedded  # noqa: E402
+
+EVENT = "0f339cb0-7ab4-43fe-852d-75708232f76c"
+LIST_EVENT = "9e0c3a2b-4f5d-4c1e-8a7b-6d5e4f3a2b1c"
+OGG = "audio/ogg"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    big: int
+    medium: int
+    concurrent: int
+    concurrent_size: int
+    tiny: int
+    rounds: int
+    wrk_seconds: int
+    list_rows: int
+    list_requests: int
+    subscribers: int
+    sse_uploads: int
+
+
+FULL = Plan(
+    big=1 << 30,
+    medium=256 << 20,
+    concurrent=50,
+    concurrent_size=4 << 20,
+    tiny=16 << 10,
+    rounds=3,
+    wrk_seconds=5,
+    list_rows=100_000,
+    list_requests=1000,
+    subscribers=1000,
+    sse_uploads=20,
+)
+SMOKE = Plan(
+    big=32 << 20,
+    medium=8 << 20,
+    concurrent=8,
+    concurrent_size=1 << 20,
+    tiny=16 << 10,
+    rounds=1,
+    wrk_seconds=1,
+    list_rows=2_000,
+    list_requests=50,
+    subscribers=30,
+    sse_uploads=3,
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def make_body(path: Path, size: int) -> Path:
+    with open(path, "wb") as out:
+        out.write(b"OggS")
+        left = size - 4
+        block = os.urandom(1 << 20)
+        while left > 0:
+            out.write(block[: min(left, len(block))])
+            left -= len(block)
+    return path
+
+
+# Processes
+
+
+class Fleet:
+    """Every process the bench starts; all are stopped on exit."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, command: list[str], env: dict[str, str] | None = None, log: str = "log") -> subprocess.Popen[bytes]:
+        out = open(self.work / f"{log}.log", "wb")
+        process = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
+        self.processes.append(process)
+        return process
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def start_prerec(fleet: Fleet, database_url: str, name: str, workers: int = 1) -> tuple[str, subprocess.Popen[bytes]]:
+    port = free_port()
+    env = {
+        "PREREC_DATABASE_URL": database_url,
+        "PREREC_STORAGE_DIR": str(fleet.work / f"{name}-storage"),
+        "PREREC_PORT": str(port),
+        "PREREC_HOST": "127.0.0.1",
+        "PREREC_LOG_LEVEL": "warning",
+        "PREREC_WORKERS": str(workers),
+        "PREREC_MAX_UPLOAD_BYTES": str(4 << 30),
+    }
+    process = fleet.spawn([sys.executable, "-m", "prerec"], env, log=name)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/ping")
+    return url, process
+
+
+NGINX_CONF = """
+{user}daemon off;
+worker_processes 1;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    client_body_temp_path {work}/nginx-body;
+    server {{
+        listen 127.0.0.1:{port};
+        root {work}/nginx-root;
+        client_max_body_size 0;
+        location = /ping {{ return 204; }}
+        location /default/ {{ dav_methods PUT DELETE; create_full_put_path on; }}
+        location /buf1m/ {{ dav_methods PUT DELETE; create_full_put_path on; client_body_buffer_size 1m; }}
+    }}
+}}
+"""
+
+
+def start_nginx(fleet: Fleet) -> str:
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    port = free_port()
+    (fleet.work / "nginx-root").mkdir(exist_ok=True)
+    conf = fleet.work / "nginx.conf"
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    conf.write_text(NGINX_CONF.format(user=user, work=fleet.work, port=port))
+    fleet.spawn([binary, "-c", str(conf)], log="nginx")
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/ping")
+    return url
+
+
+def start_bare(fleet: Fleet) -> str:
+    port = free_port()
+    fleet.spawn([sys.executable, str(ROOT / "bench" / "bare.py"), str(port)], log="bare")
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return url
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+# Measurements
+
+
+async def curl(*args: str) -> float:
+    """Run curl; return its total time in seconds (fails on any HTTP error)."""
+    process = await asyncio.create_subprocess_exec(
+        "curl",
+        "--silent",
+        "--show-error",
+        "--fail",
+        "--output",
+        "/dev/null",
+        "--write-out",
+        "%{time_total}",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"curl {' '.join(args)} failed with {process.returncode}")
+    return float(out)
+
+
+async def put(url: str, body: Path) -> float:
+    return await curl(
+        "--request",
+        "PUT",
+        "--header",
+        f"Content-Type: {OGG}",
+        "--header",
+        "Transfer-Encoding: chunked",
+        "--upload-file",
+        str(body),
+        url,
+    )
+
+
+async def get(url: str) -> float:
+    return await curl(url)
+
+
+class RssSampler:
+    """Peak resident memory of some processes, sampled every 10 ms while a transfer runs."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.peak = 0
+
+    def _rss(self) -> int:
+        total = 0
+        for pid in self.pids:
+            with contextlib.suppress(OSError):
+                status = Path(f"/proc/{pid}/status").read_text()
+                total = max(total, int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024)  # type: ignore[union-attr]
+        return total
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            await asyncio.sleep(0.01)
+
+    async def during(self, work: Awaitable[float]) -> float:
+        stop = asyncio.Event()
+        sampler = asyncio.ensure_future(self.run(stop))
+        try:
+            return await work
+        finally:
+            stop.set()
+            await sampler
+
+
+async def concurrent_puts(urls: list[str], body: Path) -> float:
+    began = time.perf_counter()
+    await asyncio.gather(*(put(url, body) for url in urls))
+    return time.perf_counter() - began
+
+
+async def wrk(url: str, seconds: int, method: str = "GET") -> float:
+    script = None
+    args = ["wrk", "--threads", "2", "--connections", "64", "--duration", f"{seconds}s", "--latency"]
+    if method != "GET":
+        script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
+        script.write(f'wrk.method = "{method}"\n')
+        script.close()
+        args += ["--script", script.name]
+    process = await asyncio.create_subprocess_exec(*args, url, stdout=asyncio.subprocess.PIPE)
+    out, _ = await process.communicate()
+    if script is not None:
+        os.unlink(script.name)
+    text = out.decode()
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    if non_2xx:
+        raise RuntimeError(f"wrk {method} {url}: {non_2xx.group(1)} failed requests")
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))  # type: ignore[union-attr]
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+async def list_latencies(url: str, database_url: str, plan: Plan) -> list[float]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            """
+            INSERT INTO prerecordings (event, start, type, size, sha256, blob, modified)
+            SELECT $1::uuid, timestamp '2020-01-01' + n * interval '1 hour', 'audio/ogg', 1000,
+                   sha256(n::text::bytea), 'bench/' || n, now()
+            FROM generate_series(1, $2) AS n
+            ON CONFLICT DO NOTHING
+            """,
+            LIST_EVENT,
+            plan.list_rows,
+        )
+        await conn.execute("ANALYZE prerecordings")
+    finally:
+        await conn.close()
+    latencies = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(plan.list_requests):
+            hour = random.randrange(plan.list_rows)
+            after = "2020-01-01T00:00:00"
+            after = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(1577836800 + hour * 3600))
+            began = time.perf_counter()
+            async with session.get(f"{url}/prerecordings/{LIST_EVENT}", params={"after": after, "limit": "10"}) as r:
+                await r.read()
+                assert r.status == 200
+            latencies.append(time.perf_counter() - began)
+    return latencies
+
+
+async def sse_fanout(urls: list[str], plan: Plan, body: bytes) -> list[float]:
+    """Upload through the first replica; time until each subscriber, on any replica, has it."""
+    arrivals: dict[str, list[float]] = {}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+        ready = 0
+
+        async def subscribe(url: str) -> None:
+            nonlocal ready
+            async with session.get(f"{url}/sse", params={"types": "prerecording-created"}) as stream:
+                await stream.content.readline()  # retry:
+                ready += 1
+                async for line in stream.content:
+                    if line.startswith(b"data: "):
+                        start = json.loads(line[6:])["data"]["prerecording"]["start"]
+                        arrivals.setdefault(start, []).append(time.perf_counter())
+
+        tasks = [asyncio.ensure_future(subscribe(urls[i % len(urls)])) for i in range(plan.subscribers)]
+        while ready < plan.subscribers:
+            await asyncio.sleep(0.05)
+        latencies = []
+        for n in range(plan.sse_uploads):
+            start = f"2030-01-01T00:{n // 60:02d}:{n % 60:02d}"
+            async with session.put(
+                f"{urls[0]}/prerecordings/{EVENT}/{start}", data=body, headers={"Content-Type": OGG}
+            ) as r:
+                assert r.status == 201, r.status
+            answered = time.perf_counter()
+            deadline = answered + 10
+            while len(arrivals.get(start, [])) < plan.subscribers and time.perf_counter() < deadline:
+                await asyncio.sleep(0.001)
+            got = arrivals.get(start, [])
+            if len(got) < plan.subscribers:
+                raise RuntimeError(f"only {len(got)} of {plan.subscribers} subscribers got the event")
+            latencies += [max(0.0, t - answered) for t in got]
+            await asyncio.sleep(0.05)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return latencies
+
+
+# Report
+
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    unit: str
+    ours: list[float]
+    reference_name: str = ""
+    reference: list[float] = dataclasses.field(default_factory=list)
+    goal: str = ""
+    passed: bool | None = None
+    higher_is_better: bool = True
+
+    @property
+    def ratio(self) -> float | None:
+        if not self.reference:
+            return None
+        return statistics.median(self.ours) / statistics.median(self.reference)
+
+
+def spread(values: list[float], scale: float = 1.0, digits: int = 0) -> str:
+    if not values:
+        return ""
+    med = statistics.median(values) * scale
+    lo, hi = min(values) * scale, max(values) * scale
+    fmt = f"{{:,.{digits}f}}"
+    if len(values) == 1 or lo == hi:
+        return fmt.format(med)
+    return f"{fmt.format(med)} ({fmt.format(lo)}–{fmt.format(hi)})"
+
+
+def judge_ratio(row: Row, at_least: float | None = None, at_most: float | None = None) -> None:
+    ratio = row.ratio
+    assert ratio is not None
+    if at_least is not None:
+        row.goal = f"≥ {at_least:g}×"
+        row.passed = ratio >= at_least
+    if at_most is not None:
+        row.goal = f"≤ {at_most:g}×"
+        row.passed = ratio <= at_most
+
+
+def machine() -> list[str]:
+    nginx = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
+    import aiohttp as aiohttp_module
+
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return [
+        f"- CPU: {os.cpu_count()} cores ({platform.machine()}), memory {mem:.0f} GiB, Linux {platform.release()}",
+        f"- Python {platform.python_version()}, aiohttp {aiohttp_module.__version__}, {nginx}",
+        f"- Storage: {ROOT / 'data'} ({'same disk for prerec and nginx'})",
+    ]
+
+
+def write_report(rows: list[Row], plan: Plan, out: Path, elapsed: float, workers: list[int]) -> None:
+    lines = [
+        "# Benchmarks",
+        "",
+        "Produced by `make bench` (bench/bench.py) on "
+        + time.strftime("%Y-%m-%d", time.gmtime())
+        + f", in {elapsed / 60:.1f} minutes. Each figure is the median of {plan.rounds} rounds"
+        " (min–max in brackets), measured in alternation with its reference in the same run.",
+        "",
+        *machine(),
+        "",
+        "| measure | prerec | reference | ratio | goal | |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ratio = f"{row.ratio:.2f}×" if row.ratio is not None else ""
+        verdict = "" if row.passed is None else ("PASS" if row.passed else "MISS")
+        reference = f"{row.reference_name}: {spread(row.reference, digits=1)}" if row.reference else ""
+        lines.append(
+            f"| {row.name} | {spread(row.ours, digits=1)} {row.unit} | {reference} | {ratio} | {row.goal} | {verdict} |"
+        )
+    lines += [
+        "",
+        "![ratios to the references](benchmarks.png)",
+        "",
+        "## How to rerun",
+        "",
+        "```sh",
+        "make bench          # the full run, rewrites docs/benchmarks.md and docs/benchmarks.png",
+        "make bench-smoke    # the same code on small sizes, in seconds (CI runs it)",
+        "```",
+        "",
+        "References: nginx with `dav_methods PUT DELETE` (default `client_body_buffer_size`, and `1m`),",
+        "sendfile on, no fsync; a bare aiohttp handler that reads and discards the body (bench/bare.py).",
+        f"prerec hashes every upload (SHA-256) and fsyncs it before answering. Workers: {workers}.",
+        "",
+    ]
+    out.write_text("\n".join(lines))
+
+
+def chart(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratios = [(row.name, row.ratio, row.passed) for row in rows if row.ratio is not None]
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(ratios) + 1.2))
+    names = [name for name, _, _ in ratios][::-1]
+    values = [value for _, value, _ in ratios][::-1]
+    colors = ["#2e7d32" if passed else "#c62828" if passed is False else "#607d8b" for _, _, passed in ratios][::-1]
+    ax.barh(names, values, color=colors)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("prerec / reference (median; green: goal met, red: missed)")
+    ax.set_title("prerec against its references, same run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+async def main(plan: Plan, out_dir: Path | None, workers_list: list[int]) -> int:
+    began = time.monotonic()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    work = Path(tempfile.mkdtemp(prefix="bench-", dir=ROOT / "data"))
+    fleet = Fleet(work)
+    rows: list[Row] = []
+    try:
+        server = embedded.start(work)
+        database_url = server.get_uri()
+        from prerec.__main__ import migrate
+
+        await asyncio.to_thread(migrate, database_url)
+
+        bodies = {
+            "big": make_body(work / "big.ogg", plan.big),
+            "medium": make_body(work / "medium.ogg", plan.medium),
+            "concurrent": make_body(work / "concurrent.ogg", plan.concurrent_size),
+            "tiny": make_body(work / "tiny.ogg", plan.tiny),
+        }
+        nginx = start_nginx(fleet)
+        bare = start_bare(fleet)
+        for workers in workers_list:
+            rows += await measure(fleet, plan, database_url, bodies, nginx, bare, workers)
+        sse_urls = [start_prerec(fleet, database_url, f"sse{i}")[0] for i in range(3)]
+        fanout = await sse_fanout(sse_urls, plan, bodies["tiny"].read_bytes())
+        p50, p99 = percentile(fanout, 50) * 1000, percentile(fanout, 99) * 1000
+        rows.append(
+            Row(f"SSE fan-out to {plan.subscribers} subscribers over 3 replicas, p50", "ms", [p50], passed=None)
+        )
+        rows.append(
+            Row(
+                f"SSE fan-out to {plan.subscribers} subscribers over 3 replicas, p99",
+                "ms",
+                [p99],
+                goal="< 50 ms",
+                passed=p99 < 50,
+            )
+        )
+    finally:
+        fleet.stop()
+        with contextlib.suppress(Exception):
+            server.cleanup()  # type: ignore[possibly-undefined]
+        shutil.rmtree(work, ignore_errors=True)
+
+    elapsed = time.monotonic() - began
+    for row in rows:
+        verdict = "" if row.passed is None else ("PASS" if row.passed else "MISS")
+        ratio = f"{row.ratio:.2f}x" if row.ratio is not None else ""
+        print(f"{verdict:4} {row.name}: {spread(row.ours, digits=1)} {row.unit} {ratio} {row.goal}")
+    print(f"bench finished in {elapsed:.0f} s")
+    if out_dir is not None:
+        write_report(rows, plan, out_dir / "benchmarks.md", elapsed, workers_list)
+        chart(rows, out_dir / "benchmarks.png")
+        print(f"wrote {out_dir / 'benchmarks.md'} and {out_dir / 'benchmarks.png'}")
+    return 0
+
+
+async def measure(
+    fleet: Fleet, plan: Plan, database_url: str, bodies: dict[str, Path], nginx: str, bare: str, workers: int
+) -> list[Row]:
+    tag = f"{workers} worker" + ("s" if workers > 1 else "")
+    url, process = start_prerec(fleet, database_url, f"prerec-w{workers}", workers)
+    pids = [process.pid] + [int(p) for p in _children(process.pid)]
+    key = f"{url}/prerecordings/{EVENT}"
+    mb = 1 / 2**20
+    put_big = Row(f"PUT {plan.big >> 20} MiB chunked [{tag}]", "MB/s", [], "nginx DAV, default buffers")
+    put_big_1m = Row(f"PUT {plan.big >> 20} MiB vs nginx with 1m buffers [{tag}]", "MB/s", [], "nginx DAV, 1m buffers")
+    put_big_bare = Row(f"PUT {plan.big >> 20} MiB vs bare aiohttp discard [{tag}]", "MB/s", [], "bare aiohttp")
+    put_medium = Row(f"PUT {plan.medium >> 20} MiB chunked [{tag}]", "MB/s", [], "nginx DAV, default buffers")
+    get_big = Row(f"GET {plan.big >> 20} MiB [{tag}]", "MB/s", [], "nginx sendfile")
+    many = Row(
+        f"{plan.concurrent} concurrent {plan.concurrent_size >> 20} MiB PUTs, wall time [{tag}]",
+        "s",
+        [],
+        "nginx DAV",
+        higher_is_better=False,
+    )
+    rss = Row(f"peak RSS during {plan.big >> 20} MiB PUT and GET [{tag}]", "MB", [])
+    sampler = RssSampler(pids)
+    for round_ in range(plan.rounds):
+        secs = await sampler.during(put(f"{key}/2024-01-01T00:00", bodies["big"]))
+        put_big.ours.append(plan.big * mb / secs)
+        put_big_1m.ours.append(plan.big * mb / secs)
+        put_big_bare.ours.append(plan.big * mb / secs)
+        put_big.reference.append(plan.big * mb / await put(f"{nginx}/default/big.ogg", bodies["big"]))
+        put_big_1m.reference.append(plan.big * mb / await put(f"{nginx}/buf1m/big.ogg", bodies["big"]))
+        put_big_bare.reference.append(plan.big * mb / await put(f"{bare}/discard", bodies["big"]))
+
+        put_medium.ours.append(plan.medium * mb / await put(f"{key}/2024-01-02T00:00", bodies["medium"]))
+        put_medium.reference.append(plan.medium * mb / await put(f"{nginx}/default/medium.ogg", bodies["medium"]))
+
+        get_big.ours.append(plan.big * mb / await sampler.during(get(f"{key}/2024-01-01T00:00")))
+        get_big.reference.append(plan.big * mb / await get(f"{nginx}/default/big.ogg"))
+
+        ours = [f"{key}/2024-02-01T00:{i // 60:02d}:{i % 60:02d}" for i in range(plan.concurrent)]
+        theirs = [f"{nginx}/default/many/{round_}-{i}.ogg" for i in range(plan.concurrent)]
+        many.ours.append(await concurrent_puts(ours, bodies["concurrent"]))
+        many.reference.append(await concurrent_puts(theirs, bodies["concurrent"]))
+    rss.ours.append(sampler.peak / 1e6)
+    judge_ratio(put_big, at_least=1.0)
+    judge_ratio(put_big_bare, at_least=0.75)
+    judge_ratio(get_big, at_least=1.0)
+    judge_ratio(many, at_most=1.3)
+    rss.goal, rss.passed = "< 80 MB", rss.ours[0] < 80
+
+    # Request rates, 64 connections.
+    await put(f"{key}/2024-03-01T00:00", bodies["tiny"])
+    shutil.copy(bodies["tiny"], fleet.work / "nginx-root" / "tiny.ogg")
+    ping = Row(f"/ping rate [{tag}]", "req/s", [], "nginx return 204")
+    head = Row(f"HEAD of a prerecording rate [{tag}]", "req/s", [], "prerec /ping")
+    tiny = Row(f"GET of a {plan.tiny >> 10} KiB prerecording rate [{tag}]", "req/s", [], "prerec /ping")
+    tiny_nginx = Row(
+        f"GET of a {plan.tiny >> 10} KiB prerecording vs nginx static [{tag}]", "req/s", [], "nginx static"
+    )
+    for _ in range(plan.rounds):
+        ping_rate = await wrk(f"{url}/ping", plan.wrk_seconds)
+        ping.ours.append(ping_rate)
+        ping.reference.append(await wrk(f"{nginx}/ping", plan.wrk_seconds))
+        head.ours.append(await wrk(f"{key}/2024-03-01T00:00", plan.wrk_seconds, "HEAD"))
+        head.reference.append(ping_rate)
+        tiny_rate = await wrk(f"{key}/2024-03-01T00:00", plan.wrk_seconds)
+        tiny.ours.append(tiny_rate)
+        tiny.reference.append(ping_rate)
+        tiny_nginx.ours.append(tiny_rate)
+        tiny_nginx.reference.append(await wrk(f"{nginx}/tiny.ogg", plan.wrk_seconds))
+    judge_ratio(head, at_least=0.5)
+    judge_ratio(tiny, at_least=0.3)
+
+    rows = [put_big, put_big_1m, put_big_bare, put_medium, get_big, many, rss, ping, head, tiny, tiny_nginx]
+    if workers == 1:
+        latencies = await list_latencies(url, database_url, plan)
+        rows.append(Row(f"list among {plan.list_rows:,} rows, p50", "ms", [percentile(latencies, 50) * 1000]))
+        p99 = percentile(latencies, 99) * 1000
+        rows.append(Row(f"list among {plan.list_rows:,} rows, p99", "ms", [p99], goal="< 10 ms", passed=p99 < 10))
+    process.terminate()
+    process.wait(30)
+    return rows
+
+
+def _children(pid: int) -> Iterator[str]:
+    with contextlib.suppress(OSError):
+        yield from Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="small sizes, one round, nothing written to docs/")
+    parser.add_argument("--workers", default="1,2", help="PREREC_WORKERS values to measure (default 1,2)")
+    args = parser.parse_args()
+    (ROOT / "data").mkdir(exist_ok=True)
+    chosen = SMOKE if args.smoke else FULL
+    target = None if args.smoke else ROOT / "docs"
+    sys.exit(asyncio.run(main(chosen, target, [int(n) for n in args.workers.split(",")])))
