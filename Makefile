@@ -48,9 +48,9 @@ $(BENCH_STAMP): pyproject.toml | $(PY)
 	$(PIP) install --quiet --disable-pip-version-check -e '.[bench]'
 	touch $(STAMP) $@
 
-# The bench drives nginx (the reference), wrk and curl; install them when missing and root.
+# The bench drives nginx (the reference), wrk, ab and curl; install them when missing and root.
 bench-tools:
-	@missing=""; for tool in nginx:nginx-light wrk:wrk curl:curl; do \
+	@missing=""; for tool in nginx:nginx-light wrk:wrk ab:apache2-utils curl:curl; do \
 		command -v $${tool%%:*} >/dev/null || [ -x /usr/sbin/$${tool%%:*} ] || missing="$$missing $${tool#*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
