@@ -142,13 +142,20 @@ async def _lock_key(conn: asyncpg.Connection, event: uuid.UUID, start: datetime)
 
 
 async def _append_event(conn: asyncpg.Connection, type_: str, data: dict[str, Any]) -> int:
-    await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", *EVENT_LOCK)
+    # One statement: take the event lock, insert, NOTIFY. The lock is then held only for this
+    # round trip and the commit that follows it. The payload is the id alone: always far below
+    # NOTIFY's 8000-byte limit, and the listener reads the event itself from the log.
     event_id: int = await conn.fetchval(
-        "INSERT INTO events (type, data) VALUES ($1, $2::jsonb) RETURNING id", type_, json.dumps(data)
+        """
+        WITH locked AS (SELECT pg_advisory_xact_lock($1::int, $2::int)),
+             added AS (INSERT INTO events (type, data) SELECT $3, $4::jsonb FROM locked RETURNING id)
+        SELECT id FROM added, pg_notify($5, id::text)
+        """,
+        *EVENT_LOCK,
+        type_,
+        json.dumps(data),
+        NOTIFY_CHANNEL,
     )
-    # The payload is the id only: always far below NOTIFY's 8000-byte limit, and the
-    # listener reads the event itself from the log.
-    await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(event_id))
     return event_id
 
 
