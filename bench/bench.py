@@ -362,11 +362,19 @@ async def sse_fanout(urls: list[str], plan: Plan, body: bytes) -> list[float]:
                 ready += 1
                 async for line in stream.content:
                     if line.startswith(b"data: "):
+                        # Timestamp first, parse after: the client's own JSON work is not the
+                        # server's latency.
+                        now = time.perf_counter()
                         start = json.loads(line[6:])["data"]["prerecording"]["start"]
-                        arrivals.setdefault(start, []).append(time.perf_counter())
+                        arrivals.setdefault(start, []).append(now)
 
         tasks = [asyncio.ensure_future(subscribe(urls[i % len(urls)])) for i in range(plan.subscribers)]
+        deadline = time.monotonic() + 60
         while ready < plan.subscribers:
+            if failed := [task for task in tasks if task.done()]:
+                raise RuntimeError(f"a subscriber failed: {failed[0].exception()!r}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {ready} of {plan.subscribers} subscribers connected")
             await asyncio.sleep(0.05)
         latencies = []
         for n in range(plan.sse_uploads):
@@ -582,7 +590,7 @@ async def measure(
         "nginx DAV",
         higher_is_better=False,
     )
-    rss = Row(f"peak RSS during {plan.big >> 20} MiB PUT and GET [{tag}]", "MB", [])
+    rss = Row(f"peak RSS (largest process) during {plan.big >> 20} MiB PUT and GET [{tag}]", "MB", [])
     sampler = RssSampler(pids)
     for round_ in range(plan.rounds):
         secs = await sampler.during(put(f"{key}/2024-01-01T00:00", bodies["big"]))
@@ -599,7 +607,8 @@ async def measure(
         get_big.ours.append(plan.big * mb / await sampler.during(get(f"{key}/2024-01-01T00:00")))
         get_big.reference.append(plan.big * mb / await get(f"{nginx}/default/big.ogg"))
 
-        ours = [f"{key}/2024-02-01T00:{i // 60:02d}:{i % 60:02d}" for i in range(plan.concurrent)]
+        # New keys every round: creates, as nginx's side creates new files.
+        ours = [f"{key}/2024-02-{round_ + 1:02d}T00:{i // 60:02d}:{i % 60:02d}" for i in range(plan.concurrent)]
         theirs = [f"{nginx}/default/many/{round_}-{i}.ogg" for i in range(plan.concurrent)]
         many.ours.append(await concurrent_puts(ours, bodies["concurrent"]))
         many.reference.append(await concurrent_puts(theirs, bodies["concurrent"]))

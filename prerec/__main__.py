@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -17,6 +19,7 @@ import asyncpg
 from prerec.config import SettingError, Settings
 from prerec.telemetry import configure_logging
 
+PR_SET_PDEATHSIG = 1
 ALEMBIC_INI = Path(__file__).resolve().parent.parent / "alembic.ini"
 
 log = logging.getLogger("prerec")
@@ -53,9 +56,12 @@ def serve(settings: Settings) -> None:
     database_url = resolve_database_url(settings)
     # In a child process: SQLAlchemy and alembic then never load into the serving process,
     # which saves it some 20 MB of memory for good.
-    subprocess.run(
-        [sys.executable, "-m", "prerec", "migrate"], env={**os.environ, "PREREC_DATABASE_URL": database_url}, check=True
+    migration = subprocess.run(
+        [sys.executable, "-m", "prerec", "migrate"], env={**os.environ, "PREREC_DATABASE_URL": database_url}
     )
+    if migration.returncode != 0:
+        log.error("migrations failed (exit %d); not serving", migration.returncode)
+        raise SystemExit(1)
     if settings.workers == 1:
         serve_worker(settings, database_url, reuse_port=False)
     else:
@@ -70,7 +76,7 @@ def serve_worker(settings: Settings, database_url: str, reuse_port: bool) -> Non
     try:
         asyncio.run(serve_app(app, settings, reuse_port=reuse_port))
     except OSError as error:
-        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, error.strerror)
+        log.error("cannot start serving on %s:%d: %s", settings.host, settings.port, error)
         raise SystemExit(1) from None
     finally:
         # Closing the loop restores SIGTERM's default, which would kill us without atexit while
@@ -82,33 +88,56 @@ def supervise_workers(settings: Settings, database_url: str) -> None:
     """PREREC_WORKERS > 1: run that many worker processes on one port (SO_REUSEPORT).
 
     Each worker has its own pool and its own listener; this process only owns the embedded
-    database (if any), forwards SIGTERM/SIGINT, and restarts a worker that dies unasked.
+    database (if any), forwards SIGTERM/SIGINT, and restarts a worker that dies unasked (with
+    a pause, and giving up when they keep dying at once, say while the database is down).
     """
     env = {**os.environ, "PREREC_DATABASE_URL": database_url, "PREREC_WORKERS": "1"}
     command = [sys.executable, "-m", "prerec", "worker"]
-    workers = [subprocess.Popen(command, env=env) for _ in range(settings.workers)]
-    stopping = False
+    stopping: list[int] = []
+    workers: list[subprocess.Popen[bytes]] = []
 
     def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        stopping.append(signum)
         for worker in workers:
             if worker.poll() is None:
                 worker.send_signal(signum)
 
+    # Handlers first: a signal arriving while workers start must reach them too.
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    workers.extend(subprocess.Popen(command, env=env) for _ in range(settings.workers))
     log.info("serving on http://%s:%d with %d workers", settings.host, settings.port, settings.workers)
+    deaths: list[float] = []
     while not stopping:
         for index, worker in enumerate(workers):
-            if worker.poll() is not None and not stopping:
-                log.warning("worker %d exited with %d; starting a new one", worker.pid, worker.returncode)
-                workers[index] = subprocess.Popen(command, env=env)
+            if worker.poll() is None or stopping:
+                continue
+            deaths = [t for t in deaths if time.monotonic() - t < 30] + [time.monotonic()]
+            if len(deaths) > 5:
+                log.error("workers keep exiting (last with %d); stopping", worker.returncode)
+                stop(signal.SIGTERM, None)
+                break
+            log.warning("worker %d exited with %d; starting a new one", worker.pid, worker.returncode)
+            time.sleep(min(2 ** len(deaths) * 0.1, 5))
+            workers[index] = subprocess.Popen(command, env=env)
         time.sleep(0.2)
+    for worker in workers:  # one started just as the signal came has not had it yet
+        if worker.poll() is None:
+            worker.send_signal(stopping[0])
     codes = [worker.wait() for worker in workers]
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    if any(codes):
+    if any(codes) or len(deaths) > 5:
         raise SystemExit(1)
+
+
+def _die_with_parent() -> None:
+    """A worker must not outlive its supervisor (it would go on sharing the port with the
+    next generation): ask Linux to send it SIGTERM when the parent dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def storage_check(settings: Settings, apply: bool, grace_seconds: float) -> int:
@@ -164,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in (None, "serve"):
         serve(settings)
     elif args.command == "worker":
+        _die_with_parent()
         serve_worker(settings, resolve_database_url(settings), reuse_port=True)
     elif args.command == "migrate":
         migrate(resolve_database_url(settings))

@@ -68,7 +68,9 @@ async def _sweep_forever(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     while True:
         try:
-            removed = await loop.run_in_executor(None, blobs.sweep, settings.blob_dir, settings.tmp_max_age_seconds)
+            removed = await loop.run_in_executor(
+                blobs.DISK, blobs.sweep, settings.blob_dir, settings.tmp_max_age_seconds
+            )
             for path in removed:
                 log.info("removed %s/%s", path.parent.name, path.name)
         except OSError as error:

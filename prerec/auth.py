@@ -18,7 +18,8 @@ def check_write_token(request: web.Request) -> None:
         return
     scheme, _, offered = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
     # compare_digest: the time taken must not tell how much of a guess was right.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(offered.strip().encode(), token.encode()):
+    offered = offered.strip()
+    if scheme.lower() != "bearer" or not offered.isascii() or not hmac.compare_digest(offered.encode(), token.encode()):
         raise Problem(
             401,
             "Uploads and deletions need the header Authorization: Bearer <PREREC_WRITE_TOKEN>.",

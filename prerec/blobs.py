@@ -19,6 +19,8 @@ reader's handle stale, and a download in progress on another replica would be cu
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -195,6 +197,69 @@ class _Stalled(ConnectionError):
     pass
 
 
+# Blob file work runs on threads of its own: fsyncs can take seconds, and must not queue up
+# the default executor that asyncpg's name lookups and everything else share.
+DISK = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="blob-io")
+
+
+class _Pipeline:
+    """Hands pieces of an upload to the disk threads, one piece in flight at a time.
+
+    Two preallocated buffers take turns: one fills on the loop while the other is hashed and
+    written. No buffer is allocated per piece, so memory stays flat (allocating a fresh
+    megabyte per piece let the allocator's heap grow by a hundred megabytes on 1 GiB uploads).
+    """
+
+    def __init__(self, upload: _Upload) -> None:
+        self.upload = upload
+        self.buffers = [bytearray(WRITE_PIECE), bytearray(WRITE_PIECE)]
+        self.filling = 0
+        self.filled = 0
+        # The thread work itself (not asyncio wrappers, which cancellation detaches from it).
+        self.in_flight: list[concurrent.futures.Future[None]] = []
+
+    def add(self, chunk: bytes) -> bool:
+        """Copy what fits; True when the current buffer is full (what did not fit stays in
+        `chunk[taken:]`, see `take`)."""
+        room = WRITE_PIECE - self.filled
+        taken = min(room, len(chunk))
+        self.buffers[self.filling][self.filled : self.filled + taken] = chunk[:taken]
+        self.filled += taken
+        self.taken = taken
+        return self.filled == WRITE_PIECE
+
+    async def flush(self) -> None:
+        """Wait for the piece in flight, then send the filled buffer off."""
+        await self.wait()
+        if self.filled == 0:
+            return
+        piece = memoryview(self.buffers[self.filling])[: self.filled]
+        self.in_flight = [DISK.submit(self.upload.hash, piece), DISK.submit(self.upload.write, piece)]
+        self.filling ^= 1
+        self.filled = 0
+
+    async def wait(self) -> None:
+        try:
+            for future in self.in_flight:
+                await asyncio.wrap_future(future)
+        except OSError as error:
+            raise _storage_problem(error) from error
+        finally:
+            if all(future.done() for future in self.in_flight):
+                self.in_flight = []
+
+    def settle(self) -> None:
+        """Block until the threads are done with our buffers and file (cleanup only)."""
+        concurrent.futures.wait(self.in_flight)
+
+
+async def _on_disk(call, *args):  # type: ignore[no-untyped-def]
+    try:
+        return await asyncio.get_running_loop().run_in_executor(DISK, call, *args)
+    except OSError as error:
+        raise _storage_problem(error) from error
+
+
 async def receive(
     root: Path,
     body: StreamReader,
@@ -208,24 +273,14 @@ async def receive(
     """
     loop = asyncio.get_running_loop()
     upload = _Upload(root, algorithms)
-    pending: list[asyncio.Future[None]] = []  # the piece being hashed and written
-    piece = bytearray()
+    pipeline = _Pipeline(upload)
     size = 0
     checked = False
     last_progress = [loop.time()]
     watchdog = asyncio.create_task(_guard_progress(body, last_progress, read_timeout))
-
-    async def to_disk(call, *args):  # type: ignore[no-untyped-def]
-        try:
-            return await loop.run_in_executor(None, call, *args)
-        except OSError as error:
-            raise _storage_problem(error) from error
-
-    def hand_over(piece: bytearray) -> list[asyncio.Future[None]]:
-        return [asyncio.ensure_future(to_disk(step, piece)) for step in (upload.hash, upload.write)]
-
+    committing: concurrent.futures.Future[str] | None = None
     try:
-        await to_disk(upload.open)
+        await _on_disk(upload.open)
         while chunk := await _read(body):
             last_progress[0] = loop.time()
             size += len(chunk)
@@ -233,35 +288,45 @@ async def receive(
                 raise Problem(
                     413, f"The upload is larger than the limit of {max_bytes} bytes.", {"Connection": "close"}
                 )
-            piece += chunk
             if not checked and size >= len(OGG_CAPTURE_PATTERN):
                 # Refuse a non-Ogg body at its first bytes instead of storing all of it.
-                _check_ogg(bytes(piece[: len(OGG_CAPTURE_PATTERN)]))
+                head = bytes(pipeline.buffers[pipeline.filling][: pipeline.filled]) + chunk[:4]
+                _check_ogg(head[: len(OGG_CAPTURE_PATTERN)])
                 checked = True
-            if len(piece) >= WRITE_PIECE:
-                # A piece is hashed in one thread and written in another (both release the GIL)
-                # while the next one arrives on the loop.
-                await asyncio.gather(*pending)
-                pending = hand_over(piece)
-                piece = bytearray()
+            view = memoryview(chunk)
+            while view:
+                if pipeline.add(view):
+                    await pipeline.flush()
+                    # Waiting on the disk is not the client's stall.
+                    last_progress[0] = loop.time()
+                view = view[pipeline.taken :]
         if size == 0:
             raise Problem(400, "The upload is empty: send the Ogg audio as the request body.")
         if size < len(OGG_CAPTURE_PATTERN):
-            _check_ogg(bytes(piece))
-        await asyncio.gather(*pending)
-        if piece:
-            pending = hand_over(piece)
-            await asyncio.gather(*pending)
-        name = await to_disk(upload.commit)
+            _check_ogg(bytes(pipeline.buffers[pipeline.filling][: pipeline.filled]))
+        watchdog.cancel()
+        await pipeline.flush()
+        await pipeline.wait()
+        committing = DISK.submit(upload.commit)
+        try:
+            name = await asyncio.wrap_future(committing)
+        except OSError as error:
+            raise _storage_problem(error) from error
     except BaseException:
 
-        async def clean_up() -> None:
-            # A write already handed to a thread cannot be cancelled: let it finish before
-            # the file is closed and removed under it.
-            await asyncio.gather(*pending, return_exceptions=True)
-            await loop.run_in_executor(None, upload.discard)
+        def clean_up() -> None:
+            # Work already handed to a thread cannot be cancelled: wait for it before the
+            # file is closed and removed under it. A commit that completed despite our
+            # cancellation renamed the file into blobs/: remove that too.
+            pipeline.settle()
+            upload.discard()
+            if committing is not None:
+                concurrent.futures.wait([committing])
+                if not committing.cancelled() and committing.exception() is None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(blob_path(root, committing.result()))
 
-        await asyncio.shield(clean_up())
+        await asyncio.shield(loop.run_in_executor(DISK, clean_up))
         raise
     finally:
         watchdog.cancel()
@@ -287,7 +352,7 @@ def _retire(root: Path, name: str) -> None:
 async def retire(root: Path, name: str) -> None:
     """Take a blob out of service (see the module's note on trash/); gone already is fine."""
     try:
-        await asyncio.get_running_loop().run_in_executor(None, _retire, root, name)
+        await asyncio.get_running_loop().run_in_executor(DISK, _retire, root, name)
     except FileNotFoundError:
         pass
     except OSError as error:
@@ -297,7 +362,7 @@ async def retire(root: Path, name: str) -> None:
 async def remove(root: Path, name: str) -> None:
     """Unlink a blob that was never served (its upload failed before commit)."""
     try:
-        await asyncio.get_running_loop().run_in_executor(None, os.unlink, blob_path(root, name))
+        await asyncio.get_running_loop().run_in_executor(DISK, os.unlink, blob_path(root, name))
     except FileNotFoundError:
         pass
     except OSError as error:
@@ -359,7 +424,7 @@ class BlobResponse(web.StreamResponse):
             file.seek(self._offset)
             left = self._count
             while left > 0:
-                piece = await loop.run_in_executor(None, file.read, min(left, WRITE_PIECE))
+                piece = await loop.run_in_executor(DISK, file.read, min(left, WRITE_PIECE))
                 if not piece:
                     break
                 await self.write(piece)

@@ -22,7 +22,7 @@ import asyncpg
 from aiohttp import web
 
 from prerec.model import Event, Prerecording, key_json
-from prerec.problems import DatabaseUnavailable
+from prerec.problems import CommitUncertain, DatabaseUnavailable
 
 POOL = web.AppKey("pool", asyncpg.Pool)
 
@@ -185,12 +185,16 @@ async def save_prerecording(
     blob: str,
     check: Check = _no_check,
 ) -> Saved:
-    """Point the key at a new blob; return what it replaced so the caller can unlink it."""
-    async with conn.transaction():
+    """Point the key at a new blob; return what it replaced so the caller can retire it.
+
+    Raises CommitUncertain when the connection broke during COMMIT (the caller must then
+    keep the new blob); any other failure means nothing was written."""
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
         await _lock_key(conn, event, start)
         current = await get_prerecording(conn, event, start)
         check(current)
-        old_blob = None if current is None else current.blob
         row = await conn.fetchrow(
             f"""
             INSERT INTO prerecordings (event, start, type, size, sha256, blob, modified)
@@ -208,10 +212,17 @@ async def save_prerecording(
             blob,
         )
         saved = _prerecording(row)
-        created = old_blob is None
-        kind = "prerecording-created" if created else "prerecording-updated"
+        kind = "prerecording-created" if current is None else "prerecording-updated"
         await _append_event(conn, kind, {"prerecording": saved.to_json()})
-    return Saved(saved, created, old_blob)
+    except BaseException:
+        with contextlib.suppress(*DATABASE_DOWN):
+            await transaction.rollback()
+        raise
+    try:
+        await transaction.commit()
+    except DATABASE_DOWN as error:
+        raise CommitUncertain() from error
+    return Saved(saved, current is None, None if current is None else current.blob)
 
 
 async def delete_prerecording(
@@ -230,6 +241,16 @@ async def delete_prerecording(
             return None
         await _append_event(conn, "prerecording-deleted", {"prerecording": key_json(event, start)})
     return _prerecording(row)
+
+
+async def ping(conn: asyncpg.Connection, timeout: float) -> None:
+    # wait_for rather than asyncpg's own timeout, which then waits on a cancel request that a
+    # hung server never answers.
+    await asyncio.wait_for(conn.fetchval("SELECT 1"), timeout)
+
+
+async def all_prerecordings(conn: asyncpg.Connection) -> list[Prerecording]:
+    return [_prerecording(row) for row in await conn.fetch(f"SELECT {_COLUMNS} FROM prerecordings")]
 
 
 async def events_after(conn: asyncpg.Connection, after_id: int, limit: int = 500) -> list[Event]:

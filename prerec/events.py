@@ -83,7 +83,9 @@ class Broadcaster:
         self.pool = pool
         self.timeout = timeout
         self.retention_seconds = retention_seconds
+        # Subscribers in the live fan-out; `streams` also has those still replaying the log.
         self.subscribers: set[Subscriber] = set()
+        self.streams: set[Subscriber] = set()
         # Id of the last event read from the log and fanned out.
         self.last_id = 0
         self.connected = asyncio.Event()
@@ -114,7 +116,7 @@ class Broadcaster:
                 await asyncio.wait_for(self._listener.close(), self.timeout)
 
     def end_streams(self, reason: str) -> None:
-        for subscriber in list(self.subscribers):
+        for subscriber in list(self.streams):
             subscriber.close(reason)
 
     # The listening connection
@@ -147,7 +149,7 @@ class Broadcaster:
             if self.connected.is_set():
                 try:
                     assert self._listener is not None
-                    await asyncio.wait_for(self._listener.fetchval("SELECT 1"), self.timeout)
+                    await db.ping(self._listener, self.timeout)
                     backoff = 0.1
                     continue
                 except (asyncio.CancelledError, KeyboardInterrupt):
@@ -170,16 +172,22 @@ class Broadcaster:
                 backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
 
     async def _deliver_forever(self) -> None:
+        backoff = 0.1
         while True:
             await self._wake.wait()
             self._wake.clear()
             try:
                 await self._deliver_new()
+                backoff = 0.1
             except (asyncio.CancelledError, KeyboardInterrupt):
                 raise
             except Exception as error:
-                # The watchdog reconnects and wakes us again; nothing is lost meanwhile.
+                # Nothing is lost: the next read goes on from last_id. Try again soon rather
+                # than wait for the next change, which may be hours away.
                 log.warning("could not read the event log: %r", error)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+                self._wake.set()
 
     async def _deliver_new(self) -> None:
         while True:
@@ -220,17 +228,19 @@ class Broadcaster:
         during a database outage a 503 rather than an empty stream.
         """
         subscriber = Subscriber(frozenset(types), position=self.last_id)
+        self.streams.add(subscriber)
         if after_id is None:
             self.subscribers.add(subscriber)
-        else:
-            async with db.connection(self.pool, self.timeout) as conn:
-                newest = await db.latest_event_id(conn)
-            # An id from the future (or from a replica further ahead) replays nothing.
-            subscriber.position = min(after_id, newest)
         try:
+            if after_id is not None:
+                async with db.connection(self.pool, self.timeout) as conn:
+                    newest = await db.latest_event_id(conn)
+                # An id from the future (or from a replica further ahead) replays nothing.
+                subscriber.position = min(after_id, newest)
             yield subscriber
         finally:
             self.subscribers.discard(subscriber)
+            self.streams.discard(subscriber)
 
     async def events(self, subscriber: Subscriber) -> AsyncIterator[Event]:
         """The subscriber's events in id order: the replay from the log, then live ones.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import email.utils
 import functools
+import json
 import re
 import uuid
 from dataclasses import dataclass
@@ -129,3 +130,8 @@ class Event:
     def to_json(self) -> dict[str, Any]:
         # The original family's shape: type, camelCase createdAt in UTC, data by entity.
         return {"type": self.type, "createdAt": format_utc(self.created_at), "data": self.data}
+
+    @functools.cached_property
+    def message(self) -> bytes:
+        """The event as one SSE message, encoded once however many subscribers get it."""
+        return f"id: {self.id}\ndata: {json.dumps(self.to_json())}\n\n".encode()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import uuid
 from datetime import datetime
 from typing import IO
@@ -17,7 +18,7 @@ from prerec.cache import CACHE
 from prerec.config import SETTINGS_KEY
 from prerec.db import POOL
 from prerec.model import Prerecording, format_start, parse_count, parse_event, parse_start
-from prerec.problems import DatabaseUnavailable, Problem, problem_response
+from prerec.problems import CommitUncertain, Problem, problem_response
 from prerec.telemetry import METRICS
 
 log = logging.getLogger(__name__)
@@ -173,14 +174,18 @@ async def _served(request: web.Request, event: uuid.UUID, start: datetime) -> tu
                 if blobs.blob_exists(blob_dir, prerecording.blob):
                     return prerecording, None
             else:
-                return prerecording, blobs.open_blob(blob_dir, prerecording.blob)
+                file = blobs.open_blob(blob_dir, prerecording.blob)
+                if os.fstat(file.fileno()).st_size == prerecording.size:
+                    return prerecording, file
+                # Torn (or a stale entry): never send fewer bytes than Content-Length says.
+                file.close()
         except FileNotFoundError:
             pass
         except OSError as error:
             raise Problem(503, f"The stored file cannot be read ({error.strerror}).", {"Retry-After": "5"}) from error
         cache.evict(key)
-    log.error("prerecording %s %s points at missing blob %s", event, start, prerecording.blob)
-    raise Problem(503, "The stored file of this prerecording is missing; run the storage check (make gc).")
+    log.error("prerecording %s %s: blob %s is missing or torn", event, start, prerecording.blob)
+    raise Problem(503, "The stored file of this prerecording is missing or damaged; run the storage check (make gc).")
 
 
 async def download(request: web.Request) -> web.StreamResponse:
@@ -266,7 +271,7 @@ async def _upload(request: web.Request) -> web.StreamResponse:
                 stored.name,
                 check=lambda current: conditional.check_write(request, current),
             )
-    except (DatabaseUnavailable, asyncio.CancelledError):
+    except (CommitUncertain, asyncio.CancelledError):
         # The commit may have happened before the connection broke (or before we were
         # cancelled at shutdown): leave the blob for the storage check rather than risk a
         # row pointing at nothing.

@@ -66,3 +66,7 @@ def _http_detail(request: web.Request, error: web.HTTPException) -> str:
         allowed = error.headers.get("Allow", "")
         return f"The method {request.method} is not allowed on {request.path}; allowed: {allowed}."
     return error.text or HTTPStatus(error.status).phrase
+
+
+class CommitUncertain(DatabaseUnavailable):
+    """The connection broke while COMMIT was under way: the change may or may not be made."""

@@ -8,7 +8,7 @@ import tempfile
 
 from aiohttp import web
 
-from prerec import db
+from prerec import blobs, db
 from prerec.config import SETTINGS_KEY
 from prerec.events import BROADCASTER
 from prerec.problems import Problem
@@ -33,11 +33,11 @@ async def ready(request: web.Request) -> web.Response:
     wrong = []
     try:
         async with db.connection(request.app[db.POOL], settings.db_timeout_seconds) as conn:
-            await conn.fetchval("SELECT 1", timeout=settings.db_timeout_seconds)
+            await db.ping(conn, settings.db_timeout_seconds)
     except Problem:
         wrong.append("the database does not answer")
     try:
-        await asyncio.get_running_loop().run_in_executor(None, _probe_storage, str(settings.blob_dir / "tmp"))
+        await asyncio.get_running_loop().run_in_executor(blobs.DISK, _probe_storage, str(settings.blob_dir / "tmp"))
     except OSError as error:
         wrong.append(f"the storage folder is not writable ({error.strerror})")
     if not request.app[BROADCASTER].connected.is_set():

@@ -92,7 +92,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
             await response.write(f"retry: {RETRY_MS}\n\n".encode())
             delivered = request.app[METRICS].events_delivered
             async for event in broadcaster.events(subscriber):
-                await response.send(json.dumps(event.to_json()), id=str(event.id))
+                await response.write(event.message)
                 delivered.inc()
         except (ConnectionError, TimeoutError, RuntimeError, Problem) as error:
             # The stream is already open: all we can do is end it; the client resumes

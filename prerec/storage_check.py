@@ -100,10 +100,7 @@ async def check(url: str, root: Path, grace_seconds: float, apply: bool) -> Repo
     files = await asyncio.to_thread(_blob_files, root)
     conn = await asyncpg.connect(url)
     try:
-        rows = [
-            Prerecording(**dict(row))
-            for row in await conn.fetch("SELECT event, start, type, size, sha256, modified, blob FROM prerecordings")
-        ]
+        rows = await db.all_prerecordings(conn)
         referenced = {row.blob for row in rows}
         for name, stat in sorted(files.items()):
             if name not in referenced:

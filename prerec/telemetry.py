@@ -109,13 +109,19 @@ async def telemetry_middleware(
     offered = request.headers.get(REQUEST_ID, "")
     request_id = offered if _REQUEST_ID_OK.fullmatch(offered) else f"{_ID_PREFIX}{next(_id_counter):08x}"
     response: web.StreamResponse | None = None
+    aborted = False
     try:
         response = await handler(request)
         response.headers[REQUEST_ID] = request_id
         if isinstance(response, BlobResponse):
             # Sent here rather than after the middleware returns, so the duration covers the
             # transfer and the bytes can be counted once they are out.
-            await response.prepare(request)
+            try:
+                await response.prepare(request)
+            except (ConnectionError, RuntimeError):
+                # The client went away mid-transfer (a player seeking elsewhere): not an error.
+                aborted = True
+                return response
             if request.method == "GET":
                 request.app[METRICS].downloaded.inc(response.content_length or 0)
         return response
@@ -124,8 +130,9 @@ async def telemetry_middleware(
         route = _route(request)
         elapsed = time.perf_counter() - began
         metrics = request.app[METRICS]
-        metrics.requests.labels(route, request.method, str(status)).inc()
-        metrics.duration.labels(route, request.method).observe(elapsed)
+        metrics.requests.labels(route, request.method, "aborted" if aborted else str(status)).inc()
+        if route != "/sse":  # a stream's lifetime is not a response time
+            metrics.duration.labels(route, request.method).observe(elapsed)
         access_log.info(
             "%s %s %d",
             request.method,
@@ -136,6 +143,7 @@ async def telemetry_middleware(
                 "path": request.path,
                 "route": route,
                 "status": status,
+                "aborted": aborted,
                 "bytes": response.content_length if response is not None else None,
                 "duration_ms": round(elapsed * 1000, 3),
                 "request_id": request_id,

@@ -52,3 +52,11 @@ async def test_a_refused_upload_never_sends_its_body(guarded) -> None:
 
 async def test_without_a_token_writes_are_open(client) -> None:
     assert (await client.put(KEY, data=ogg(100), headers=OGG)).status == 201
+
+
+async def test_a_token_that_is_not_ascii_is_401_not_a_crash(guarded) -> None:
+    reader, writer = await asyncio.open_connection(guarded.host, guarded.port)
+    writer.write(f"DELETE {KEY} HTTP/1.1\r\nHost: x\r\n".encode() + b"Authorization: Bearer \xff\xfe\r\n\r\n")
+    await writer.drain()
+    assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 401")
+    writer.close()

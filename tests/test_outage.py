@@ -10,7 +10,7 @@ import pytest
 from prerec import embedded
 from prerec.__main__ import migrate
 from prerec.app import create_app
-from tests.conftest import EVENT, ogg, read_events
+from tests.conftest import EVENT, blob_files, ogg, read_events
 
 KEY = f"/prerecordings/{EVENT}/2024-01-01T00:00"
 OGG = {"Content-Type": "audio/ogg"}
@@ -50,6 +50,7 @@ async def test_database_restart_under_a_subscriber(aiohttp_client, settings, own
     began = time.monotonic()
     response = await client.put(KEY, data=ogg(100, b"2"), headers=OGG)
     assert response.status == 503
+    assert len(blob_files(settings)) == 1, "a refused upload left its blob behind"
     assert response.headers["Retry-After"].isdigit()
     assert response.content_type == "application/problem+json"
     for path in (KEY, f"/prerecordings/{EVENT}"):

@@ -96,3 +96,11 @@ async def test_command_line_exit_status(client, settings, database_url) -> None:
     fixed = subprocess.run([*command, "--apply"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert fixed.returncode == 1 and not leftover.exists()
     assert subprocess.run(command, env=env, cwd=ROOT, capture_output=True, timeout=60).returncode == 0
+
+
+async def test_a_torn_blob_is_never_sent_short(client, settings) -> None:
+    await client.put(KEYS[0], data=ogg(100_000), headers=OGG)
+    [blob] = blob_files(settings)
+    blob.write_bytes(ogg(50_000))  # torn behind our back
+    response = await client.get(KEYS[0])
+    assert response.status == 503 and "damaged" in (await response.json())["detail"]
