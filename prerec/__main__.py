@@ -8,9 +8,11 @@ import contextlib
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from prerec.config import SettingError, Settings
 from prerec.telemetry import configure_logging
 
 PR_SET_PDEATHSIG = 1
+M_MMAP_THRESHOLD = -3
 ALEMBIC_INI = Path(__file__).resolve().parent.parent / "alembic.ini"
 
 log = logging.getLogger("prerec")
@@ -68,10 +71,23 @@ def serve(settings: Settings) -> None:
         supervise_workers(settings, database_url)
 
 
+def _return_freed_memory() -> None:
+    """Have glibc hand large freed blocks back to the system at once.
+
+    Its default mmap threshold rises after the first large free, after which the
+    megabyte-sized upload buffers come from the heap and stay resident when freed: after 50
+    concurrent uploads a process would keep 100 MB it no longer uses. A fixed threshold
+    (M_MMAP_THRESHOLD) turns that adjustment off. Not glibc: nothing to do.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+
+
 def serve_worker(settings: Settings, database_url: str, reuse_port: bool) -> None:
     from prerec.app import create_app
     from prerec.app import serve as serve_app
 
+    _return_freed_memory()
     app = create_app(settings, database_url)
     try:
         asyncio.run(serve_app(app, settings, reuse_port=reuse_port))
@@ -91,15 +107,25 @@ def supervise_workers(settings: Settings, database_url: str) -> None:
     database (if any), forwards SIGTERM/SIGINT, and restarts a worker that dies unasked (with
     a pause, and giving up when they keep dying at once, say while the database is down).
     """
-    env = {**os.environ, "PREREC_DATABASE_URL": database_url, "PREREC_WORKERS": "1"}
+    from prometheus_client import multiprocess
+
+    metrics_dir = tempfile.mkdtemp(prefix="prerec-metrics-")
+    env = {
+        **os.environ,
+        "PREREC_DATABASE_URL": database_url,
+        "PREREC_WORKERS": "1",
+        "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
+    }
     command = [sys.executable, "-m", "prerec", "worker"]
     stopping: list[int] = []
     workers: list[subprocess.Popen[bytes]] = []
+    signalled: set[int] = set()
 
     def stop(signum: int, frame: object) -> None:
         stopping.append(signum)
         for worker in workers:
-            if worker.poll() is None:
+            if worker.poll() is None and worker.pid not in signalled:
+                signalled.add(worker.pid)
                 worker.send_signal(signum)
 
     # Handlers first: a signal arriving while workers start must reach them too.
@@ -118,13 +144,13 @@ def supervise_workers(settings: Settings, database_url: str) -> None:
                 stop(signal.SIGTERM, None)
                 break
             log.warning("worker %d exited with %d; starting a new one", worker.pid, worker.returncode)
+            multiprocess.mark_process_dead(worker.pid, metrics_dir)
             time.sleep(min(2 ** len(deaths) * 0.1, 5))
             workers[index] = subprocess.Popen(command, env=env)
         time.sleep(0.2)
-    for worker in workers:  # one started just as the signal came has not had it yet
-        if worker.poll() is None:
-            worker.send_signal(stopping[0])
+    stop(stopping[0], None)  # one started just as the signal came has not had it yet
     codes = [worker.wait() for worker in workers]
+    shutil.rmtree(metrics_dir, ignore_errors=True)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if any(codes) or len(deaths) > 5:
         raise SystemExit(1)

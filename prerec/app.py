@@ -18,7 +18,7 @@ from prerec.prerecordings import UPLOADS
 from prerec.problems import Problem, problems_middleware
 from prerec.ready import SHUTTING_DOWN
 from prerec.routes import add_routes
-from prerec.telemetry import METRICS, Metrics, StateCollector, telemetry_middleware
+from prerec.telemetry import METRICS, Metrics, telemetry_middleware
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def create_app(settings: Settings, database_url: str) -> web.Application:
     app[DATABASE_URL] = database_url
     app[SHUTTING_DOWN] = asyncio.Event()
     app[UPLOADS] = set()
-    app[METRICS] = Metrics()
+    app[METRICS] = Metrics(settings.blob_dir)
     app[CACHE] = MetadataCache()
     app.cleanup_ctx.append(_storage)
     app.cleanup_ctx.append(_database)
@@ -89,18 +89,15 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 async def _broadcaster(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS_KEY]
     broadcaster = Broadcaster(
-        app[DATABASE_URL], app[db.POOL], settings.db_timeout_seconds, settings.events_retention_seconds, app[CACHE]
+        app[DATABASE_URL],
+        app[db.POOL],
+        settings.db_timeout_seconds,
+        settings.events_retention_seconds,
+        app[CACHE],
+        on_reconnect=app[METRICS].listener_reconnects.inc,
     )
     await broadcaster.start()
     app[BROADCASTER] = broadcaster
-    app[METRICS].watch(
-        StateCollector(
-            uploads=lambda: len(app[UPLOADS]),
-            subscribers=lambda: len(broadcaster.subscribers),
-            reconnects=lambda: broadcaster.reconnects,
-            storage=settings.blob_dir,
-        )
-    )
     yield
     await broadcaster.close()
 

@@ -99,7 +99,8 @@ async def connection(pool: asyncpg.Pool, timeout: float) -> AsyncIterator[asyncp
             await pool.release(conn)
 
 
-_COLUMNS = "event, start, type, size, sha256, modified, blob"
+_COLUMN_NAMES = ("event", "start", "type", "size", "sha256", "modified", "blob")
+_COLUMNS = ", ".join(_COLUMN_NAMES)
 
 
 def _prerecording(row: asyncpg.Record) -> Prerecording:
@@ -115,19 +116,39 @@ async def list_prerecordings(
     offset: int,
     descending: bool,
 ) -> tuple[int, list[Prerecording]]:
-    where = "event = $1 AND ($2::timestamp IS NULL OR start >= $2) AND ($3::timestamp IS NULL OR start < $3)"
+    # Only the bounds given become conditions: "$2 IS NULL OR start >= $2" would leave the
+    # planner's generic plan (asyncpg prepares statements) unable to bound the index scan.
+    conditions = ["event = $1"]
+    args: list[Any] = [event]
+    for bound, op in ((after, ">="), (before, "<")):
+        if bound is not None:
+            args.append(bound)
+            conditions.append(f"start {op} ${len(args)}")
+    where = " AND ".join(conditions)
     order = "DESC" if descending else "ASC"
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        count = await conn.fetchval(f"SELECT count(*) FROM prerecordings WHERE {where}", event, after, before)
-        rows = await conn.fetch(
-            f"SELECT {_COLUMNS} FROM prerecordings WHERE {where} ORDER BY start {order} LIMIT $4 OFFSET $5",
-            event,
-            after,
-            before,
-            limit,
-            offset,
-        )
-    return count, [_prerecording(row) for row in rows]
+    page = f"${len(args) + 1}"
+    skip = f"${len(args) + 2}"
+    # One statement, so the count and the page come from one snapshot, in one round trip; the
+    # count is an index-only scan of the primary key. With no row on the page (offset past the
+    # end, limit 0) the join still yields the count, with NULL columns.
+    rows = await conn.fetch(
+        f"""
+        SELECT matches.total, page.*
+        FROM (SELECT count(*) AS total FROM prerecordings WHERE {where}) AS matches
+        LEFT JOIN LATERAL (
+            SELECT {_COLUMNS} FROM prerecordings WHERE {where} ORDER BY start {order} LIMIT {page} OFFSET {skip}
+        ) AS page ON true
+        ORDER BY page.start {order}
+        """,
+        *args,
+        limit,
+        offset,
+    )
+    total = rows[0]["total"] if rows else 0
+    items = [
+        Prerecording(**{column: row[column] for column in _COLUMN_NAMES}) for row in rows if row["blob"] is not None
+    ]
+    return total, items
 
 
 async def get_prerecording(conn: asyncpg.Connection, event: uuid.UUID, start: datetime) -> Prerecording | None:

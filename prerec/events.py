@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -76,9 +76,16 @@ class Subscriber:
 
 class Broadcaster:
     def __init__(
-        self, url: str, pool: asyncpg.Pool, timeout: float, retention_seconds: float, cache: MetadataCache
+        self,
+        url: str,
+        pool: asyncpg.Pool,
+        timeout: float,
+        retention_seconds: float,
+        cache: MetadataCache,
+        on_reconnect: Callable[[], None] = lambda: None,
     ) -> None:
         self.url = url
+        self.on_reconnect = on_reconnect
         self.cache = cache
         self.pool = pool
         self.timeout = timeout
@@ -164,6 +171,7 @@ class Broadcaster:
             try:
                 await self._connect()
                 self.reconnects += 1
+                self.on_reconnect()
                 log.info("listening connection restored; reading events after id %d", self.last_id)
             except (asyncio.CancelledError, KeyboardInterrupt):
                 raise

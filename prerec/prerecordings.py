@@ -223,9 +223,12 @@ async def upload(request: web.Request) -> web.StreamResponse:
     task = asyncio.current_task()
     assert task is not None
     request.app[UPLOADS].add(task)
+    in_flight = request.app[METRICS].uploads_in_flight
+    in_flight.inc()
     try:
         return await _upload(request)
     finally:
+        in_flight.dec()
         request.app[UPLOADS].discard(task)
 
 

@@ -88,6 +88,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
         # abort its connection so the handler (and its buffers) go at once.
         dropped = asyncio.create_task(subscriber.closed.wait())
         dropped.add_done_callback(lambda _: _abort_if_too_slow(request, subscriber))
+        subscribers = request.app[METRICS].sse_subscribers
+        subscribers.inc()
         try:
             await response.write(f"retry: {RETRY_MS}\n\n".encode())
             delivered = request.app[METRICS].events_delivered
@@ -99,6 +101,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
             # with Last-Event-ID.
             log.debug("SSE stream ended: %r", error)
         finally:
+            subscribers.dec()
             if subscriber.reason:
                 log.info("SSE stream ended: %s", subscriber.reason)
             dropped.cancel()

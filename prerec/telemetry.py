@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from pythonjsonlogger.json import JsonFormatter
 
@@ -36,8 +37,14 @@ _id_counter = itertools.count(1)
 _REQUEST_ID_OK = re.compile(r"[\x21-\x7e]{1,128}")
 
 
+# With PREREC_WORKERS > 1 the supervisor points this at a folder shared by its workers, and
+# prometheus-client keeps every value in files there, so any worker's /metrics tells the sum.
+MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+
+
 @dataclass
 class Metrics:
+    storage: Path
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
@@ -54,36 +61,34 @@ class Metrics:
         )
         self.uploaded = Counter("prerec_uploaded_bytes", "Body bytes of uploads received", registry=r)
         self.downloaded = Counter("prerec_downloaded_bytes", "Audio bytes sent to downloads", registry=r)
+        self.uploads_in_flight = Gauge(
+            "prerec_uploads_in_flight", "Uploads being received now", multiprocess_mode="livesum", registry=r
+        )
+        self.sse_subscribers = Gauge(
+            "prerec_sse_subscribers", "Open /sse streams", multiprocess_mode="livesum", registry=r
+        )
         self.events_delivered = Counter("prerec_sse_events_delivered", "Events written to /sse subscribers", registry=r)
-
-    def watch(self, collector: Collector) -> None:
-        self.registry.register(collector)
+        self.listener_reconnects = Counter(
+            "prerec_listener_reconnects", "Times the LISTEN connection was re-established", registry=r
+        )
+        r.register(FreeSpace(self.storage))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not MULTIPROCESS:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        registry.register(FreeSpace(self.storage))
+        return generate_latest(registry)
 
 
-class StateCollector(Collector):
-    """Values read at scrape time from the objects that own them."""
+class FreeSpace(Collector):
+    """The storage folder's free space, read at scrape time."""
 
-    def __init__(
-        self,
-        uploads: Callable[[], int],
-        subscribers: Callable[[], int],
-        reconnects: Callable[[], int],
-        storage: Path,
-    ) -> None:
-        self._uploads = uploads
-        self._subscribers = subscribers
-        self._reconnects = reconnects
+    def __init__(self, storage: Path) -> None:
         self._storage = storage
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        yield GaugeMetricFamily("prerec_uploads_in_flight", "Uploads being received now", value=self._uploads())
-        yield GaugeMetricFamily("prerec_sse_subscribers", "Open /sse streams", value=self._subscribers())
-        yield CounterMetricFamily(
-            "prerec_listener_reconnects", "Times the LISTEN connection was re-established", value=self._reconnects()
-        )
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
             free = shutil.disk_usage(self._storage).free
         except OSError:

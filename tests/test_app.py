@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import time
 
@@ -109,6 +110,16 @@ async def test_workers_share_one_port_and_stop_together(tmp_path, storage_env, r
             [(_, data)] = await read_events(stream, 1)
             assert data["type"] == "prerecording-created"
             stream.close()
+
+        # Metrics count for the whole replica, whichever worker answers the scrape.
+        for _ in range(40):
+            async with aiohttp.ClientSession() as fresh:  # a new connection each: both workers serve
+                assert (await fresh.get(f"{replica.url}/ping")).status == 204
+        for _ in range(4):
+            async with aiohttp.ClientSession() as fresh:
+                text = await (await fresh.get(f"{replica.url}/metrics")).text()
+            [pings] = re.findall(r'prerec_http_requests_total\{[^}]*route="/ping"[^}]*\} (\S+)', text)
+            assert float(pings) >= 40, text[:2000]
 
     replica.process.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(replica.process.wait, 20) == 0
