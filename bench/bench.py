@@ -282,6 +282,19 @@ class RssSampler:
             await sampler
 
 
+def _disk_write(path: Path, size: int) -> float:
+    """Write `size` bytes in 1 MiB pieces and fsync: the floor under a durable upload."""
+    block = os.urandom(1 << 20)
+    began = time.perf_counter()
+    with open(path, "wb", buffering=0) as out:
+        for _ in range(size // len(block)):
+            out.write(block)
+        os.fsync(out.fileno())
+    elapsed = time.perf_counter() - began
+    path.unlink()
+    return elapsed
+
+
 async def concurrent_puts(urls: list[str], body: Path) -> float:
     began = time.perf_counter()
     await asyncio.gather(*(put(url, body) for url in urls))
@@ -583,6 +596,9 @@ async def measure(
     put_big = Row(f"PUT {plan.big >> 20} MiB chunked [{tag}]", "MB/s", [], "nginx DAV, default buffers")
     put_big_1m = Row(f"PUT {plan.big >> 20} MiB vs nginx with 1m buffers [{tag}]", "MB/s", [], "nginx DAV, 1m buffers")
     put_big_bare = Row(f"PUT {plan.big >> 20} MiB vs bare aiohttp discard [{tag}]", "MB/s", [], "bare aiohttp")
+    put_big_disk = Row(
+        f"PUT {plan.big >> 20} MiB vs the disk itself (write + fsync) [{tag}]", "MB/s", [], "disk write + fsync"
+    )
     put_medium = Row(f"PUT {plan.medium >> 20} MiB chunked [{tag}]", "MB/s", [], "nginx DAV, default buffers")
     get_big = Row(f"GET {plan.big >> 20} MiB [{tag}]", "MB/s", [], "nginx sendfile")
     many = Row(
@@ -602,6 +618,10 @@ async def measure(
         put_big.reference.append(plan.big * mb / await put(f"{nginx}/default/big.ogg", bodies["big"]))
         put_big_1m.reference.append(plan.big * mb / await put(f"{nginx}/buf1m/big.ogg", bodies["big"]))
         put_big_bare.reference.append(plan.big * mb / await put(f"{bare}/discard", bodies["big"]))
+        put_big_disk.ours.append(plan.big * mb / secs)
+        put_big_disk.reference.append(
+            plan.big * mb / await asyncio.to_thread(_disk_write, fleet.work / "disk-probe", plan.big)
+        )
 
         put_medium.ours.append(plan.medium * mb / await put(f"{key}/2024-01-02T00:00", bodies["medium"]))
         put_medium.reference.append(plan.medium * mb / await put(f"{nginx}/default/medium.ogg", bodies["medium"]))
@@ -644,7 +664,20 @@ async def measure(
     judge_ratio(head, at_least=0.5)
     judge_ratio(tiny, at_least=0.3)
 
-    rows = [put_big, put_big_1m, put_big_bare, put_medium, get_big, many, rss, ping, head, tiny, tiny_nginx]
+    rows = [
+        put_big,
+        put_big_1m,
+        put_big_bare,
+        put_big_disk,
+        put_medium,
+        get_big,
+        many,
+        rss,
+        ping,
+        head,
+        tiny,
+        tiny_nginx,
+    ]
     if workers == 1:
         latencies = await list_latencies(url, database_url, plan)
         rows.append(Row(f"list among {plan.list_rows:,} rows, p50", "ms", [percentile(latencies, 50) * 1000]))

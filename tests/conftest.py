@@ -59,20 +59,25 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unty
     server.cleanup()
 
 
-@pytest.fixture(scope="session")
-def template_url(pg_server) -> str:  # type: ignore[no-untyped-def]
+def empty_database(pg_server, name: str) -> str:  # type: ignore[no-untyped-def]
+    """A new database with no schema at all, as on a first deploy."""
     base = pg_server.get_uri()
 
     async def create() -> None:
         conn = await asyncpg.connect(base)
         try:
-            await conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE}")
-            await conn.execute(f"CREATE DATABASE {TEMPLATE}")
+            await conn.execute(f"DROP DATABASE IF EXISTS {name}")
+            await conn.execute(f"CREATE DATABASE {name}")
         finally:
             await conn.close()
 
     asyncio.run(create())
-    url = with_database(base, TEMPLATE)
+    return with_database(base, name)
+
+
+@pytest.fixture(scope="session")
+def template_url(pg_server) -> str:  # type: ignore[no-untyped-def]
+    url = empty_database(pg_server, TEMPLATE)
     migrate(url)
     return url
 

@@ -9,7 +9,7 @@ from alembic import command
 from alembic.script import ScriptDirectory
 
 from prerec.__main__ import _alembic
-from tests.conftest import with_database
+from tests.conftest import empty_database
 
 
 async def _tables(url: str) -> set[str]:
@@ -22,18 +22,7 @@ async def _tables(url: str) -> set[str]:
 
 
 def test_stairway(pg_server) -> None:  # type: ignore[no-untyped-def]
-    base = pg_server.get_uri()
-
-    async def fresh() -> str:
-        conn = await asyncpg.connect(base)
-        try:
-            await conn.execute("DROP DATABASE IF EXISTS stairway")
-            await conn.execute("CREATE DATABASE stairway")
-        finally:
-            await conn.close()
-        return with_database(base, "stairway")
-
-    url = asyncio.run(fresh())
+    url = empty_database(pg_server, "stairway")
     config = _alembic(url)
     revisions = list(reversed(list(ScriptDirectory.from_config(config).walk_revisions())))
     assert len(revisions) >= 2
@@ -54,18 +43,7 @@ def test_two_replicas_migrating_at_once_both_succeed_with_one_schema(pg_server, 
 
     from tests.conftest import ROOT
 
-    base = pg_server.get_uri()
-
-    async def fresh() -> str:
-        conn = await asyncpg.connect(base)
-        try:
-            await conn.execute("DROP DATABASE IF EXISTS concurrent")
-            await conn.execute("CREATE DATABASE concurrent")
-        finally:
-            await conn.close()
-        return with_database(base, "concurrent")
-
-    url = asyncio.run(fresh())
+    url = empty_database(pg_server, "concurrent")
     env = {**os.environ, "PREREC_DATABASE_URL": url, "PREREC_DATA_DIR": str(tmp_path)}
     subprocess.run(["make", "--no-print-directory", "install"], cwd=ROOT, env=env, check=True, capture_output=True)
     runs = [
