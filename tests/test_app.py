@@ -9,7 +9,7 @@ import time
 
 import aiohttp
 
-from tests.conftest import EVENT, Replica, free_port, ogg, put_head, read_events
+from tests.conftest import EVENT, Replica, free_port, ogg, put_head, read_events, wait_for
 
 KEY = f"/prerecordings/{EVENT}/2024-01-01T00:00"
 OGG = {"Content-Type": "audio/ogg"}
@@ -96,12 +96,15 @@ async def test_workers_share_one_port_and_stop_together(tmp_path, storage_env, r
     replica.wait_ready()
     workers = psutil.Process(replica.process.pid).children()
     assert len(workers) == 2
-    listening = [
-        worker.pid
-        for worker in workers
-        if any(conn.laddr.port == replica.port and conn.status == "LISTEN" for conn in worker.net_connections())
-    ]
-    assert len(listening) == 2, "both workers listen on the replica's port"
+
+    def listening() -> list[int]:
+        return [
+            worker.pid
+            for worker in workers
+            if any(c.laddr.port == replica.port and c.status == "LISTEN" for c in worker.net_connections())
+        ]
+
+    await wait_for(lambda: len(listening()) == 2, timeout=20)  # the second may still be starting
 
     async with aiohttp.ClientSession() as session:
         streams = [await session.get(f"{replica.url}/sse") for _ in range(8)]  # spread over both
