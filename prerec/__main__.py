@@ -198,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     gc.add_argument(
         "--grace-seconds",
         type=float,
-        default=3600.0,
-        help="leave files younger than this alone: they may be uploads in progress (default: one hour)",
+        default=None,
+        help="leave files younger than this alone: they may be uploads in progress "
+        "(default: PREREC_TMP_MAX_AGE_SECONDS, one hour)",
     )
     new = commands.add_parser("revision", help="write a new, empty migration")
     new.add_argument("-m", "--message", required=True)
@@ -228,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
 
         command.downgrade(_alembic(resolve_database_url(settings)), args.revision)
     elif args.command == "gc":
-        return storage_check(settings, args.apply, args.grace_seconds)
+        grace = settings.tmp_max_age_seconds if args.grace_seconds is None else args.grace_seconds
+        return storage_check(settings, args.apply, grace)
     elif args.command == "revision":
         from alembic import command
         from alembic.config import Config

@@ -6,6 +6,7 @@ apps in one process (tests, workers) never mix their counts.
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import logging
 import os
@@ -26,6 +27,20 @@ from pythonjsonlogger.json import JsonFormatter
 from prerec.blobs import BlobResponse
 
 access_log = logging.getLogger("prerec.access")
+
+# The id of the request being handled, so that every log line written on its behalf (not only
+# the access line) carries it.
+current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            request_id = current_request_id.get()
+            if request_id is not None:
+                record.request_id = request_id
+        return True
+
 
 REQUEST_ID = "X-Request-ID"
 # Generated ids: a random prefix per process and a counter. Unique, and far cheaper than a
@@ -113,6 +128,7 @@ async def telemetry_middleware(
     began = time.perf_counter()
     offered = request.headers.get(REQUEST_ID, "")
     request_id = offered if _REQUEST_ID_OK.fullmatch(offered) else f"{_ID_PREFIX}{next(_id_counter):08x}"
+    current_request_id.set(request_id)
     response: web.StreamResponse | None = None
     aborted = False
     try:
@@ -163,6 +179,7 @@ async def metrics_page(request: web.Request) -> web.Response:
 
 def configure_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler()
+    handler.addFilter(_RequestIdFilter())
     if fmt == "json":
         handler.setFormatter(
             JsonFormatter(

@@ -7,7 +7,7 @@ import logging
 import re
 
 from prerec.telemetry import configure_logging
-from tests.conftest import EVENT, ogg, read_events
+from tests.conftest import EVENT, blob_files, ogg, read_events
 
 KEY = f"/prerecordings/{EVENT}/2024-01-01T00:00"
 OGG = {"Content-Type": "audio/ogg"}
@@ -79,3 +79,17 @@ async def test_one_json_line_per_request(client, capsys) -> None:
     assert upload["route"] == "/prerecordings/{event}/{start}" and upload["duration_ms"] >= 0
     assert "bytes" in upload and upload["level"] == "INFO" and upload["time"]
     assert missing["status"] == 404 and missing["route"] == "unmatched"
+
+
+async def test_lines_logged_while_handling_a_request_carry_its_id(client, settings, capsys) -> None:
+    await client.put(KEY, data=ogg(1000), headers=OGG)
+    [blob] = blob_files(settings)
+    blob.write_bytes(ogg(10))  # torn: the handler logs an error about it
+    configure_logging("INFO", "json")
+    try:
+        assert (await client.get(KEY, headers={"X-Request-ID": "torn-1"})).status == 503
+    finally:
+        logging.getLogger().handlers.clear()
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    [error] = [line for line in lines if line["level"] == "ERROR"]
+    assert error["logger"] == "prerec.prerecordings" and error["request_id"] == "torn-1"
