@@ -40,6 +40,8 @@ from prerec.problems import Problem
 log = logging.getLogger(__name__)
 
 OGG_CAPTURE_PATTERN = b"OggS"
+# Pieces of an upload being hashed and written at once, at most.
+PIPELINE_DEPTH = 4
 # Writes go to a worker thread in pieces of this size: large enough that the thread hop and
 # the hashing call are amortised (64 KiB pieces measured clearly slower), small enough that
 # an upload holds only a couple of them in memory.
@@ -121,8 +123,6 @@ class _Upload:
     tmp: Path = field(init=False)
     file: IO[bytes] | None = field(init=False, default=None)
     hashers: dict[str, hashlib._Hash] = field(init=False)
-    written: int = field(init=False, default=0)
-    flushed: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.tmp = self.root / "tmp" / f"{uuid.uuid4().hex}.part"
@@ -135,15 +135,17 @@ class _Upload:
         for hasher in self.hashers.values():
             hasher.update(piece)
 
-    def write(self, piece: bytes | bytearray) -> None:
+    def write_at(self, piece: memoryview, offset: int) -> None:
+        """Write a piece at its place in the file; pieces may land in any order."""
         assert self.file is not None
-        view = memoryview(piece)
-        while view:
-            view = view[self.file.write(view) :]
-        self.written += len(piece)
-        if self.written - self.flushed >= WRITEBACK_STEP:
-            _start_writeback(self.file.fileno(), self.flushed, self.written - self.flushed)
-            self.flushed = self.written
+        fd = self.file.fileno()
+        done = 0
+        while done < len(piece):
+            done += os.pwrite(fd, piece[done:], offset + done)
+        end = offset + len(piece)
+        if end // WRITEBACK_STEP != offset // WRITEBACK_STEP:
+            step = end // WRITEBACK_STEP * WRITEBACK_STEP
+            _start_writeback(fd, step - WRITEBACK_STEP, WRITEBACK_STEP)
 
     def commit(self) -> str:
         """fsync, then rename into place under a fresh name, then fsync the folder."""
@@ -203,54 +205,68 @@ DISK = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix=
 
 
 class _Pipeline:
-    """Hands pieces of an upload to the disk threads, one piece in flight at a time.
+    """Hands pieces of an upload to threads, several pieces in flight.
 
-    Two preallocated buffers take turns: one fills on the loop while the other is hashed and
-    written. No buffer is allocated per piece, so memory stays flat (allocating a fresh
-    megabyte per piece let the allocator's heap grow by a hundred megabytes on 1 GiB uploads).
+    A ring of preallocated buffers: one fills on the loop while earlier ones are hashed and
+    written, so a write that blocks on a busy disk does not stop the body from being read.
+    Writes are positional (any order, on the shared disk threads); hash updates must stay in
+    order, so they go through one thread of this upload's own. No buffer is allocated per
+    piece, so memory stays flat (allocating a fresh megabyte per piece let the allocator's
+    heap grow by a hundred megabytes on 1 GiB uploads).
     """
 
     def __init__(self, upload: _Upload) -> None:
         self.upload = upload
-        self.buffers = [bytearray(WRITE_PIECE), bytearray(WRITE_PIECE)]
+        self.buffers = [bytearray(WRITE_PIECE) for _ in range(PIPELINE_DEPTH)]
+        # The thread work on each buffer (not asyncio wrappers, which cancellation detaches).
+        self.busy: list[list[concurrent.futures.Future[None]]] = [[] for _ in range(PIPELINE_DEPTH)]
+        self.hashing = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-hash")
         self.filling = 0
         self.filled = 0
-        # The thread work itself (not asyncio wrappers, which cancellation detaches from it).
-        self.in_flight: list[concurrent.futures.Future[None]] = []
+        self.offset = 0
 
-    def add(self, chunk: bytes) -> bool:
-        """Copy what fits; True when the current buffer is full (what did not fit stays in
-        `chunk[taken:]`, see `take`)."""
-        room = WRITE_PIECE - self.filled
-        taken = min(room, len(chunk))
+    def add(self, chunk: memoryview) -> bool:
+        """Copy what fits into the current buffer; True when it is full. `taken` says how
+        much of the chunk was used."""
+        taken = min(WRITE_PIECE - self.filled, len(chunk))
         self.buffers[self.filling][self.filled : self.filled + taken] = chunk[:taken]
         self.filled += taken
         self.taken = taken
         return self.filled == WRITE_PIECE
 
     async def flush(self) -> None:
-        """Wait for the piece in flight, then send the filled buffer off."""
-        await self.wait()
-        if self.filled == 0:
-            return
-        piece = memoryview(self.buffers[self.filling])[: self.filled]
-        self.in_flight = [DISK.submit(self.upload.hash, piece), DISK.submit(self.upload.write, piece)]
-        self.filling ^= 1
-        self.filled = 0
+        """Send the filled buffer off, then make sure the next one is free to fill."""
+        if self.filled:
+            piece = memoryview(self.buffers[self.filling])[: self.filled]
+            self.busy[self.filling] = [
+                self.hashing.submit(self.upload.hash, piece),
+                DISK.submit(self.upload.write_at, piece, self.offset),
+            ]
+            self.offset += self.filled
+            self.filling = (self.filling + 1) % PIPELINE_DEPTH
+            self.filled = 0
+        await self._wait(self.busy[self.filling])
 
-    async def wait(self) -> None:
+    async def finish(self) -> None:
+        await self.flush()
+        for futures in self.busy:
+            await self._wait(futures)
+
+    @staticmethod
+    async def _wait(futures: list[concurrent.futures.Future[None]]) -> None:
         try:
-            for future in self.in_flight:
+            for future in futures:
                 await asyncio.wrap_future(future)
         except OSError as error:
             raise _storage_problem(error) from error
-        finally:
-            if all(future.done() for future in self.in_flight):
-                self.in_flight = []
 
     def settle(self) -> None:
         """Block until the threads are done with our buffers and file (cleanup only)."""
-        concurrent.futures.wait(self.in_flight)
+        concurrent.futures.wait([future for futures in self.busy for future in futures])
+        self.close()
+
+    def close(self) -> None:
+        self.hashing.shutdown(wait=False)
 
 
 async def _on_disk(call, *args):  # type: ignore[no-untyped-def]
@@ -305,8 +321,7 @@ async def receive(
         if size < len(OGG_CAPTURE_PATTERN):
             _check_ogg(bytes(pipeline.buffers[pipeline.filling][: pipeline.filled]))
         watchdog.cancel()
-        await pipeline.flush()
-        await pipeline.wait()
+        await pipeline.finish()
         committing = DISK.submit(upload.commit)
         try:
             name = await asyncio.wrap_future(committing)
@@ -330,6 +345,7 @@ async def receive(
         raise
     finally:
         watchdog.cancel()
+        pipeline.close()
     return StoredBlob(name, size, {name_: hasher.digest() for name_, hasher in upload.hashers.items()})
 
 
