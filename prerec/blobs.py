@@ -19,6 +19,7 @@ reader's handle stale, and a download in progress on another replica would be cu
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import ctypes
@@ -207,8 +208,8 @@ DISK = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix=
 class _Pipeline:
     """Hands pieces of an upload to threads, several pieces in flight.
 
-    A ring of preallocated buffers: one fills on the loop while earlier ones are hashed and
-    written, so a write that blocks on a busy disk does not stop the body from being read.
+    A few reused buffers: one fills on the loop while earlier ones are hashed and written, so
+    a write that blocks on a busy disk does not stop the body from being read.
     Writes are positional (any order, on the shared disk threads); hash updates must stay in
     order, so they go through one thread of this upload's own. No buffer is allocated per
     piece, so memory stays flat (allocating a fresh megabyte per piece let the allocator's
@@ -217,9 +218,12 @@ class _Pipeline:
 
     def __init__(self, upload: _Upload) -> None:
         self.upload = upload
-        self.buffers = [bytearray(WRITE_PIECE) for _ in range(PIPELINE_DEPTH)]
+        # Buffers are added only while all are busy (a small upload, or a disk that keeps up,
+        # needs one or two), up to PIPELINE_DEPTH.
+        self.buffers = [bytearray(WRITE_PIECE)]
         # The thread work on each buffer (not asyncio wrappers, which cancellation detaches).
-        self.busy: list[list[concurrent.futures.Future[None]]] = [[] for _ in range(PIPELINE_DEPTH)]
+        self.busy: list[list[concurrent.futures.Future[None]]] = [[]]
+        self.sent: collections.deque[int] = collections.deque()  # buffers in flight, oldest first
         self.hashing = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-hash")
         self.filling = 0
         self.filled = 0
@@ -235,17 +239,27 @@ class _Pipeline:
         return self.filled == WRITE_PIECE
 
     async def flush(self) -> None:
-        """Send the filled buffer off, then make sure the next one is free to fill."""
+        """Send the filled buffer off, then find a free one to fill next."""
         if self.filled:
             piece = memoryview(self.buffers[self.filling])[: self.filled]
             self.busy[self.filling] = [
                 self.hashing.submit(self.upload.hash, piece),
                 DISK.submit(self.upload.write_at, piece, self.offset),
             ]
+            self.sent.append(self.filling)
             self.offset += self.filled
-            self.filling = (self.filling + 1) % PIPELINE_DEPTH
             self.filled = 0
-        await self._wait(self.busy[self.filling])
+        while self.sent and all(future.done() for future in self.busy[self.sent[0]]):
+            await self._wait(self.busy[self.sent.popleft()])  # done: raises its error, if any
+        if len(self.sent) < len(self.buffers):
+            self.filling = next(i for i in range(len(self.buffers)) if i not in self.sent)
+        elif len(self.buffers) < PIPELINE_DEPTH:
+            self.buffers.append(bytearray(WRITE_PIECE))
+            self.busy.append([])
+            self.filling = len(self.buffers) - 1
+        else:
+            self.filling = self.sent.popleft()
+            await self._wait(self.busy[self.filling])
 
     async def finish(self) -> None:
         await self.flush()
