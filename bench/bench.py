@@ -425,7 +425,6 @@ class Row:
     reference: list[float] = dataclasses.field(default_factory=list)
     goal: str = ""
     passed: bool | None = None
-    higher_is_better: bool = True
 
     @property
     def ratio(self) -> float | None:
@@ -606,7 +605,6 @@ async def measure(
         "s",
         [],
         "nginx DAV",
-        higher_is_better=False,
     )
     rss = Row(f"peak RSS (largest process) during {plan.big >> 20} MiB PUT and GET [{tag}]", "MB", [])
     sampler = RssSampler(pids)

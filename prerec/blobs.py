@@ -29,6 +29,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -471,6 +472,22 @@ def blob_exists(root: Path, name: str) -> bool:
     return os.path.exists(blob_path(root, name))
 
 
+def stale_tmp(root: Path, cutoff: float) -> list[Path]:
+    """Temporary files untouched since `cutoff` (a timestamp): uploads cut off by a crash."""
+    return _untouched_since((root / "tmp").glob("*.part"), cutoff)
+
+
+def _untouched_since(paths: Iterable[Path], cutoff: float) -> list[Path]:
+    found = []
+    for path in paths:
+        try:
+            if path.stat().st_mtime < cutoff:
+                found.append(path)
+        except FileNotFoundError:  # removed meanwhile (by another replica, say)
+            continue
+    return found
+
+
 def sweep(root: Path, max_age_seconds: float) -> list[Path]:
     """Remove temporary files untouched for max_age_seconds (uploads cut off by a crash) and
     retired blobs past the same grace period.
@@ -478,13 +495,10 @@ def sweep(root: Path, max_age_seconds: float) -> list[Path]:
     Age is the file's mtime, which every write refreshes (and retiring sets), so an upload
     still arriving, on this replica or another sharing the folder, is never touched.
     """
-    removed = []
     cutoff = time.time() - max_age_seconds
-    for path in [*(root / "tmp").glob("*.part"), *(root / "trash").glob("*")]:
-        try:
-            if path.stat().st_mtime < cutoff:
-                path.unlink()
-                removed.append(path)
-        except FileNotFoundError:
-            continue
+    removed = []
+    for path in [*stale_tmp(root, cutoff), *_untouched_since((root / "trash").glob("*"), cutoff)]:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
     return removed

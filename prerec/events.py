@@ -96,7 +96,6 @@ class Broadcaster:
         # Id of the last event read from the log and fanned out.
         self.last_id = 0
         self.connected = asyncio.Event()
-        self.reconnects = 0
         self._listener: asyncpg.Connection | None = None
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -170,7 +169,6 @@ class Broadcaster:
                 self._listener = None
             try:
                 await self._connect()
-                self.reconnects += 1
                 self.on_reconnect()
                 log.info("listening connection restored; reading events after id %d", self.last_id)
             except (asyncio.CancelledError, KeyboardInterrupt):

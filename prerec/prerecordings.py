@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 # Upload handlers in progress, which a graceful shutdown waits for.
 UPLOADS = web.AppKey("uploads", set[asyncio.Task[object]])
 
+# The digest claims of an upload whose headers the Expect handler already checked.
+EARLY_CHECKS = web.RequestKey("early_checks", list)
+
 DEFAULT_LIMIT = 10
 OGG = "audio/ogg"
 
@@ -94,7 +97,8 @@ async def upload_expect(request: web.Request) -> web.StreamResponse | None:
     sends a body that will be refused; this one refuses first.
     """
     try:
-        await _refuse_early(request)
+        # Kept on the request: the handler that reads the body need not check (and query) again.
+        request[EARLY_CHECKS] = await _refuse_early(request)
     except Problem as problem:
         headers = {**problem.headers, "Connection": "close"}
         return problem_response(problem.status, problem.detail, headers)
@@ -249,7 +253,7 @@ async def _refuse_early(request: web.Request) -> list[digests.Claim]:
 async def _upload(request: web.Request) -> web.StreamResponse:
     event, start = _key(request)
     try:
-        claims = await _refuse_early(request)
+        claims = request[EARLY_CHECKS] if EARLY_CHECKS in request else await _refuse_early(request)
     except Problem as problem:
         # The body is left unread: close the connection rather than have aiohttp read and
         # discard what may be gigabytes.

@@ -71,17 +71,6 @@ def _blob_files(root: Path) -> dict[str, os.stat_result]:
     return found
 
 
-def _stale(paths: list[Path], cutoff: float) -> list[Path]:
-    stale = []
-    for path in paths:
-        try:
-            if path.stat().st_mtime < cutoff:
-                stale.append(path)
-        except FileNotFoundError:
-            continue
-    return stale
-
-
 def _size_now(root: Path, name: str) -> int | None:
     try:
         return os.stat(blobs.blob_path(root, name)).st_size
@@ -117,7 +106,7 @@ async def check(url: str, root: Path, grace_seconds: float, apply: bool) -> Repo
                 report.missing.append(row)
             elif size != row.size:
                 report.wrong_size.append((row, size))
-        stale_tmp = await asyncio.to_thread(_stale, list((root / "tmp").glob("*.part")), cutoff)
+        stale_tmp = await asyncio.to_thread(blobs.stale_tmp, root, cutoff)
         report.stale_tmp = [path.name for path in stale_tmp]
 
         if apply:
