@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from prerec import blobs, db
+from prerec import blobs, cors, db
 from prerec.cache import CACHE, MetadataCache
 from prerec.config import SETTINGS_KEY, Settings
 from prerec.events import BROADCASTER, Broadcaster
@@ -38,6 +38,7 @@ def create_app(settings: Settings, database_url: str) -> web.Application:
     app.cleanup_ctx.append(_broadcaster)
     app.on_shutdown.append(_end_streams)
     add_routes(app)
+    cors.install(app, settings.cors_origins)
     return app
 
 

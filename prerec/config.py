@@ -7,6 +7,7 @@ added here without being documented there.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,43 @@ def _log_format(text: str) -> str:
     if value not in ("json", "text"):
         raise ValueError("must be json or text")
     return value
+
+
+# scheme://host[:port] as a browser writes an Origin header: a DNS name or an IP literal (a
+# non-ASCII name in its punycode form), no user, path, query or trailing slash.
+_ORIGIN = re.compile(
+    r"(?P<scheme>[a-z][a-z0-9+.-]*)://"
+    r"(?P<host>\[[0-9a-f:.]+\]|[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*)"
+    r"(?::(?P<port>[0-9]{1,5}))?",
+    re.IGNORECASE,
+)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _cors_origins(text: str) -> frozenset[str]:
+    """`*`, or origins separated by commas, each written as browsers send it in `Origin`.
+
+    Browsers lower-case the scheme and host and leave out a default port, so those are
+    normalised here: the comparison with the header is then exact.
+    """
+    items = [item.strip() for item in text.split(",")]
+    if items == ["*"]:
+        return frozenset(items)
+    origins = set()
+    for item in items:
+        if item == "*":
+            raise ValueError("`*` allows every origin, so it cannot be listed with others")
+        if not item:
+            raise ValueError("has an empty item (two commas in a row, or one at an end)")
+        match = _ORIGIN.fullmatch(item)
+        if match is None:
+            raise ValueError(f"{item!r} is not an origin: write scheme://host[:port], without a path or a trailing '/'")
+        scheme, host = match.group("scheme").lower(), match.group("host").lower()
+        port = int(match.group("port")) if match.group("port") else None
+        if port is not None and not 1 <= port <= 65535:
+            raise ValueError(f"{item!r} has a port outside 1-65535")
+        origins.add(f"{scheme}://{host}" if port in (None, _DEFAULT_PORTS.get(scheme)) else f"{scheme}://{host}:{port}")
+    return frozenset(origins)
 
 
 @dataclass(frozen=True)
@@ -157,6 +195,14 @@ SETTINGS: tuple[Setting, ...] = (
         str,
         "Where the `/openapi` page loads the Scalar API reference script from.",
     ),
+    Setting(
+        "cors_origins",
+        "PREREC_CORS_ORIGINS",
+        None,
+        _cors_origins,
+        "Origins (`https://ui.example.org`, comma-separated, or `*` for any) whose pages may call the API "
+        "from a browser (CORS, without credentials); a malformed one stops the start. Unset: no CORS headers.",
+    ),
 )
 
 
@@ -181,6 +227,7 @@ class Settings:
     log_format: str
     log_level: str
     scalar_js_url: str
+    cors_origins: frozenset[str] | None
 
     @property
     def blob_dir(self) -> Path:
