@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
+import psutil
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -158,16 +159,38 @@ class Replica:
         )
 
     def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until this replica answers /ping.
+
+        An answer counts only once the process started here holds the port: any other server
+        already on it would answer too, and the test would then run against that one."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError(f"replica exited with {self.process.returncode}:\n{self.log.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/ping", timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.05)
+            if self.listening():
+                try:
+                    with urllib.request.urlopen(f"{self.url}/ping", timeout=1):
+                        return
+                except OSError:
+                    pass
+            time.sleep(0.05)
         raise AssertionError(f"replica not ready within {timeout} s:\n{self.log.read_text()}")
+
+    def listening(self) -> bool:
+        """Whether the process (or, with PREREC_WORKERS > 1, one of its workers) listens on the port."""
+        try:
+            main = psutil.Process(self.process.pid)
+            tree = [main, *main.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return False
+        for process in tree:
+            try:
+                sockets = process.net_connections("tcp")
+            except psutil.NoSuchProcess:
+                continue
+            if any(sock.status == psutil.CONN_LISTEN and sock.laddr.port == self.port for sock in sockets):
+                return True
+        return False
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.process.poll() is None:
