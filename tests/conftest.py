@@ -1,12 +1,13 @@
 """Shared fixtures: one real embedded PostgreSQL per test session, a fresh database per test.
 
 Every test database is a copy of a migrated template (CREATE DATABASE ... TEMPLATE), which
-takes milliseconds, so tests never see each other's rows or events.
+takes milliseconds, so tests never see each other's rows or events; it is dropped after the test.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -16,7 +17,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -83,19 +84,32 @@ def template_url(pg_server) -> str:  # type: ignore[no-untyped-def]
     return url
 
 
-async def create_database(template_url: str) -> str:
+@contextlib.asynccontextmanager
+async def fresh_database(template_url: str) -> AsyncIterator[str]:
+    """A copy of the migrated template, dropped on the way out."""
     name = f"test_{os.getpid()}_{next(_numbers)}"
-    conn = await asyncpg.connect(with_database(template_url, "postgres"))
+    admin = with_database(template_url, "postgres")
+    conn = await asyncpg.connect(admin)
     try:
         await conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
     finally:
         await conn.close()
-    return with_database(template_url, name)
+    try:
+        yield with_database(template_url, name)
+    finally:
+        conn = await asyncpg.connect(admin)
+        try:
+            # FORCE (PostgreSQL >= 13): a replica the test killed, or an app whose client is
+            # torn down after this fixture, may still hold connections to it.
+            await conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        finally:
+            await conn.close()
 
 
 @pytest.fixture
-async def database_url(template_url: str) -> str:
-    return await create_database(template_url)
+async def database_url(template_url: str) -> AsyncIterator[str]:
+    async with fresh_database(template_url) as url:
+        yield url
 
 
 @pytest.fixture

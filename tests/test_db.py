@@ -7,6 +7,7 @@ import asyncio
 import asyncpg
 
 from prerec import db
+from tests.conftest import fresh_database, with_database
 
 
 async def test_event_ids_become_visible_in_commit_order(database_url) -> None:
@@ -77,3 +78,15 @@ async def test_prune_keeps_recent_events(database_url) -> None:
         assert [event.id for event in await db.events_after(conn, 0)] == [recent]
     finally:
         await conn.close()
+
+
+async def test_a_test_database_is_dropped_afterwards_even_with_a_connection_left_open(template_url) -> None:
+    async with fresh_database(template_url) as url:
+        leftover = await asyncpg.connect(url)  # as a replica killed in the middle of a test leaves one
+        name = await leftover.fetchval("SELECT current_database()")
+    admin = await asyncpg.connect(with_database(template_url, "postgres"))
+    try:
+        assert await admin.fetchval("SELECT count(*) FROM pg_database WHERE datname = $1", name) == 0
+    finally:
+        await admin.close()
+        leftover.terminate()
