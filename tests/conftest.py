@@ -124,7 +124,9 @@ def app(settings: Settings, database_url: str) -> web.Application:
 
 
 @pytest.fixture
-async def client(aiohttp_client, app: web.Application) -> TestClient:  # type: ignore[no-untyped-def]
+async def client(app: web.Application, aiohttp_client) -> TestClient:  # type: ignore[no-untyped-def]
+    # The app (and so its database) first: fixtures are torn down in reverse, so the app is
+    # closed before its database is dropped.
     return await aiohttp_client(app)
 
 
