@@ -162,13 +162,16 @@ async def _lock_key(conn: asyncpg.Connection, event: uuid.UUID, start: datetime)
     )
 
 
-async def _append_event(conn: asyncpg.Connection, type_: str, data: dict[str, Any]) -> int:
+async def _append_event(conn: asyncpg.Connection, type_: str, data: dict[str, Any], *, ordered: bool = True) -> int:
     # One statement: take the event lock, insert, NOTIFY. The lock is then held only for this
     # round trip and the commit that follows it. The payload is the id alone: always far below
     # NOTIFY's 8000-byte limit, and the listener reads the event itself from the log.
+    # ordered=False leaves the lock out (its parameters stay, unused). Only tests pass it: it is
+    # the negative control that shows a reader skipping an event once ids may commit out of order.
+    lock = "pg_advisory_xact_lock($1::int, $2::int)" if ordered else "$1::int, $2::int"
     event_id: int = await conn.fetchval(
-        """
-        WITH locked AS (SELECT pg_advisory_xact_lock($1::int, $2::int)),
+        f"""
+        WITH locked AS (SELECT {lock}),
              added AS (INSERT INTO events (type, data) SELECT $3, $4::jsonb FROM locked RETURNING id)
         SELECT id FROM added, pg_notify($5, id::text)
         """,

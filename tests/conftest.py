@@ -1,12 +1,13 @@
 """Shared fixtures: one real embedded PostgreSQL per test session, a fresh database per test.
 
 Every test database is a copy of a migrated template (CREATE DATABASE ... TEMPLATE), which
-takes milliseconds, so tests never see each other's rows or events.
+takes milliseconds, so tests never see each other's rows or events; it is dropped after the test.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -16,10 +17,11 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
+import psutil
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -82,19 +84,32 @@ def template_url(pg_server) -> str:  # type: ignore[no-untyped-def]
     return url
 
 
-async def create_database(template_url: str) -> str:
+@contextlib.asynccontextmanager
+async def fresh_database(template_url: str) -> AsyncIterator[str]:
+    """A copy of the migrated template, dropped on the way out."""
     name = f"test_{os.getpid()}_{next(_numbers)}"
-    conn = await asyncpg.connect(with_database(template_url, "postgres"))
+    admin = with_database(template_url, "postgres")
+    conn = await asyncpg.connect(admin)
     try:
         await conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
     finally:
         await conn.close()
-    return with_database(template_url, name)
+    try:
+        yield with_database(template_url, name)
+    finally:
+        conn = await asyncpg.connect(admin)
+        try:
+            # FORCE (PostgreSQL >= 13): a replica the test killed, or an app whose client is
+            # torn down after this fixture, may still hold connections to it.
+            await conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        finally:
+            await conn.close()
 
 
 @pytest.fixture
-async def database_url(template_url: str) -> str:
-    return await create_database(template_url)
+async def database_url(template_url: str) -> AsyncIterator[str]:
+    async with fresh_database(template_url) as url:
+        yield url
 
 
 @pytest.fixture
@@ -109,7 +124,9 @@ def app(settings: Settings, database_url: str) -> web.Application:
 
 
 @pytest.fixture
-async def client(aiohttp_client, app: web.Application) -> TestClient:  # type: ignore[no-untyped-def]
+async def client(app: web.Application, aiohttp_client) -> TestClient:  # type: ignore[no-untyped-def]
+    # The app (and so its database) first: fixtures are torn down in reverse, so the app is
+    # closed before its database is dropped.
     return await aiohttp_client(app)
 
 
@@ -158,16 +175,38 @@ class Replica:
         )
 
     def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until this replica answers /ping.
+
+        An answer counts only once the process started here holds the port: any other server
+        already on it would answer too, and the test would then run against that one."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError(f"replica exited with {self.process.returncode}:\n{self.log.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/ping", timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.05)
+            if self.listening():
+                try:
+                    with urllib.request.urlopen(f"{self.url}/ping", timeout=1):
+                        return
+                except OSError:
+                    pass
+            time.sleep(0.05)
         raise AssertionError(f"replica not ready within {timeout} s:\n{self.log.read_text()}")
+
+    def listening(self) -> bool:
+        """Whether the process (or, with PREREC_WORKERS > 1, one of its workers) listens on the port."""
+        try:
+            main = psutil.Process(self.process.pid)
+            tree = [main, *main.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return False
+        for process in tree:
+            try:
+                sockets = process.net_connections("tcp")
+            except psutil.NoSuchProcess:
+                continue
+            if any(sock.status == psutil.CONN_LISTEN and sock.laddr.port == self.port for sock in sockets):
+                return True
+        return False
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.process.poll() is None:

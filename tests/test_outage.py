@@ -10,7 +10,7 @@ import pytest
 from prerec import embedded
 from prerec.__main__ import migrate
 from prerec.app import create_app
-from tests.conftest import EVENT, blob_files, ogg, read_events
+from tests.conftest import EVENT, blob_files, ogg, read_events, wait_for
 
 KEY = f"/prerecordings/{EVENT}/2024-01-01T00:00"
 OGG = {"Content-Type": "audio/ogg"}
@@ -123,3 +123,52 @@ async def test_a_hung_database_never_holds_a_request_past_the_timeout(aiohttp_cl
     while (await client.get(KEY)).status != 200:
         assert time.monotonic() < deadline, "reads did not recover after the database thawed"
         await asyncio.sleep(0.2)
+
+
+async def test_a_commit_cut_off_midway_is_503_and_keeps_the_blob_it_may_have_recorded(
+    own_server, aiohttp_client, settings, caplog
+) -> None:
+    """The connection breaks while COMMIT is under way, so the upload cannot know whether it
+    counted. Here it did: the blob must still be there for the row that points at it."""
+    import asyncpg
+
+    from prerec.storage_check import check
+
+    url = own_server.get_uri()
+    client = await aiohttp_client(create_app(settings, url))
+    old, new = ogg(1000, b"o"), ogg(2000, b"n")
+    assert (await client.put(KEY, data=old, headers=OGG)).status == 201
+    [old_blob] = blob_files(settings)
+
+    admin = await asyncpg.connect(url)
+    try:
+        # Every commit now waits, once written and flushed here, for a synchronous standby
+        # that does not exist: the upload's COMMIT stops right there, and its backend is
+        # terminated there (PostgreSQL then keeps the commit: it is durable locally).
+        await admin.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+        await admin.execute("SELECT pg_reload_conf()")
+        uploading = asyncio.ensure_future(client.put(KEY, data=new, headers=OGG))
+        committing = await wait_for(
+            lambda: admin.fetchval("SELECT pid FROM pg_stat_activity WHERE wait_event = 'SyncRep'")
+        )
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", committing)
+        response = await asyncio.wait_for(uploading, 10)
+    finally:
+        await admin.execute("ALTER SYSTEM RESET synchronous_standby_names")
+        await admin.execute("SELECT pg_reload_conf()")
+        await admin.close()
+
+    assert response.status == 503 and response.content_type == "application/problem+json"
+    assert response.headers["Retry-After"].isdigit()
+    # The commit counted: the new version is served whole, from the blob the handler kept.
+    assert await (await client.get(KEY)).read() == new
+    [new_blob] = [path for path in blob_files(settings) if path != old_blob]
+    [kept] = [record for record in caplog.records if "may or may not be recorded" in record.getMessage()]
+    assert new_blob.name in kept.getMessage()
+
+    # The version it replaced was never retired; the storage check finds and retires it.
+    report = await check(url, settings.blob_dir, 0, apply=True)
+    assert report.orphans == [old_blob.relative_to(settings.blob_dir / "blobs").as_posix()]
+    assert not report.missing and not report.wrong_size
+    assert not (await check(url, settings.blob_dir, 0, apply=False)).anything_wrong
+    assert blob_files(settings) == [new_blob]

@@ -347,3 +347,10 @@ async def test_limit_zero_counts_without_items(client) -> None:
     await stored(client, *STARTS[:3])
     listing = await (await client.get(BASE, params={"limit": "0"})).json()
     assert listing["count"] == 3 and listing["prerecordings"] == [] and listing["limit"] == 0
+
+
+async def test_an_expectation_other_than_100_continue_is_417(client, settings) -> None:
+    response = await put(client, "2024-01-01T00:00", ogg(100), {"Expect": "something-else"})
+    await assert_problem(response, 417, "'something-else'", "not supported")
+    assert blob_files(settings) == [] and tmp_files(settings) == []
+    assert (await client.get(f"{BASE}/2024-01-01T00:00")).status == 404

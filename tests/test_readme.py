@@ -1,26 +1,36 @@
-"""The README's usage page, run as written against a real `python -m prerec` on port 10600."""
+"""The README's usage page, run as written against a real `python -m prerec`.
+
+The commands name http://localhost:10600 (what `make run` serves); the test points them at a
+server of its own on a free port, so it neither passes against nor writes into whatever server
+already runs on 10600.
+"""
 
 from __future__ import annotations
 
+import http.server
 import json
 import re
 import subprocess
+import threading
 import time
 
 import pytest
 
-from tests.conftest import ROOT, Replica, ogg
+from tests.conftest import ROOT, Replica, free_port, ogg
 
-README_PORT = 10600
+README_URL = "http://localhost:10600"
 
 
-def usage_commands() -> dict[str, str]:
+def usage_commands(url: str) -> dict[str, str]:
+    """The usage page's commands by name, aimed at `url` instead of the documented address."""
     usage = (ROOT / "README.md").read_text().split("## Usage", 1)[1].split("\n## ", 1)[0]
     commands = {}
     for line in usage.splitlines():
         match = re.match(r"- ([^:`]+):.*?`(curl [^`]+)`", line.strip())
         if match:
-            commands[match.group(1)] = match.group(2)
+            command = match.group(2)
+            assert README_URL in command, f"{match.group(1)}: {command} does not use {README_URL}"
+            commands[match.group(1)] = command.replace(README_URL, url)
     return commands
 
 
@@ -31,14 +41,14 @@ def run(command: str, cwd, check: bool = True) -> subprocess.CompletedProcess[st
 
 @pytest.fixture
 def server(tmp_path, storage_env, replicas):  # type: ignore[no-untyped-def]
-    replica = Replica(storage_env, README_PORT, tmp_path / "server.log")
+    replica = Replica(storage_env, free_port(), tmp_path / "server.log")
     replicas.append(replica)
     replica.wait_ready()
     return replica
 
 
 def test_usage_page_commands_work_as_written(server, tmp_path) -> None:
-    commands = usage_commands()
+    commands = usage_commands(server.url)
     assert set(commands) >= {"List", "Upload", "Download", "Delete", "Ping", "Server-Sent Events", "Resume a download"}
     body = ogg(1_500_000, b"\x07\x08\x09")
     (tmp_path / "prerecording.ogg").write_bytes(body)
@@ -94,3 +104,31 @@ def test_openapi_links_work(server) -> None:
         assert "text/html" in response.headers["Content-Type"]
     with urllib.request.urlopen(f"{server.url}/openapi/openapi.json") as response:
         assert json.load(response)["openapi"].startswith("3.1")
+
+
+@pytest.fixture
+def squatter():  # type: ignore[no-untyped-def]
+    """Another server on a port, answering every GET (a /ping too) with 204."""
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_server_that_did_not_start_fails_the_test(squatter, tmp_path, storage_env, replicas) -> None:
+    """The port is taken, so the replica cannot listen: the other server's /ping must not pass for its."""
+    replica = Replica(storage_env, squatter, tmp_path / "server.log")
+    replicas.append(replica)
+    with pytest.raises(AssertionError, match="replica exited"):
+        replica.wait_ready()

@@ -178,3 +178,53 @@ async def test_a_stalled_subscriber_is_dropped_while_others_keep_receiving(clien
     assert total < 5000 * 250
     stalled.close()
     reading.close()
+
+
+async def test_a_last_event_id_older_than_the_log_replays_what_is_kept_then_goes_live(
+    client, app, database_url
+) -> None:
+    import asyncpg
+
+    from prerec import db
+    from prerec.events import BROADCASTER
+    from tests.conftest import wait_for
+
+    def on(day: int) -> str:
+        return f"/prerecordings/{EVENT}/2024-01-0{day}T00:00"
+
+    stream = await client.get("/sse")
+    for day in (1, 2, 3):
+        assert (await client.put(on(day), data=ogg(100), headers=OGG)).status == 201
+    first, second, third = [event_id for event_id, _ in await read_events(stream, 3)]
+    stream.close()
+
+    async def prune(*ids: int) -> None:
+        """Age the given events past the retention, then prune as every replica does."""
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute("UPDATE events SET created_at = now() - interval '2 days' WHERE id = any($1)", ids)
+            assert await db.prune_events(conn, 86400, 1000) == len(ids)
+        finally:
+            await conn.close()
+
+    # Seen the first, missed the second (pruned since) and the third (still kept).
+    await prune(first, second)
+    resumed = await client.get("/sse", headers={"Last-Event-ID": str(first)})
+    [(replayed, data)] = await read_events(resumed, 1)
+    assert replayed == third and data["data"]["prerecording"]["start"] == "2024-01-03T00:00:00"
+    assert (await client.delete(on(1))).status == 204
+    [(live, data)] = await read_events(resumed, 1)
+    assert live > third and data["type"] == "prerecording-deleted"
+    resumed.close()
+
+    # Everything after the id is pruned: nothing to replay, and the stream goes live at once,
+    # without waiting for a change (nor asking the log again and again until one comes).
+    await prune(third, live)
+    resumed = await client.get("/sse", headers={"Last-Event-ID": str(first)})
+    broadcaster = app[BROADCASTER]
+    await wait_for(lambda: broadcaster.streams <= broadcaster.subscribers)
+    assert (await client.delete(on(2))).status == 204
+    [(live, data)] = await read_events(resumed, 1)
+    assert data["type"] == "prerecording-deleted"
+    assert data["data"]["prerecording"]["start"] == "2024-01-02T00:00:00"
+    resumed.close()
