@@ -100,6 +100,17 @@ def serve_worker(settings: Settings, database_url: str, reuse_port: bool) -> Non
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
 
+def worker_stop_bound(settings: Settings) -> float:
+    """How long a worker may take from SIGTERM to its exit before it counts as hung.
+
+    Uploads in flight may take PREREC_SHUTDOWN_TIMEOUT_SECONDS; then aiohttp gives handlers
+    1 s; then the cleanup, whose steps each wait at most the database timeout (app.py: the
+    broadcaster's tasks and the sweeper, cancelled twice, count two each; the listener and
+    the pool one each); and a few seconds for the interpreter's own exit on a busy machine.
+    """
+    return settings.shutdown_timeout_seconds + 1 + 6 * settings.db_timeout_seconds + 3
+
+
 def supervise_workers(settings: Settings, database_url: str) -> None:
     """PREREC_WORKERS > 1: run that many worker processes on one port (SO_REUSEPORT).
 
