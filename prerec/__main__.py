@@ -100,12 +100,25 @@ def serve_worker(settings: Settings, database_url: str, reuse_port: bool) -> Non
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
 
+def worker_stop_bound(settings: Settings) -> float:
+    """How long a worker may take from SIGTERM to its exit before it counts as hung.
+
+    Uploads in flight may take PREREC_SHUTDOWN_TIMEOUT_SECONDS; then aiohttp gives handlers
+    1 s; then the cleanup, whose steps each wait at most the database timeout (app.py: the
+    broadcaster's tasks and the sweeper, cancelled twice, count two each; the listener and
+    the pool one each); and a few seconds for the interpreter's own exit on a busy machine.
+    """
+    return settings.shutdown_timeout_seconds + 1 + 6 * settings.db_timeout_seconds + 3
+
+
 def supervise_workers(settings: Settings, database_url: str) -> None:
     """PREREC_WORKERS > 1: run that many worker processes on one port (SO_REUSEPORT).
 
     Each worker has its own pool and its own listener; this process only owns the embedded
     database (if any), forwards SIGTERM/SIGINT, and restarts a worker that dies unasked (with
-    a pause, and giving up when they keep dying at once, say while the database is down).
+    a pause, and giving up when they keep dying at once, say while the database is down). A
+    worker that has not exited worker_stop_bound after being asked to is hung (stopped, or
+    stuck in the kernel) and is killed, so the replica's stop never waits on it for ever.
     """
     from prometheus_client import multiprocess
 
@@ -136,7 +149,7 @@ def supervise_workers(settings: Settings, database_url: str) -> None:
     deaths: list[float] = []
     while not stopping:
         for index, worker in enumerate(workers):
-            if worker.poll() is None or stopping:
+            if worker.poll() is None:
                 continue
             deaths = [t for t in deaths if time.monotonic() - t < 30] + [time.monotonic()]
             if len(deaths) > 5:
@@ -145,15 +158,43 @@ def supervise_workers(settings: Settings, database_url: str) -> None:
                 break
             log.warning("worker %d exited with %d; starting a new one", worker.pid, worker.returncode)
             multiprocess.mark_process_dead(worker.pid, metrics_dir)
-            time.sleep(min(2 ** len(deaths) * 0.1, 5))
+            _pause(min(2 ** len(deaths) * 0.1, 5), stopping)
+            if stopping:  # its exit is reported above; it is not ours to wait for any more
+                workers.pop(index)
+                break
             workers[index] = subprocess.Popen(command, env=env)
-        time.sleep(0.2)
+        _pause(0.2, stopping)
     stop(stopping[0], None)  # one started just as the signal came has not had it yet
-    codes = [worker.wait() for worker in workers]
+    bound = worker_stop_bound(settings)
+    deadline = time.monotonic() + bound
+    codes = [_wait_or_kill(worker, deadline, bound) for worker in workers]
     shutil.rmtree(metrics_dir, ignore_errors=True)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if any(codes) or len(deaths) > 5:
         raise SystemExit(1)
+
+
+def _pause(seconds: float, stopping: list[int]) -> None:
+    """Sleep, but return soon after a stop is asked for.
+
+    In short naps because time.sleep resumes after a signal handler (PEP 475), and a
+    threading.Event set from a handler can deadlock on the Event's own lock."""
+    deadline = time.monotonic() + seconds
+    while not stopping and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _wait_or_kill(worker: subprocess.Popen[bytes], deadline: float, bound: float) -> int:
+    try:
+        return worker.wait(max(deadline - time.monotonic(), 0))
+    except subprocess.TimeoutExpired:
+        log.error("worker %d did not stop within %.1f s of being asked to; killing it", worker.pid, bound)
+        worker.kill()
+    try:
+        return worker.wait(5)
+    except subprocess.TimeoutExpired:  # in uninterruptible sleep (a hung disk, say)
+        log.error("worker %d has not exited even after SIGKILL; leaving it", worker.pid)
+        return -signal.SIGKILL
 
 
 def _die_with_parent() -> None:

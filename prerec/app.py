@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from prerec import blobs, cors, db
+from prerec import blobs, cors, db, tasks
 from prerec.cache import CACHE, MetadataCache
 from prerec.config import SETTINGS_KEY, Settings
 from prerec.events import BROADCASTER, Broadcaster
@@ -60,9 +59,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
     blobs.layout(settings.blob_dir)
     sweeper = asyncio.create_task(_sweep_forever(settings))
     yield
-    sweeper.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await sweeper
+    await tasks.stop(sweeper, settings.db_timeout_seconds, "the storage sweeper")
 
 
 async def _sweep_forever(settings: Settings) -> None:
@@ -84,7 +81,18 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     pool = await db.create_pool(app[DATABASE_URL], settings.db_timeout_seconds)
     app[db.POOL] = pool
     yield
-    await pool.close()
+    try:
+        # Waits for every connection to be given back, then for the server to hang up on each;
+        # a hung handler or a frozen server would hold the shutdown for ever.
+        async with asyncio.timeout(settings.db_timeout_seconds):
+            await pool.close()
+    except Exception as error:
+        log.warning(
+            "could not close the database pool in %.1f s (%r); dropped its connections",
+            settings.db_timeout_seconds,
+            error,
+        )
+        pool.terminate()
 
 
 async def _broadcaster(app: web.Application) -> AsyncIterator[None]:

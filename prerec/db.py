@@ -268,9 +268,11 @@ async def delete_prerecording(
 
 
 async def ping(conn: asyncpg.Connection, timeout: float) -> None:
-    # wait_for rather than asyncpg's own timeout, which then waits on a cancel request that a
-    # hung server never answers.
-    await asyncio.wait_for(conn.fetchval("SELECT 1"), timeout)
+    # Not asyncpg's own timeout, which then waits on a cancel request that a hung server never
+    # answers. Not asyncio.wait_for either: on Python 3.11 it swallows a cancellation that
+    # arrives just as the answer does, and the broadcaster's watcher would never stop.
+    async with asyncio.timeout(timeout):
+        await conn.fetchval("SELECT 1")
 
 
 async def all_prerecordings(conn: asyncpg.Connection) -> list[Prerecording]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import asyncpg
 from aiohttp import web
 
-from prerec import db
+from prerec import db, tasks
 from prerec.cache import MetadataCache
 from prerec.model import Event
 
@@ -106,20 +106,27 @@ class Broadcaster:
             self.last_id = await db.latest_event_id(conn)
         await self._connect()
         self._tasks = [
-            asyncio.create_task(self._deliver_forever()),
-            asyncio.create_task(self._watch()),
-            asyncio.create_task(self._prune_forever()),
+            asyncio.create_task(self._deliver_forever(), name="delivery"),
+            asyncio.create_task(self._watch(), name="listener watch"),
+            asyncio.create_task(self._prune_forever(), name="event log pruning"),
         ]
 
     async def close(self) -> None:
+        """End the streams, stop the tasks, close the listener: each step bounded, as a
+        database that hangs must not hold the shutdown."""
         self._closing = True
         self.end_streams("the server is shutting down")
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(
+            *(tasks.stop(task, self.timeout, f"the broadcaster's {task.get_name()}") for task in self._tasks)
+        )
         if self._listener is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._listener.close(), self.timeout)
+            try:
+                # The goodbye waits for the server to hang up; a frozen one never does.
+                async with asyncio.timeout(self.timeout):
+                    await self._listener.close()
+            except Exception as error:
+                log.warning("could not close the listening connection in %.1f s (%r); dropped it", self.timeout, error)
+                self._listener.terminate()
 
     def end_streams(self, reason: str) -> None:
         for subscriber in list(self.streams):

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
 import time
 
+import aiohttp
 import pytest
 
 from prerec import embedded
-from prerec.__main__ import migrate
+from prerec.__main__ import migrate, worker_stop_bound
 from prerec.app import create_app
-from tests.conftest import EVENT, blob_files, ogg, read_events, wait_for
+from prerec.config import Settings
+from tests.conftest import EVENT, Replica, blob_files, free_port, ogg, read_events, wait_for
 
 KEY = f"/prerecordings/{EVENT}/2024-01-01T00:00"
 OGG = {"Content-Type": "audio/ogg"}
@@ -101,7 +105,6 @@ def _freeze(server, signum) -> None:  # type: ignore[no-untyped-def]
 async def test_a_hung_database_never_holds_a_request_past_the_timeout(aiohttp_client, settings, own_server) -> None:
     """Not down but frozen (SIGSTOP): connections neither fail nor answer."""
     import dataclasses
-    import signal
 
     settings = dataclasses.replace(settings, db_timeout_seconds=1.0)
     client = await aiohttp_client(create_app(settings, own_server.get_uri()))
@@ -172,3 +175,43 @@ async def test_a_commit_cut_off_midway_is_503_and_keeps_the_blob_it_may_have_rec
     assert not report.missing and not report.wrong_size
     assert not (await check(url, settings.blob_dir, 0, apply=False)).anything_wrong
     assert blob_files(settings) == [new_blob]
+
+
+async def test_sigterm_with_the_database_frozen_still_exits(tmp_path, own_server, replicas) -> None:
+    """Every goodbye to a frozen server (the pool's connections, the listener) goes unanswered:
+    shutdown must give up on them rather than wait until SIGKILL."""
+    env = {
+        "PREREC_DATABASE_URL": own_server.get_uri(),
+        "PREREC_DATA_DIR": str(tmp_path / "data"),
+        "PREREC_STORAGE_DIR": str(tmp_path / "storage"),
+        "PREREC_DB_TIMEOUT_SECONDS": "1",
+        "PREREC_SHUTDOWN_TIMEOUT_SECONDS": "2",
+    }
+    replica = Replica(env, free_port(), tmp_path / "replica.log")
+    replicas.append(replica)
+    replica.wait_ready()
+    async with aiohttp.ClientSession() as session:
+        # Connections left idle in the pool, and a subscriber: all of it has to be closed.
+        assert (await session.put(f"{replica.url}{KEY}", data=ogg(100), headers=OGG)).status == 201
+        stream = await session.get(f"{replica.url}/sse")
+        assert stream.status == 200
+        _freeze(own_server, signal.SIGSTOP)
+        try:
+            replica.process.send_signal(signal.SIGTERM)
+            began = time.monotonic()
+            bound = worker_stop_bound(Settings.from_env(env))
+            exit_code = await asyncio.to_thread(_wait, replica.process, bound + 10)
+            waited = time.monotonic() - began
+        finally:
+            _freeze(own_server, signal.SIGCONT)
+    log = replica.log.read_text()
+    assert exit_code == 0, log
+    assert waited < bound, (waited, bound)
+    assert "could not close the database pool" in log and "could not close the listening connection" in log
+
+
+def _wait(process, timeout: float) -> int | None:  # type: ignore[no-untyped-def]
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
