@@ -261,9 +261,8 @@ async def _upload(request: web.Request) -> web.StreamResponse:
         raise
     settings = request.app[SETTINGS_KEY]
     algorithms = frozenset(claim.algorithm for claim in claims)
-    stored = await blobs.receive(
-        settings.blob_dir, request.content, settings.max_upload_bytes, settings.read_timeout_seconds, algorithms
-    )
+    pace = blobs.Pace(settings.read_timeout_seconds, settings.min_upload_rate_bytes, settings.tmp_max_age_seconds)
+    stored = await blobs.receive(settings.blob_dir, request.content, settings.max_upload_bytes, pace, algorithms)
     request.app[METRICS].uploaded.inc(stored.size)
     try:
         digests.verify(claims, stored.digests)
