@@ -172,8 +172,8 @@ SETTINGS: tuple[Setting, ...] = (
         "1024",
         _non_negative_int,
         "An upload bringing fewer bytes a second than this, averaged over the last "
-        "`PREREC_READ_TIMEOUT_SECONDS`, is cut off with 408 (a client dripping its body holds a "
-        "connection for days); a studio link brings a thousand times more. 0: only a full stall is cut.",
+        "`PREREC_READ_TIMEOUT_SECONDS`, is cut off with 408 and its temporary file removed; a studio "
+        "link brings a thousand times more. `0`: only a full stall is cut.",
     ),
 )
 
