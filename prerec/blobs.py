@@ -29,7 +29,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -149,6 +149,16 @@ class _Upload:
             step = end // WRITEBACK_STEP * WRITEBACK_STEP
             _start_writeback(fd, step - WRITEBACK_STEP, WRITEBACK_STEP)
 
+    def touch(self) -> None:
+        # By path, not descriptor: once committed or discarded the name is gone and this is a
+        # no-op, where a descriptor closed meanwhile could already number another file.
+        try:
+            os.utime(self.tmp)
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            log.warning("could not refresh temporary file %s: %s", self.tmp.name, error)
+
     def commit(self) -> str:
         """fsync, then rename into place under a fresh name, then fsync the folder."""
         assert self.file is not None
@@ -178,27 +188,110 @@ async def _read(body: StreamReader) -> bytes:
     """The next bytes of a request body; a client that breaks off is a 400, not a crash."""
     try:
         return await body.readany()
-    except _Stalled as error:
+    except _TooSlow as error:
         raise Problem(408, str(error), {"Connection": "close"}) from None
     except (ConnectionError, HttpProcessingError) as error:
         raise Problem(400, "The upload was cut off or malformed before its end; nothing was stored.") from error
 
 
-async def _guard_progress(body: StreamReader, last_progress: list[float], timeout: float) -> None:
-    """End a body that has stalled for `timeout` seconds (slow or vanished client).
+class _TooSlow(ConnectionError):
+    pass
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How slow an upload may be, and how its temporary file stays visibly alive."""
+
+    # Fewer than min_rate bytes a second, averaged over the last `window` seconds, cuts the
+    # upload off; with min_rate 0 only a body that brings nothing for a whole window is.
+    window: float
+    min_rate: float
+    # The sweeper (of any replica sharing the folder) removes temporary files untouched this long.
+    tmp_max_age: float
+
+    @property
+    def touch_every(self) -> float:
+        """How often a live upload refreshes its file's mtime.
+
+        A tenth of the sweeper's age limit (at most a minute): the nine tenths left absorb a
+        disk thread that is slow to run the touch, an NFS client's attribute cache (up to a
+        minute by default) showing another replica an old mtime, and clocks that differ
+        between replicas and the file server.
+        """
+        return min(self.tmp_max_age / 10, 60.0)
+
+
+class _Progress:
+    """What the watchdog reads: bytes received, on a clock that stops while the upload waits
+    for our own disk (that wait holds the client back; it is not the client's slowness)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.received = 0
+        self._paused = 0.0
+        self._waiting_since: float | None = None
+
+    def clock(self) -> float:
+        now = self.loop.time()
+        waiting = 0.0 if self._waiting_since is None else now - self._waiting_since
+        return now - self._paused - waiting
+
+    @contextlib.contextmanager
+    def waiting_on_disk(self) -> Iterator[None]:
+        self._waiting_since = self.loop.time()
+        try:
+            yield
+        finally:
+            self._paused += self.loop.time() - self._waiting_since
+            self._waiting_since = None
+
+
+async def _watch(body: StreamReader, progress: _Progress, pace: Pace, upload: _Upload) -> None:
+    """End a body that brings too little over the last window (a stalled, vanished or dripping
+    client), and keep the temporary file's mtime fresh meanwhile.
 
     One watchdog per upload instead of a timeout around every read: reads come thousands of
-    times a second, and a timer each would cost more than the check."""
+    times a second, and a timer each would cost more than the check. Received bytes are
+    sampled each tick; the oldest sample kept is the one a window back.
+
+    The file is written only once a whole piece is buffered (WRITE_PIECE), so an upload
+    trickling in below that would otherwise look abandoned to the sweeper; it is touched
+    whatever arrives, as it belongs to a live upload for as long as this watchdog runs (a
+    stalled one is cut by the rate rule, a crashed process stops touching).
+    """
     loop = asyncio.get_running_loop()
+    tick = min(pace.window / 4, pace.touch_every, 1.0)
+    samples: collections.deque[tuple[float, int]] = collections.deque([(progress.clock(), 0)])
+    touched = loop.time()
+    touching: concurrent.futures.Future[None] | None = None
     while True:
-        await asyncio.sleep(min(timeout / 4, 1.0))
-        if loop.time() - last_progress[0] > timeout:
-            body.set_exception(_Stalled(f"No body bytes arrived for {timeout:g} seconds; the upload was abandoned."))
+        await asyncio.sleep(tick)
+        if loop.time() - touched >= pace.touch_every and (touching is None or touching.done()):
+            # Not awaited: a hung disk must not keep the watchdog from cutting a slow client.
+            touching = DISK.submit(upload.touch)
+            touched = loop.time()
+        now = progress.clock()
+        samples.append((now, progress.received))
+        while len(samples) > 1 and now - samples[1][0] >= pace.window:
+            samples.popleft()
+        since, received_then = samples[0]
+        elapsed = now - since
+        if elapsed < pace.window:
+            continue
+        arrived = progress.received - received_then
+        if arrived == 0:
+            body.set_exception(
+                _TooSlow(f"No body bytes arrived for {pace.window:g} seconds; the upload was abandoned.")
+            )
             return
-
-
-class _Stalled(ConnectionError):
-    pass
+        if arrived < pace.min_rate * elapsed:
+            body.set_exception(
+                _TooSlow(
+                    f"Only {arrived} body bytes arrived in the last {elapsed:.0f} seconds, below the minimum "
+                    f"of {pace.min_rate:g} bytes per second; the upload was abandoned."
+                )
+            )
+            return
 
 
 # Blob file work runs on threads of its own: fsyncs can take seconds, and must not queue up
@@ -295,7 +388,7 @@ async def receive(
     root: Path,
     body: StreamReader,
     max_bytes: int,
-    read_timeout: float,
+    pace: Pace,
     algorithms: frozenset[str] = frozenset(),
 ) -> StoredBlob:
     """Stream a request body into a new blob; the caller records it or removes it.
@@ -307,14 +400,15 @@ async def receive(
     pipeline = _Pipeline(upload)
     size = 0
     checked = False
-    last_progress = [loop.time()]
-    watchdog = asyncio.create_task(_guard_progress(body, last_progress, read_timeout))
+    progress = _Progress(loop)
+    watchdog = asyncio.create_task(_watch(body, progress, pace, upload))
     committing: concurrent.futures.Future[str] | None = None
     try:
-        await _on_disk(upload.open)
+        with progress.waiting_on_disk():
+            await _on_disk(upload.open)
         while chunk := await _read(body):
-            last_progress[0] = loop.time()
             size += len(chunk)
+            progress.received = size
             if size > max_bytes:
                 raise Problem(
                     413, f"The upload is larger than the limit of {max_bytes} bytes.", {"Connection": "close"}
@@ -327,9 +421,8 @@ async def receive(
             view = memoryview(chunk)
             while view:
                 if pipeline.add(view):
-                    await pipeline.flush()
-                    # Waiting on the disk is not the client's stall.
-                    last_progress[0] = loop.time()
+                    with progress.waiting_on_disk():
+                        await pipeline.flush()
                 view = view[pipeline.taken :]
         if size == 0:
             raise Problem(400, "The upload is empty: send the Ogg audio as the request body.")

@@ -27,6 +27,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be zero or a positive integer")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -141,8 +148,9 @@ SETTINGS: tuple[Setting, ...] = (
         "PREREC_TMP_MAX_AGE_SECONDS",
         "3600",
         _positive_float,
-        "Temporary upload files untouched this long are taken as left by a crash and removed; replaced "
-        "blobs are kept this long for downloads still reading them.",
+        "Temporary upload files untouched this long are taken as left by a crash and removed (an upload "
+        "in progress touches its file every tenth of this, at most every minute); replaced blobs are kept "
+        "this long for downloads still reading them.",
     ),
     Setting(
         "db_timeout_seconds",
@@ -156,7 +164,8 @@ SETTINGS: tuple[Setting, ...] = (
         "PREREC_READ_TIMEOUT_SECONDS",
         "60",
         _positive_float,
-        "An upload whose body stalls this long is cut off with 408 and its temporary file removed.",
+        "An upload whose body stalls this long (or, averaged over this long, arrives slower than "
+        "`PREREC_MIN_UPLOAD_RATE_BYTES`) is cut off with 408 and its temporary file removed.",
     ),
     Setting(
         "events_retention_seconds",
@@ -203,6 +212,15 @@ SETTINGS: tuple[Setting, ...] = (
         "Origins (`https://ui.example.org`, comma-separated, or `*` for any) whose pages may call the API "
         "from a browser (CORS, without credentials); a malformed one stops the start. Unset: no CORS headers.",
     ),
+    Setting(
+        "min_upload_rate_bytes",
+        "PREREC_MIN_UPLOAD_RATE_BYTES",
+        "1024",
+        _non_negative_int,
+        "An upload bringing fewer bytes a second than this, averaged over the last "
+        "`PREREC_READ_TIMEOUT_SECONDS`, is cut off with 408 and its temporary file removed; a studio "
+        "link brings a thousand times more. `0`: only a full stall is cut.",
+    ),
 )
 
 
@@ -228,6 +246,7 @@ class Settings:
     log_level: str
     scalar_js_url: str
     cors_origins: frozenset[str] | None
+    min_upload_rate_bytes: int
 
     @property
     def blob_dir(self) -> Path:

@@ -25,6 +25,23 @@ _START = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d
 # The largest count or id PostgreSQL's bigint holds; larger values are refused, not overflowed.
 MAX_BIGINT = 2**63 - 1
 
+# RFC 9110 §8.3.1 media type, ASCII only (it is stored, then sent back as a header). Written
+# out rather than borrowed: email.headerregistry and aiohttp's parse_content_type (built on
+# email.message) follow MIME, not HTTP: they take comments, spaces around the "/" and RFC 2231
+# continuations, fall back to text/plain on garbage instead of failing, and flag the empty
+# parameters HTTP allows ("audio/ogg;;codecs=opus") as defects.
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_QUOTED = r'"(?:[\t !#-\[\]-~]|\\[\t -~])*"'
+_PARAMETER = rf"[ \t]*;[ \t]*(?:({_TOKEN})=({_TOKEN}|{_QUOTED}))?"
+_MEDIA_TYPE = re.compile(rf"({_TOKEN})/({_TOKEN})((?:{_PARAMETER})*)", re.ASCII)
+_PARAMETERS = re.compile(_PARAMETER, re.ASCII)
+_IS_TOKEN = re.compile(_TOKEN, re.ASCII)
+_QUOTED_PAIR = re.compile(r"\\(.)")
+
+# Longer than any real audio type with its codecs; a bound, as the value is stored per row.
+MAX_CONTENT_TYPE = 256
+OGG = "audio/ogg"
+
 EVENT_TYPES = ("prerecording-created", "prerecording-updated", "prerecording-deleted")
 
 
@@ -63,6 +80,45 @@ def parse_count(text: str, name: str) -> int:
     if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > MAX_BIGINT:
         raise Problem(400, f"The {name} {text[:40]!r} is not a non-negative integer up to {MAX_BIGINT}.")
     return int(text)
+
+
+def parse_content_type(text: str | None) -> str:
+    """An upload's Content-Type, normalised: `audio/ogg` with its parameters (codecs, say).
+
+    Type and parameter names are lower-cased; values are kept as sent, quoted only when they
+    are not a token. Anything else is a 415 naming what is wrong.
+    """
+    expected = f"The Content-Type must be {OGG} (parameters such as codecs are allowed)"
+    if text is None:
+        raise Problem(415, f"{expected}; none was sent.")
+    if len(text) > MAX_CONTENT_TYPE:
+        raise Problem(415, f"The Content-Type is {len(text)} characters long; at most {MAX_CONTENT_TYPE} are accepted.")
+    if not text.isascii():
+        # aiohttp hands non-UTF-8 bytes over as surrogate escapes, which PostgreSQL cannot store.
+        raise Problem(415, f"The Content-Type {text!r} is not ASCII.")
+    match = _MEDIA_TYPE.fullmatch(text)
+    if match is None:
+        raise Problem(415, f"The Content-Type {text!r} is not a media type: type/subtype, then ;name=value parameters.")
+    media_type = f"{match.group(1)}/{match.group(2)}".lower()
+    if media_type != OGG:
+        raise Problem(415, f"{expected}, not {text!r}.")
+    parameters: dict[str, str] = {}
+    for name, value in _PARAMETERS.findall(match.group(3)):
+        if not name:
+            continue  # an empty parameter, as in "audio/ogg;"
+        name = name.lower()
+        if name in parameters:
+            raise Problem(415, f"The Content-Type {text!r} gives the parameter {name!r} twice.")
+        if value.startswith('"'):
+            value = _QUOTED_PAIR.sub(r"\1", value[1:-1])
+        parameters[name] = value
+    return "".join([media_type, *(f"; {name}={_parameter_value(value)}" for name, value in parameters.items())])
+
+
+def _parameter_value(value: str) -> str:
+    if _IS_TOKEN.fullmatch(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def format_start(start: datetime) -> str:

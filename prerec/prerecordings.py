@@ -7,17 +7,19 @@ import json
 import logging
 import os
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from typing import IO
 
 from aiohttp import hdrs, web
+from multidict import MultiMapping
 
 from prerec import blobs, conditional, db, digests
 from prerec.auth import check_write_token
 from prerec.cache import CACHE
 from prerec.config import SETTINGS_KEY
 from prerec.db import POOL
-from prerec.model import Prerecording, format_start, parse_count, parse_event, parse_start
+from prerec.model import Prerecording, format_start, parse_content_type, parse_count, parse_event, parse_start
 from prerec.problems import CommitUncertain, Problem, problem_response
 from prerec.telemetry import METRICS
 
@@ -26,11 +28,19 @@ log = logging.getLogger(__name__)
 # Upload handlers in progress, which a graceful shutdown waits for.
 UPLOADS = web.AppKey("uploads", set[asyncio.Task[object]])
 
-# The digest claims of an upload whose headers the Expect handler already checked.
-EARLY_CHECKS = web.RequestKey("early_checks", list)
+
+@dataclass(frozen=True)
+class _Accepted:
+    """What the checks before the body found: the type to store, the digests to verify."""
+
+    content_type: str
+    claims: list[digests.Claim]
+
+
+# The findings of an upload whose headers the Expect handler already checked.
+EARLY_CHECKS = web.RequestKey("early_checks", _Accepted)
 
 DEFAULT_LIMIT = 10
-OGG = "audio/ogg"
 
 
 # Request parsing
@@ -71,15 +81,42 @@ def _query_start(request: web.Request, name: str) -> datetime | None:
     return None if text is None else parse_start(text, f"query parameter {name}")
 
 
-def _check_upload_headers(request: web.Request) -> None:
-    """What can be refused before a byte of the body is read."""
-    declared = request.headers.get(hdrs.CONTENT_TYPE)
-    # Stored and sent back as a header: it must be plain ASCII (aiohttp hands non-UTF-8 bytes
-    # over as surrogate escapes, which PostgreSQL could not store).
-    if declared is None or not declared.isascii() or request.content_type.lower() != OGG:
-        raise Problem(415, f"The Content-Type must be {OGG} (parameters such as codecs are allowed), not {declared!r}.")
-    length = request.content_length
-    max_bytes = request.app[SETTINGS_KEY].max_upload_bytes
+def _check_upload_headers(headers: MultiMapping[str], max_bytes: int) -> str:
+    """What can be refused before a byte of the body is read; the normalised Content-Type."""
+    # Both parsers of aiohttp take "gzip, chunked" as chunked and hand over the still gzipped
+    # bytes, which would be stored as if they were the audio (RFC 9112 §6.1: 501).
+    transfer = [coding.strip(" \t").lower() for coding in headers.get(hdrs.TRANSFER_ENCODING, "").split(",")]
+    transfer = [coding for coding in transfer if coding]
+    if transfer and transfer != ["chunked"]:
+        unknown = [coding for coding in transfer if coding != "chunked"]
+        if unknown:
+            raise Problem(
+                501, f"The transfer coding {unknown[0][:40]!r} is not supported: send the body as is, or only chunked."
+            )
+        raise Problem(400, "The Transfer-Encoding applies chunked more than once.")
+    # aiohttp would decompress a gzip body as it reads it: what is stored would not be the
+    # bytes sent, and their Content-MD5 or Repr-Digest would fail. Prerecordings are stored
+    # as sent, so no content coding is taken (RFC 9110 §15.5.16: 415 with Accept-Encoding).
+    for coding in ",".join(headers.getall(hdrs.CONTENT_ENCODING, [])).split(","):
+        coding = coding.strip(" \t")
+        if coding.lower() not in ("", "identity"):
+            raise Problem(
+                415,
+                f"The Content-Encoding {coding[:40]!r} is not accepted: upload the Ogg file as it is.",
+                {hdrs.ACCEPT_ENCODING: "identity"},
+            )
+    # A partial PUT (curl --continue-at sends one) would replace the prerecording with the
+    # fragment (RFC 9110 §14.5: a server that does not apply Content-Range must refuse it).
+    if hdrs.CONTENT_RANGE in headers:
+        raise Problem(
+            400,
+            f"Content-Range ({headers[hdrs.CONTENT_RANGE][:60]!r}) is not supported on PUT: a partial upload "
+            "would replace the prerecording with the fragment. Send the whole file; continuing a broken "
+            "upload needs a resumable-upload protocol, which a plain PUT is not.",
+        )
+    content_type = parse_content_type(headers.get(hdrs.CONTENT_TYPE))
+    # aiohttp's parser has already refused a Content-Length that is not digits.
+    length = int(headers[hdrs.CONTENT_LENGTH]) if hdrs.CONTENT_LENGTH in headers else None
     if length is not None and length > max_bytes:
         raise Problem(
             413,
@@ -88,6 +125,7 @@ def _check_upload_headers(request: web.Request) -> None:
         )
     if length == 0:
         raise Problem(400, "The upload is empty: send the Ogg audio as the request body.")
+    return content_type
 
 
 async def upload_expect(request: web.Request) -> web.StreamResponse | None:
@@ -236,43 +274,42 @@ async def upload(request: web.Request) -> web.StreamResponse:
         request.app[UPLOADS].discard(task)
 
 
-async def _refuse_early(request: web.Request) -> list[digests.Claim]:
-    """Every check that needs no body byte: token, key, type, length, digest headers,
-    preconditions."""
+async def _refuse_early(request: web.Request) -> _Accepted:
+    """Every check that needs no body byte: token, key, framing, type, length, digest
+    headers, preconditions."""
     check_write_token(request)
     event, start = _key(request)
-    _check_upload_headers(request)
+    content_type = _check_upload_headers(request.headers, request.app[SETTINGS_KEY].max_upload_bytes)
     claims = digests.claims(request)
     if conditional.has_preconditions(request):
         # A first look, so a doomed upload is refused before its body is read; the decision
         # that counts is taken again inside the writing transaction.
         conditional.check_write(request, await _current(request, event, start))
-    return claims
+    return _Accepted(content_type, claims)
 
 
 async def _upload(request: web.Request) -> web.StreamResponse:
     event, start = _key(request)
     try:
-        claims = request[EARLY_CHECKS] if EARLY_CHECKS in request else await _refuse_early(request)
+        accepted = request[EARLY_CHECKS] if EARLY_CHECKS in request else await _refuse_early(request)
     except Problem as problem:
         # The body is left unread: close the connection rather than have aiohttp read and
         # discard what may be gigabytes.
         problem.headers.setdefault("Connection", "close")
         raise
     settings = request.app[SETTINGS_KEY]
-    algorithms = frozenset(claim.algorithm for claim in claims)
-    stored = await blobs.receive(
-        settings.blob_dir, request.content, settings.max_upload_bytes, settings.read_timeout_seconds, algorithms
-    )
+    algorithms = frozenset(claim.algorithm for claim in accepted.claims)
+    pace = blobs.Pace(settings.read_timeout_seconds, settings.min_upload_rate_bytes, settings.tmp_max_age_seconds)
+    stored = await blobs.receive(settings.blob_dir, request.content, settings.max_upload_bytes, pace, algorithms)
     request.app[METRICS].uploaded.inc(stored.size)
     try:
-        digests.verify(claims, stored.digests)
+        digests.verify(accepted.claims, stored.digests)
         async with db.connection(request.app[POOL], settings.db_timeout_seconds) as conn:
             saved = await db.save_prerecording(
                 conn,
                 event,
                 start,
-                request.headers[hdrs.CONTENT_TYPE],
+                accepted.content_type,
                 stored.size,
                 stored.sha256,
                 stored.name,

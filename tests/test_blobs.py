@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import json
 import os
 import time
 import tracemalloc
@@ -86,6 +87,107 @@ async def test_stalled_upload_is_cut_off_with_408_and_leaves_nothing(impatient, 
     writer.close()
     assert tmp_files(settings) == []
     assert await (await impatient.get(KEY)).read() == ogg(100, b"o")
+
+
+async def test_an_upload_trickling_in_is_never_swept(aiohttp_client, settings, database_url) -> None:
+    """Bytes arriving slower than a write piece fills must still keep the temporary file alive
+    for this replica's sweeper and for another's sharing the folder."""
+    settings = dataclasses.replace(settings, tmp_max_age_seconds=2.0)
+    client = await aiohttp_client(create_app(settings, database_url))
+    body = ogg(21_000, b"t")
+
+    async def trickle():  # type: ignore[no-untyped-def]
+        for at in range(0, len(body), 1000):
+            yield body[at : at + 1000]
+            await asyncio.sleep(0.25)  # 5 s in all: more than twice the age limit
+
+    swept: list = []
+    sweeping = True
+
+    def other_replica() -> None:
+        while sweeping:
+            swept.extend(blobs.sweep(settings.blob_dir, settings.tmp_max_age_seconds))
+            time.sleep(0.05)
+
+    loop = asyncio.get_running_loop()
+    sweeper = loop.run_in_executor(None, other_replica)
+    try:
+        response = await client.put(KEY, data=trickle(), headers=OGG)
+    finally:
+        sweeping = False
+        await sweeper
+    assert response.status == 201, await response.text()
+    assert swept == []
+    assert await (await client.get(KEY)).read() == body
+
+
+@pytest.fixture
+async def demanding(aiohttp_client, settings, database_url):  # type: ignore[no-untyped-def]
+    """A service that wants at least 1000 body bytes a second, averaged over two seconds."""
+    demanding_settings = dataclasses.replace(settings, read_timeout_seconds=2.0, min_upload_rate_bytes=1000)
+    return await aiohttp_client(create_app(demanding_settings, database_url))
+
+
+async def drip(writer: asyncio.StreamWriter, piece: int, every: float) -> None:
+    while True:
+        writer.write(b"\x01" * piece)
+        await writer.drain()
+        await asyncio.sleep(every)
+
+
+async def test_an_upload_dripping_below_the_minimum_rate_is_cut_off_with_408(demanding, settings) -> None:
+    """Never a full stall (a few bytes every 0.1 s), but a tenth of the minimum rate."""
+    assert (await demanding.put(KEY, data=ogg(100, b"o"), headers=OGG)).status == 201
+    reader, writer = await asyncio.open_connection(demanding.host, demanding.port)
+    writer.write(put_head(KEY, 1_000_000) + b"OggS")
+    dripping = asyncio.create_task(drip(writer, 10, 0.1))
+    try:
+        status_line = await asyncio.wait_for(reader.readline(), 15)
+        assert status_line.startswith(b"HTTP/1.1 408"), status_line
+        headers = {}
+        while (line := await reader.readline()) != b"\r\n":
+            name, _, value = line.decode().partition(":")
+            headers[name.lower()] = value.strip()
+        assert headers["content-type"].startswith("application/problem+json")
+        detail = json.loads(await reader.readexactly(int(headers["content-length"])))["detail"]
+        assert "bytes per second" in detail, detail
+    finally:
+        dripping.cancel()
+        writer.close()
+    assert tmp_files(settings) == []
+    assert await (await demanding.get(KEY)).read() == ogg(100, b"o")
+
+
+async def test_an_upload_above_the_minimum_rate_is_not_cut_off(demanding) -> None:
+    """The negative control: the same trickle, only faster than the minimum, is stored."""
+    body = ogg(24_000, b"f")
+
+    async def steady():  # type: ignore[no-untyped-def]
+        for at in range(0, len(body), 500):
+            yield body[at : at + 500]
+            await asyncio.sleep(0.1)  # 5000 bytes a second for 4.8 s, past two windows
+
+    response = await demanding.put(KEY, data=steady(), headers=OGG)
+    assert response.status == 201, await response.text()
+    assert await (await demanding.get(KEY)).read() == body
+
+
+def test_time_spent_waiting_on_our_disk_is_not_counted_against_the_client() -> None:
+    class Clock:
+        now = 100.0
+
+        def time(self) -> float:
+            return self.now
+
+    clock = Clock()
+    progress = blobs._Progress(clock)  # type: ignore[arg-type]
+    start = progress.clock()
+    clock.now += 2
+    with progress.waiting_on_disk():
+        clock.now += 30
+        assert progress.clock() == start + 2  # the watchdog looking in during the wait
+    clock.now += 1
+    assert progress.clock() == start + 3
 
 
 async def test_concurrent_puts_to_one_key_leave_one_whole_body(client, settings) -> None:

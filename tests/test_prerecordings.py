@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
+import gzip
 import hashlib
 import json
 from email.utils import parsedate_to_datetime
 
+import aiohttp
 import pytest
 
 from prerec.app import create_app
-from tests.conftest import EVENT, blob_files, ogg, put_head, tmp_files
+from tests.conftest import EVENT, Replica, blob_files, free_port, ogg, put_head, tmp_files
 
 BASE = f"/prerecordings/{EVENT}"
 OGG = {"Content-Type": "audio/ogg"}
@@ -211,6 +214,130 @@ async def test_expect_continue_is_refused_before_the_body(client) -> None:
     await writer.drain()
     assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 201")
     writer.close()
+
+
+async def test_a_partial_put_is_400_and_leaves_the_prerecording_whole(client, settings) -> None:
+    """RFC 9110 §14.5: a PUT with Content-Range would otherwise store the fragment."""
+    old = ogg(100_000, b"o")
+    await put(client, "2024-01-01T00:00", old)
+    response = await put(client, "2024-01-01T00:00", b"OggS123456", {"Content-Range": "bytes 0-9/100"})
+    await assert_problem(response, 400, "Content-Range", "bytes 0-9/100", "whole file", "resumable")
+    assert response.headers["Connection"] == "close"
+    assert await (await client.get(f"{BASE}/2024-01-01T00:00")).read() == old
+    assert len(blob_files(settings)) == 1 and tmp_files(settings) == []
+
+
+async def test_curl_continue_at_is_refused_before_the_body(client, tmp_path) -> None:
+    """`curl --continue-at -` on an upload sends Content-Range (and Expect: 100-continue)."""
+    old = ogg(100_000, b"o")
+    await put(client, "2024-01-01T00:00", old)
+    upload = tmp_path / "prerecording.ogg"
+    upload.write_bytes(ogg(10, b"n"))
+    answer = tmp_path / "answer.json"
+    curl = await asyncio.create_subprocess_exec(
+        "curl", "--silent", "--show-error", "--continue-at", "-", "--upload-file", str(upload),
+        "--header", "Content-Type: audio/ogg", "--output", str(answer), "--write-out", "%{http_code}",
+        str(client.make_url(f"{BASE}/2024-01-01T00:00")),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    status, _ = await asyncio.wait_for(curl.communicate(), 30)
+    assert status == b"400", answer.read_text()
+    assert "Content-Range" in json.loads(answer.read_text())["detail"]
+    assert await (await client.get(f"{BASE}/2024-01-01T00:00")).read() == old
+
+
+async def test_a_content_coded_body_is_415_with_accept_encoding_identity(client, settings) -> None:
+    """aiohttp would store the decompressed bytes: not what was sent, nor what Content-MD5 covers."""
+    body = gzip.compress(ogg(5000))
+    md5 = base64.b64encode(hashlib.md5(body).digest()).decode()
+    for coding in ("gzip", "x-unknown", "identity, deflate"):
+        response = await put(client, "2024-01-01T00:00", body, {"Content-Encoding": coding, "Content-MD5": md5})
+        await assert_problem(response, 415, "Content-Encoding", coding.split(", ")[-1])
+        assert response.headers["Accept-Encoding"] == "identity"
+    assert blob_files(settings) == [] and tmp_files(settings) == []
+    # A body "coded" as identity is the body itself.
+    response = await put(client, "2024-01-01T00:00", ogg(5000), {"Content-Encoding": "identity"})
+    assert response.status == 201
+
+
+async def test_a_content_coding_is_refused_before_100_continue(client) -> None:
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(put_head(f"{BASE}/2024-01-01T00:00", 100, "Expect: 100-continue", "Content-Encoding: gzip"))
+    await writer.drain()
+    assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 415")
+    writer.close()
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict]:
+    """The status and problem JSON of one raw HTTP/1.1 answer."""
+    status = int((await reader.readline()).split()[1])
+    length = 0
+    while (line := await reader.readline()) != b"\r\n":
+        name, _, value = line.decode().partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    return status, json.loads(await reader.readexactly(length))
+
+
+def chunked_put(path: str, transfer_encoding: str, body: bytes, *extra: str) -> bytes:
+    lines = [f"PUT {path} HTTP/1.1", "Host: x", "Content-Type: audio/ogg", f"Transfer-Encoding: {transfer_encoding}"]
+    head = "\r\n".join([*lines, *extra]) + "\r\n\r\n"
+    return head.encode() + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+
+
+@pytest.mark.parametrize("parser", ["C", "Python"])
+async def test_an_unknown_transfer_coding_is_501_and_stores_nothing(tmp_path, storage_env, replicas, parser) -> None:
+    """Both of aiohttp's parsers take `x, chunked` as chunked and would hand over the still coded bytes."""
+    env = {**storage_env, "AIOHTTP_NO_EXTENSIONS": "1" if parser == "Python" else ""}
+    replica = Replica(env, free_port(), tmp_path / "replica.log")
+    replicas.append(replica)
+    replica.wait_ready()
+    path = f"{BASE}/2024-01-01T00:00"
+    for transfer_encoding, extra in [
+        ("gzip, chunked", ()),
+        ("x-custom, chunked", ()),
+        ("x-custom, chunked", ("Expect: 100-continue",)),
+    ]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", replica.port)
+        # The "coded" body starts like Ogg, so nothing but the coding check stands in its way.
+        writer.write(chunked_put(path, transfer_encoding, ogg(1000), *extra))
+        await writer.drain()
+        status, problem = await asyncio.wait_for(read_answer(reader), 5)
+        assert status == 501, (transfer_encoding, extra, problem)
+        assert transfer_encoding.split(",")[0] in problem["detail"]
+        writer.close()
+    async with aiohttp.ClientSession() as session:
+        assert (await session.get(replica.url + path)).status == 404
+        # Plain chunked is how curl and the web UI stream an upload.
+        reader, writer = await asyncio.open_connection("127.0.0.1", replica.port)
+        writer.write(chunked_put(path, "chunked", ogg(1000)))
+        await writer.drain()
+        assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 201")
+        writer.close()
+        assert await (await session.get(replica.url + path)).read() == ogg(1000)
+
+
+async def test_content_type_is_stored_normalised(client) -> None:
+    response = await put(client, "2024-01-01T00:00", ogg(100), {"Content-Type": 'Audio/OGG ;Codecs="opus"'})
+    assert (await response.json())["type"] == "audio/ogg; codecs=opus"
+    download = await client.get(f"{BASE}/2024-01-01T00:00")
+    assert download.headers["Content-Type"] == "audio/ogg; codecs=opus"
+    listing = await (await client.get(BASE)).json()
+    assert listing["prerecordings"][0]["type"] == "audio/ogg; codecs=opus"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "words"),
+    [
+        ("audio/ogg; codecs", ["not a media type"]),
+        ("audio/ogg; codecs=opus; codecs=vorbis", ["twice"]),
+        ("audio/ogg; x=" + "a" * 8000, ["8013 characters", "at most 256"]),
+    ],
+)
+async def test_malformed_or_long_content_type_is_415(client, settings, content_type: str, words: list[str]) -> None:
+    response = await put(client, "2024-01-01T00:00", ogg(100), {"Content-Type": content_type})
+    await assert_problem(response, 415, *words)
+    assert blob_files(settings) == []
 
 
 # Bad keys
