@@ -258,7 +258,7 @@ SPEC: dict[str, Any] = {
                     _header(
                         "Expect",
                         "The answer comes before the body is sent if it is a refusal.",
-                        {"type": "string", "enum": ["100-continue"]},
+                        ref("Expectation"),
                     ),
                 ],
                 "requestBody": {

@@ -73,6 +73,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     },
     "Order": {"type": "string", "enum": ["asc", "desc"], "default": "asc", "description": "By start."},
     "EventType": {"type": "string", "enum": list(EVENT_TYPES)},
+    "Expectation": {"type": "string", "enum": ["100-continue"], "description": "The one Expect value served."},
     "Prerecording": _closed(
         "A stored prerecording (the list item, and the 201 answer to an upload).",
         {
