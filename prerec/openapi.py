@@ -17,8 +17,8 @@ from prerec.config import SETTINGS_KEY
 from prerec.model import MAX_BIGINT
 from prerec.schemas import SCHEMAS, SSE_ITEM, ref
 
-# Header values as the server parses them. An entity tag as aiohttp reads it (a malformed
-# one would be skipped, and the precondition then fails with 412 for a reason not given).
+# Header values in the forms the server reads. Entity tags as aiohttp parses them (it does not
+# refuse a malformed list: it reads it as naming no tag, so the precondition fails with 412).
 _ENTITY_TAGS = r'^(?:\*|(?:W/)?"[!#-~]+"(?: *, *(?:W/)?"[!#-~]+")*)$'
 # An RFC 8941 dictionary of byte sequences, `sha-256=:<base64>:, sha-512=:<base64>:`.
 _BASE64 = r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?"
