@@ -16,8 +16,8 @@ from typing import Any
 from prerec.model import EVENT_TYPES, MAX_BIGINT
 
 # A calendar date that exists: month lengths spelled out, and 29 February only in leap years
-# (divisible by 4, centuries only when divisible by 400), so no valid pattern match is a date
-# parse_start refuses. Year 0000 does not exist in Python's calendar.
+# (divisible by 4, centuries only when divisible by 400), so that the pattern allows exactly the
+# dates parse_start accepts (tests/test_openapi.py tries every year). Python has no year 0000.
 _DATE = (
     r"(?!0000)(?:"
     r"[0-9]{4}-(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])|(?:0[13-9]|1[0-2])-(?:29|30)|(?:0[13578]|1[02])-31)"
