@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install run test lint migrate migration downgrade gc bench bench-smoke bench-tools clean
+.PHONY: install run test lint docs migrate migration downgrade gc bench bench-smoke bench-tools clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: lint
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check prerec tests migrations
 	$(VENV)/bin/ruff format --check prerec tests migrations
+
+# The README's settings table, regenerated from prerec/config.py (a test fails when it is stale).
+docs: $(STAMP)
+	$(PY) -m prerec settings --readme README.md
 
 migrate: $(STAMP)
 	$(PY) -m prerec migrate

@@ -1,4 +1,4 @@
-"""Command line: `python -m prerec [serve|migrate|downgrade|revision]`."""
+"""Command line: `python -m prerec [serve|migrate|downgrade|revision|gc|settings]`."""
 
 from __future__ import annotations
 
@@ -245,7 +245,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     new = commands.add_parser("revision", help="write a new, empty migration")
     new.add_argument("-m", "--message", required=True)
+    table = commands.add_parser("settings", help="print the settings table (Markdown); --readme FILE rewrites FILE's")
+    table.add_argument("--readme", type=Path, help="a Markdown file whose settings table to regenerate in place")
     args = parser.parse_args(argv)
+
+    if args.command == "settings":  # documentation: needs no valid environment
+        from prerec.config import settings_table, with_settings_table
+
+        if args.readme is None:
+            print(settings_table(), end="")
+        else:
+            args.readme.write_text(with_settings_table(args.readme.read_text()))
+        return 0
 
     try:
         settings = Settings.from_env()

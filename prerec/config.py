@@ -1,7 +1,7 @@
 """Settings: one table of environment variables, their defaults and what they mean.
 
-The README's settings table is checked against SETTINGS by a test, so a setting cannot be
-added here without being documented there.
+The help texts are the documentation: the README's settings table is generated from SETTINGS
+(`python -m prerec settings --readme README.md`), and a test fails when it is stale.
 """
 
 from __future__ import annotations
@@ -106,6 +106,8 @@ class Setting:
     default: str | None
     parse: Callable[[str], Any]
     help: str
+    # The default as documented, where the raw value alone does not say it (None: unset).
+    shown_default: str | None = None
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -116,8 +118,8 @@ SETTINGS: tuple[Setting, ...] = (
         "PREREC_DATABASE_URL",
         None,
         str,
-        "PostgreSQL URL (`postgresql://user:pass@host/db`); unset starts an embedded PostgreSQL "
-        "under `$PREREC_DATA_DIR/postgres`.",
+        "`postgresql://user:pass@host/db`; unset starts an embedded PostgreSQL under `$PREREC_DATA_DIR/postgres`.",
+        "unset → embedded PostgreSQL",
     ),
     Setting(
         "data_dir", "PREREC_DATA_DIR", "./data", Path, "Folder for the embedded database and, by default, the blobs."
@@ -127,21 +129,23 @@ SETTINGS: tuple[Setting, ...] = (
         "PREREC_STORAGE_DIR",
         None,
         Path,
-        "Folder holding the audio files (default `$PREREC_DATA_DIR/blobs`); may be shared by replicas.",
+        "Folder holding the audio files; may be shared by replicas.",
+        "`$PREREC_DATA_DIR/blobs`",
     ),
     Setting(
         "max_upload_bytes",
         "PREREC_MAX_UPLOAD_BYTES",
         str(2 * 1024**3),
         _positive_int,
-        "Largest accepted upload in bytes (default 2 GiB); larger ones get 413.",
+        "Largest accepted upload in bytes; larger ones get 413.",
+        "`2147483648` (2 GiB)",
     ),
     Setting(
         "sse_ping_seconds",
         "PREREC_SSE_PING_SECONDS",
         "15",
         _positive_float,
-        "Interval of the keep-alive comment on `/sse` streams.",
+        "Interval of the keep-alive comment on `/sse`.",
     ),
     Setting(
         "tmp_max_age_seconds",
@@ -150,7 +154,7 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_float,
         "Temporary upload files untouched this long are taken as left by a crash and removed (an upload "
         "in progress touches its file every tenth of this, at most every minute); replaced blobs are kept "
-        "this long for downloads still reading them.",
+        "this long for downloads still reading them (on NFS an unlink would cut them).",
     ),
     Setting(
         "db_timeout_seconds",
@@ -172,7 +176,9 @@ SETTINGS: tuple[Setting, ...] = (
         "PREREC_EVENTS_RETENTION_SECONDS",
         "86400",
         _positive_float,
-        "How long the event log keeps events for `/sse` resumption (`Last-Event-ID`).",
+        "How long the event log keeps events for `/sse` resumption; a `Last-Event-ID` older than that "
+        "replays what is kept.",
+        "`86400` (one day)",
     ),
     Setting(
         "shutdown_timeout_seconds",
@@ -193,16 +199,29 @@ SETTINGS: tuple[Setting, ...] = (
         "PREREC_WRITE_TOKEN",
         None,
         str,
-        "When set, PUT and DELETE need `Authorization: Bearer <token>` (else 401); reads stay open.",
+        "When set, PUT and DELETE need `Authorization: Bearer <token>` (else `401`); reads stay open.",
+        "unset (writes open)",
     ),
-    Setting("log_format", "PREREC_LOG_FORMAT", "json", _log_format, "`json` (one object per line) or `text`."),
-    Setting("log_level", "PREREC_LOG_LEVEL", "info", _log_level, "Logging level: debug, info, warning, error."),
+    Setting(
+        "log_format",
+        "PREREC_LOG_FORMAT",
+        "json",
+        _log_format,
+        "`json`: one JSON object per line; `text`: plain lines for a terminal.",
+    ),
+    Setting(
+        "log_level",
+        "PREREC_LOG_LEVEL",
+        "info",
+        _log_level,
+        "Least severity logged: `debug`, `info`, `warning` or `error`.",
+    ),
     Setting(
         "scalar_js_url",
         "PREREC_SCALAR_JS_URL",
         "https://cdn.jsdelivr.net/npm/@scalar/api-reference",
         str,
-        "Where the `/openapi` page loads the Scalar API reference script from.",
+        "Where the `/openapi` page loads the Scalar script from.",
     ),
     Setting(
         "cors_origins",
@@ -269,3 +288,31 @@ class Settings:
 
 
 SETTINGS_KEY = web.AppKey("settings", Settings)
+
+
+# The README's settings table, rendered from SETTINGS.
+
+_TABLE_HEAD = ("| variable | default | meaning |", "|---|---|---|")
+
+
+def _row(setting: Setting) -> str:
+    default = setting.shown_default or (f"`{setting.default}`" if setting.default else "unset")
+    meaning = setting.help.replace("|", "\\|")  # a bar would end the cell
+    return f"| `{setting.env}` | {default} | {meaning} |"
+
+
+def settings_table() -> str:
+    return "\n".join([*_TABLE_HEAD, *map(_row, SETTINGS)]) + "\n"
+
+
+def with_settings_table(markdown: str) -> str:
+    """`markdown` with its settings table (the one under _TABLE_HEAD) rendered afresh."""
+    lines = markdown.splitlines(keepends=True)
+    try:
+        start = next(index for index, line in enumerate(lines) if line.rstrip("\n") == _TABLE_HEAD[0])
+    except StopIteration:
+        raise ValueError(f"no settings table (a line {_TABLE_HEAD[0]!r}) to replace") from None
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    return "".join([*lines[:start], settings_table(), *lines[end:]])

@@ -1,7 +1,8 @@
 """GET /openapi (the Scalar reference page) and /openapi/openapi.json (the OpenAPI 3.1 spec).
 
-The spec is written here by hand, next to nothing else, and a test checks it against the
-routes the app registers, so an endpoint cannot be added without being described.
+The paths are written here by hand, the JSON shapes come from prerec/schemas.py, and tests
+check the document against the routes the app registers, against the server (schemathesis:
+no request it allows is refused) and against two client generators (tests/test_clients.py).
 """
 
 from __future__ import annotations
@@ -13,20 +14,24 @@ from typing import Any
 from aiohttp import web
 
 from prerec.config import SETTINGS_KEY
-from prerec.model import EVENT_TYPES
+from prerec.model import MAX_BIGINT
+from prerec.schemas import SCHEMAS, SSE_ITEM, ref
 
-# Field ranges spelled out so that generated values are mostly real times (a day 31 in a
-# 30-day month is still refused by the server, with 400).
-START_PATTERN = (
-    r"^(?!0000)[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
-    r"T([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]{1,6})?)?$"
-)
+# Header values in the forms the server reads. Entity tags as aiohttp parses them (it does not
+# refuse a malformed list: it reads it as naming no tag, so the precondition fails with 412).
+_ENTITY_TAGS = r'^(?:\*|(?:W/)?"[!#-~]+"(?: *, *(?:W/)?"[!#-~]+")*)$'
+# An RFC 8941 dictionary of byte sequences, `sha-256=:<base64>:, sha-512=:<base64>:`.
+_BASE64 = r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?"
+_DIGEST_MEMBER = rf"[a-z*][a-z0-9_.*-]*=:{_BASE64}:"
+_DIGESTS = rf"^{_DIGEST_MEMBER}(?: *, *{_DIGEST_MEMBER})*$"
+# IMF-fixdate, the form the server sends (model.http_date).
+_HTTP_DATE = r"^(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), [0-9]{2} [A-Z][a-z]{2} [0-9]{4} [0-9]{2}:[0-9]{2}:[0-9]{2} GMT$"
 
 
 def _problem(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
     response: dict[str, Any] = {
         "description": description,
-        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        "content": {"application/problem+json": {"schema": ref("Problem")}},
     }
     if headers:
         response["headers"] = headers
@@ -48,7 +53,7 @@ _REPRESENTATION_HEADERS = {
     "Accept-Ranges": {"description": "Always `bytes`.", "schema": {"type": "string", "enum": ["bytes"]}},
     "Repr-Digest": {
         "description": "SHA-256 of the whole representation (RFC 9530), also on 206.",
-        "schema": {"type": "string"},
+        "schema": {"type": "string", "pattern": "^sha-256=:[A-Za-z0-9+/]{43}=:$"},
     },
     **_VALIDATORS,
 }
@@ -61,19 +66,34 @@ _WRITE_SECURITY = [{}, {"writeToken": []}]
 _PRECONDITION_FAILED = _problem("A precondition (If-Match, If-None-Match, If-Unmodified-Since) failed.")
 
 
-def _header(name: str, description: str) -> dict[str, Any]:
-    return {"name": name, "in": "header", "required": False, "description": description, "schema": {"type": "string"}}
+def _header(name: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "header",
+        "required": False,
+        "description": description,
+        "schema": schema or {"type": "string"},
+    }
 
 
-_IF_MATCH = _header("If-Match", "Only if the current ETag is one of these (strong comparison), or `*`: it exists.")
+_IF_MATCH = _header(
+    "If-Match",
+    "Only if the current ETag is one of these (strong comparison), or `*`: it exists.",
+    {"type": "string", "pattern": _ENTITY_TAGS},
+)
 _IF_NONE_MATCH = _header(
-    "If-None-Match", "Only if the current ETag is none of these (weak comparison); `*`: it does not exist."
+    "If-None-Match",
+    "Only if the current ETag is none of these (weak comparison); `*`: it does not exist.",
+    {"type": "string", "pattern": _ENTITY_TAGS},
 )
 _IF_UNMODIFIED_SINCE = _header("If-Unmodified-Since", "Only if not modified since this HTTP date.")
 
 
-def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
+def _query(name: str, description: str, schema: dict[str, Any], **style: Any) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description, "schema": schema, **style}
+
+
+_OGG = {"audio/ogg": {"schema": {"type": "string", "format": "binary", "contentMediaType": "audio/ogg"}}}
 
 
 SPEC: dict[str, Any] = {
@@ -101,11 +121,7 @@ SPEC: dict[str, Any] = {
                 "responses": {
                     "200": {
                         "description": "Ready for traffic.",
-                        "content": {
-                            "application/json": {
-                                "schema": {"type": "object", "properties": {"status": {"const": "ready"}}}
-                            }
-                        },
+                        "content": {"application/json": {"schema": ref("Readiness")}},
                     },
                     "503": _problem("Not ready (the detail names why), or shutting down.", _RETRY_AFTER),
                 },
@@ -128,30 +144,31 @@ SPEC: dict[str, Any] = {
                 "operationId": "listPrerecordings",
                 "summary": "List an event's prerecordings, ordered by start",
                 "description": (
-                    'Every query value may also be sent JSON-encoded (`after="2024-01-01T00:00:00"`, '
-                    '`limit=10`, `order="desc"`); the JSON `null` means not given, except for `limit`, '
-                    "where it means no limit. An empty value is rejected."
+                    "Page with `limit` and `offset` until `offset` reaches `count`. For the original's "
+                    'clients the server also takes each value JSON-encoded (`after="2024-01-01T00:00:00"`, '
+                    '`order="desc"`), `null` for not given, and `limit=null` for no limit; the schemas '
+                    "describe the plain forms only, so that generated clients type them plainly."
                 ),
                 "parameters": [
                     {"$ref": "#/components/parameters/event"},
-                    _query("after", "Only starts at or after this one (inclusive).", {"type": "string"}),
-                    _query("before", "Only starts before this one (exclusive).", {"type": "string"}),
+                    _query("after", "Only starts at or after this one (inclusive).", ref("Start")),
+                    _query("before", "Only starts before this one (exclusive).", ref("Start")),
                     _query(
                         "limit",
-                        "Most items to return (default 10; `null`: no limit).",
-                        {"type": "string", "pattern": r"^(\d+|null)$"},
+                        "Most items to return.",
+                        {"type": "integer", "minimum": 0, "maximum": MAX_BIGINT, "default": 10},
                     ),
-                    _query("offset", "Items to skip (default 0).", {"type": "string", "pattern": r"^\d+$"}),
                     _query(
-                        "order",
-                        "Order by start: asc (default) or desc.",
-                        {"type": "string", "enum": ["asc", "desc", '"asc"', '"desc"']},
+                        "offset",
+                        "Items to skip.",
+                        {"type": "integer", "minimum": 0, "maximum": MAX_BIGINT, "default": 0},
                     ),
+                    _query("order", "Order by start.", ref("Order")),
                 ],
                 "responses": {
                     "200": {
                         "description": "One page of the matching prerecordings.",
-                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/List"}}},
+                        "content": {"application/json": {"schema": ref("PrerecordingList")}},
                     },
                     "400": _BAD_REQUEST,
                     "503": _UNAVAILABLE,
@@ -181,7 +198,7 @@ SPEC: dict[str, Any] = {
                     "200": {
                         "description": "The audio, exactly as uploaded.",
                         "headers": _REPRESENTATION_HEADERS,
-                        "content": {"audio/ogg": {"schema": {"type": "string", "contentMediaType": "audio/ogg"}}},
+                        "content": _OGG,
                     },
                     "206": {
                         "description": "The requested byte range.",
@@ -189,7 +206,7 @@ SPEC: dict[str, Any] = {
                             **_REPRESENTATION_HEADERS,
                             "Content-Range": {"description": "bytes a-b/size", "schema": {"type": "string"}},
                         },
-                        "content": {"audio/ogg": {"schema": {"type": "string", "contentMediaType": "audio/ogg"}}},
+                        "content": _OGG,
                     },
                     "304": {
                         "description": "Not modified (If-None-Match or If-Modified-Since).",
@@ -223,22 +240,37 @@ SPEC: dict[str, Any] = {
                     _IF_MATCH,
                     _IF_NONE_MATCH,
                     _IF_UNMODIFIED_SINCE,
-                    _header("Content-MD5", "Base64 MD5 of the body."),
-                    _header("Repr-Digest", "RFC 9530 digests of the body: sha-256, sha-512."),
-                    _header("Content-Digest", "RFC 9530 digests of the body: sha-256, sha-512."),
-                    _header("Expect", "100-continue: the answer comes before the body is sent if it is a refusal."),
+                    _header(
+                        "Content-MD5",
+                        "Base64 MD5 of the body (RFC 1864).",
+                        {"type": "string", "pattern": "^[A-Za-z0-9+/]{22}==$"},
+                    ),
+                    _header(
+                        "Repr-Digest",
+                        "RFC 9530 digests of the body; sha-256 and sha-512 are checked, others ignored.",
+                        {"type": "string", "pattern": _DIGESTS},
+                    ),
+                    _header(
+                        "Content-Digest",
+                        "RFC 9530 digests of the body; sha-256 and sha-512 are checked, others ignored.",
+                        {"type": "string", "pattern": _DIGESTS},
+                    ),
+                    _header(
+                        "Expect",
+                        "The answer comes before the body is sent if it is a refusal.",
+                        ref("Expectation"),
+                    ),
                 ],
                 "requestBody": {
                     "required": True,
-                    "content": {
-                        "audio/ogg": {"schema": {"type": "string", "contentMediaType": "audio/ogg"}},
-                    },
+                    "description": "Ogg audio: it must begin with the capture pattern `OggS`.",
+                    "content": _OGG,
                 },
                 "responses": {
                     "201": {
                         "description": "Created.",
                         "headers": {"ETag": {"$ref": "#/components/headers/ETag"}},
-                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Prerecording"}}},
+                        "content": {"application/json": {"schema": ref("Prerecording")}},
                     },
                     "204": {
                         "description": "Replaced.",
@@ -278,29 +310,42 @@ SPEC: dict[str, Any] = {
                 "operationId": "subscribe",
                 "summary": "Server-Sent Events: one message per change",
                 "description": (
-                    "Each message has `id: <event id>` and `data:` a JSON ChangeEvent. A comment line is sent "
-                    "every PREREC_SSE_PING_SECONDS. With `Last-Event-ID` (or `lastEventId`) the stream first "
+                    "The first message is `retry: <ms>`; then each change is one unnamed message, "
+                    "`id: <event id>` and `data:` a JSON ChangeEvent. A comment line is sent every "
+                    "PREREC_SSE_PING_SECONDS. With `Last-Event-ID` (or `lastEventId`) the stream first "
                     "replays every stored event after that id, then continues live."
                 ),
                 "parameters": [
                     _query(
                         "types",
-                        "Only these event types: comma-separated, or a JSON array.",
-                        {"type": "string"},
+                        "Only these event types (also accepted: repeated, or a JSON array).",
+                        {"type": "array", "items": ref("EventType"), "minItems": 1},
+                        style="form",
+                        explode=False,
                     ),
-                    _query("lastEventId", "Resume after this event id.", {"type": "string", "pattern": r"^\d+$"}),
-                    {
-                        "name": "Last-Event-ID",
-                        "in": "header",
-                        "required": False,
-                        "description": "Resume after this event id (EventSource sends it on reconnect).",
-                        "schema": {"type": "string", "pattern": r"^\d+$"},
-                    },
+                    _query(
+                        "lastEventId",
+                        "Resume after this event id.",
+                        {"type": "integer", "minimum": 0, "maximum": MAX_BIGINT},
+                    ),
+                    _header(
+                        "Last-Event-ID",
+                        "Resume after this event id (EventSource sends it on reconnect).",
+                        {"type": "integer", "minimum": 0, "maximum": MAX_BIGINT},
+                    ),
                 ],
                 "responses": {
                     "200": {
-                        "description": "An endless stream of events.",
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        "description": (
+                            "An endless stream of events. `x-itemSchema` describes each message as OpenAPI 3.2's "
+                            "`itemSchema` does (its fields; `data` is JSON), which OpenAPI 3.1 cannot say."
+                        ),
+                        "content": {
+                            "text/event-stream": {
+                                "schema": {"type": "string"},
+                                "x-itemSchema": SSE_ITEM,
+                            }
+                        },
                     },
                     "400": _problem("An unknown or empty event type, or a malformed Last-Event-ID."),
                     "503": _UNAVAILABLE,
@@ -323,7 +368,7 @@ SPEC: dict[str, Any] = {
                 "responses": {
                     "200": {
                         "description": "OpenAPI 3.1.",
-                        "content": {"application/json": {"schema": {"type": "object"}}},
+                        "content": {"application/json": {"schema": ref("OpenAPIDocument")}},
                     }
                 },
             }
@@ -353,71 +398,22 @@ SPEC: dict[str, Any] = {
                     "The instance's start in the event's timezone, naive: YYYY-MM-DDTHH:MM, "
                     "YYYY-MM-DDTHH:MM:SS or YYYY-MM-DDTHH:MM:SS.ffffff."
                 ),
-                "schema": {"type": "string", "pattern": START_PATTERN},
+                "schema": ref("Start"),
             },
         },
         "headers": {
             "ETag": {
                 "description": "Strong entity tag: the SHA-256 of the content, quoted.",
-                "schema": {"type": "string"},
+                "schema": {"type": "string", "pattern": r'^"[0-9a-f]{64}"$'},
             },
-            "Last-Modified": {"description": "When this version was stored (HTTP date).", "schema": {"type": "string"}},
+            "Last-Modified": {
+                "description": "When this version was stored (HTTP date).",
+                "schema": {"type": "string", "pattern": _HTTP_DATE},
+            },
             "Content-Type": {"description": "The Content-Type it was uploaded with.", "schema": {"type": "string"}},
             "Retry-After": {"description": "Seconds to wait before trying again.", "schema": {"type": "string"}},
         },
-        "schemas": {
-            "Problem": {
-                "type": "object",
-                "description": "RFC 9457 problem details.",
-                "required": ["type", "title", "status", "detail"],
-                "properties": {
-                    "type": {"type": "string"},
-                    "title": {"type": "string"},
-                    "status": {"type": "integer"},
-                    "detail": {"type": "string"},
-                },
-            },
-            "Prerecording": {
-                "type": "object",
-                "required": ["event", "start", "type", "size", "etag", "modified"],
-                "properties": {
-                    "event": {"type": "string", "format": "uuid"},
-                    "start": {"type": "string", "description": "Canonical: YYYY-MM-DDTHH:MM:SS[.ffffff]."},
-                    "type": {"type": "string", "description": "Content-Type as uploaded."},
-                    "size": {"type": "integer", "minimum": 1},
-                    "etag": {"type": "string", "description": "The ETag header value, quotes included."},
-                    "modified": {"type": "string", "format": "date-time", "description": "UTC, with Z."},
-                },
-            },
-            "List": {
-                "type": "object",
-                "required": ["count", "limit", "offset", "prerecordings"],
-                "properties": {
-                    "count": {"type": "integer", "description": "All matches, before limit and offset."},
-                    "limit": {"type": ["integer", "null"], "description": "null: no limit."},
-                    "offset": {"type": "integer"},
-                    "prerecordings": {"type": "array", "items": {"$ref": "#/components/schemas/Prerecording"}},
-                },
-            },
-            "ChangeEvent": {
-                "type": "object",
-                "description": "The data of one SSE message.",
-                "required": ["type", "createdAt", "data"],
-                "properties": {
-                    "type": {"type": "string", "enum": list(EVENT_TYPES)},
-                    "createdAt": {"type": "string", "format": "date-time"},
-                    "data": {
-                        "type": "object",
-                        "properties": {
-                            "prerecording": {
-                                "description": "The list item; for prerecording-deleted only event and start.",
-                                "type": "object",
-                            }
-                        },
-                    },
-                },
-            },
-        },
+        "schemas": SCHEMAS,
     },
 }
 

@@ -1,17 +1,32 @@
-"""Settings: read from the environment, every one documented in the README."""
+"""Settings: read from the environment, every one documented in the README from its help text."""
 
 import re
 
 import pytest
 
-from prerec.config import SETTINGS, SettingError, Settings
+from prerec.__main__ import main
+from prerec.config import SETTINGS, SettingError, Settings, settings_table, with_settings_table
 from tests.conftest import ROOT
 
 
-def test_every_setting_is_in_the_readme_table() -> None:
+def test_readme_settings_table_is_the_generated_one() -> None:
     readme = (ROOT / "README.md").read_text()
-    documented = set(re.findall(r"^\| `(PREREC_[A-Z_]+)` \|", readme, flags=re.MULTILINE))
-    assert {setting.env for setting in SETTINGS} == documented
+    assert with_settings_table(readme) == readme, "README's settings table is stale: run `make docs`"
+    documented = re.findall(r"^\| `(PREREC_[A-Z_]+)` \|", readme, flags=re.MULTILINE)
+    assert documented == [setting.env for setting in SETTINGS]
+
+
+def test_settings_command_rewrites_only_the_table(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "# x\n\n| variable | default | meaning |\n|---|---|---|\n| `PREREC_OLD` | 1 | Gone. |\n\nAfter.\n"
+    )
+    assert main(["settings", "--readme", str(readme)]) == 0
+    assert readme.read_text() == f"# x\n\n{settings_table()}\nAfter.\n"
+    assert main(["settings"]) == 0
+    assert capsys.readouterr().out == settings_table()
+    with pytest.raises(ValueError, match="no settings table"):
+        with_settings_table("# no table\n")
 
 
 def test_defaults_match_the_contract() -> None:

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 from prerec.app import create_app
+from tests import contract
 from tests.conftest import EVENT, Replica, blob_files, free_port, ogg, put_head, tmp_files
 
 BASE = f"/prerecordings/{EVENT}"
@@ -401,8 +402,7 @@ async def test_list_defaults_to_first_ten_ascending_with_total_count(client) -> 
     assert listing["count"] == 15 and listing["limit"] == 10 and listing["offset"] == 0
     assert [item["start"] for item in listing["prerecordings"]] == STARTS[:10]
     item = listing["prerecordings"][0]
-    assert set(item) == {"event", "start", "type", "size", "etag", "modified"}
-    assert item["modified"].endswith("Z")
+    contract.check("PrerecordingList", listing)
     head = await client.head(f"{BASE}/{item['start']}")
     assert head.headers["ETag"] == item["etag"]
 

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from prerec.app import create_app
+from tests import contract
 from tests.conftest import EVENT, ogg, read_events
 
 KEY = f"/prerecordings/{EVENT}/2024-01-01T00:00"
@@ -36,7 +37,7 @@ async def test_created_updated_deleted_in_order(client) -> None:
     assert created["createdAt"].endswith("Z")
     item = created["data"]["prerecording"]
     assert item["event"] == EVENT and item["start"] == "2024-01-01T00:00:00" and item["size"] == 100
-    assert set(item) == {"event", "start", "type", "size", "etag", "modified"}
+    contract.check("PrerecordingCreatedEvent", created)
     listing = await (await client.get(f"/prerecordings/{EVENT}")).json()
     assert listing["count"] == 0
     assert events[2][1]["data"] == {"prerecording": {"event": EVENT, "start": "2024-01-01T00:00:00"}}
