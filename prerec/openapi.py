@@ -233,7 +233,9 @@ SPEC: dict[str, Any] = {
                     "`If-Match` replaces only a known version; both are decided in the writing transaction. "
                     "Content-MD5, Repr-Digest and Content-Digest (sha-256, sha-512) are checked against the "
                     "body. A wrong Content-Type, a declared length over the limit or a failed precondition "
-                    "is answered before the body is read (and before `100 Continue`)."
+                    "is answered before the body is read (and before `100 Continue`). The bytes are stored "
+                    "exactly as sent: a Content-Encoding other than `identity` (415), a transfer coding other "
+                    "than `chunked` (501) and a partial PUT with Content-Range (400) are refused."
                 ),
                 "parameters": [
                     *_KEY_PARAMETERS,
@@ -277,15 +279,28 @@ SPEC: dict[str, Any] = {
                         "headers": {"ETag": {"$ref": "#/components/headers/ETag"}},
                     },
                     "400": _problem(
-                        "A path value or digest header is malformed, the body is empty or not Ogg, "
-                        "or a digest does not match."
+                        "A path value or digest header is malformed, the body is empty or not Ogg, a digest "
+                        "does not match, or Content-Range was sent (a partial PUT is not supported)."
                     ),
                     "401": _UNAUTHORIZED,
-                    "408": _problem("The body stalled for PREREC_READ_TIMEOUT_SECONDS; nothing was stored."),
+                    "408": _problem(
+                        "The body stalled, or arrived slower than PREREC_MIN_UPLOAD_RATE_BYTES a second averaged "
+                        "over PREREC_READ_TIMEOUT_SECONDS; nothing was stored."
+                    ),
                     "412": _PRECONDITION_FAILED,
                     "413": _problem("The body is larger than PREREC_MAX_UPLOAD_BYTES."),
-                    "415": _problem("The Content-Type is not audio/ogg."),
+                    "415": _problem(
+                        "The Content-Type is not audio/ogg, is malformed or longer than 256 characters; or a "
+                        "Content-Encoding other than identity was sent.",
+                        {
+                            "Accept-Encoding": {
+                                "description": "`identity` when a content coding was refused.",
+                                "schema": {"type": "string", "enum": ["identity"]},
+                            }
+                        },
+                    ),
                     "417": _problem("The Expect header names something other than 100-continue."),
+                    "501": _problem("A transfer coding other than chunked was sent."),
                     "503": _UNAVAILABLE,
                     "507": _problem("The storage folder is full."),
                 },

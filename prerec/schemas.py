@@ -83,7 +83,13 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                 "pattern": CANONICAL_START_PATTERN,
                 "description": "Canonical: YYYY-MM-DDTHH:MM:SS, with .ffffff only when not zero.",
             },
-            "type": {"type": "string", "minLength": 1, "description": "The Content-Type it was uploaded with."},
+            "type": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 256,
+                "description": "The Content-Type it was uploaded with, normalised (type and parameter names "
+                "lower-cased, parameters kept).",
+            },
             "size": {"type": "integer", "minimum": 1, "description": "Bytes."},
             "etag": {
                 "type": "string",
