@@ -224,8 +224,15 @@ def test_schemathesis_finds_no_fault(tmp_path, storage_env, replicas) -> None:
             "--exclude-path",
             "/sse",
         ],
-        env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks", "NO_COLOR": "1"},
-        cwd=ROOT,
+        # Run from a temporary folder, so its caches (.schemathesis/, .hypothesis/) stay out of
+        # the repository; PYTHONPATH still finds the hooks module.
+        env={
+            **os.environ,
+            "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks",
+            "NO_COLOR": "1",
+            "PYTHONPATH": str(ROOT),
+        },
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=600,
