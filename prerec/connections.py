@@ -78,8 +78,8 @@ def default_max_connections(descriptor_limit: int) -> int:
 
 
 class Throttled:
-    """One log line per interval at most; the lines left out are counted in the next one, or in
-    a line of their own at the end of the interval."""
+    """One log line per interval at most; the lines left out are summed up in one line at the
+    end of the interval."""
 
     def __init__(self, logger: logging.Logger, interval: float = LOG_INTERVAL_SECONDS) -> None:
         self._logger = logger
