@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from prerec import blobs, cors, db, tasks
+from prerec import blobs, connections, cors, db, tasks
 from prerec.cache import CACHE, MetadataCache
 from prerec.config import SETTINGS_KEY, Settings
 from prerec.events import BROADCASTER, Broadcaster
@@ -125,14 +125,9 @@ async def serve(app: web.Application, settings: Settings, reuse_port: bool = Fal
     streams (their clients reconnect to another replica), let uploads in flight finish within
     PREREC_SHUTDOWN_TIMEOUT_SECONDS, and only then clean up.
     """
-    # access_log=None: telemetry_middleware writes the one line per request, with its id.
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0, access_log=None)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
-    # reuse_port: with PREREC_WORKERS > 1 every worker listens on the same port and the kernel
-    # spreads connections over them.
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
-    await site.start()
-    log.info("serving on http://%s:%d", settings.host, settings.port)
+    listener = await connections.listen(runner, settings, reuse_port)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -142,7 +137,7 @@ async def serve(app: web.Application, settings: Settings, reuse_port: bool = Fal
 
     log.info("shutting down: no new connections, ending event streams, finishing uploads")
     app[SHUTTING_DOWN].set()
-    await site.stop()
+    listener.close()
     app[BROADCASTER].end_streams("the server is shutting down")
     deadline = loop.time() + settings.shutdown_timeout_seconds
     # Uploads that began on a keep-alive connection just before the flag was set may join

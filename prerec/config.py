@@ -240,6 +240,30 @@ SETTINGS: tuple[Setting, ...] = (
         "`PREREC_READ_TIMEOUT_SECONDS`, is cut off with 408 and its temporary file removed; a studio "
         "link brings a thousand times more. `0`: only a full stall is cut.",
     ),
+    Setting(
+        "header_timeout_seconds",
+        "PREREC_HEADER_TIMEOUT_SECONDS",
+        "60",
+        _positive_float,
+        "A connection that has not sent a complete request head this long after it opened (or after the "
+        "head's first byte) is closed, as nginx's `client_header_timeout`.",
+    ),
+    Setting(
+        "keepalive_timeout_seconds",
+        "PREREC_KEEPALIVE_TIMEOUT_SECONDS",
+        "75",
+        _positive_float,
+        "An idle keep-alive connection is closed after this long; keep it above a load balancer's idle timeout.",
+    ),
+    Setting(
+        "max_connections",
+        "PREREC_MAX_CONNECTIONS",
+        None,
+        _positive_int,
+        "Most connections open at once per process; past it a new connection closes the one idle the longest "
+        "(or is answered 503 when none is idle). Unset: (open file limit - 64) / 2, at most 10000; the soft "
+        "open file limit is raised to the hard one at start.",
+    ),
 )
 
 
@@ -266,6 +290,9 @@ class Settings:
     scalar_js_url: str
     cors_origins: frozenset[str] | None
     min_upload_rate_bytes: int
+    header_timeout_seconds: float
+    keepalive_timeout_seconds: float
+    max_connections: int | None
 
     @property
     def blob_dir(self) -> Path:

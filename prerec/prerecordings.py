@@ -20,7 +20,7 @@ from prerec.cache import CACHE
 from prerec.config import SETTINGS_KEY
 from prerec.db import POOL
 from prerec.model import Prerecording, format_start, parse_content_type, parse_count, parse_event, parse_start
-from prerec.problems import CommitUncertain, Problem, problem_response
+from prerec.problems import CommitUncertain, Problem
 from prerec.telemetry import METRICS
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,8 @@ class _Accepted:
 
 # The findings of an upload whose headers the Expect handler already checked.
 EARLY_CHECKS = web.RequestKey("early_checks", _Accepted)
+# Why the Expect handler refused an upload, for the upload handler to answer.
+EARLY_REFUSAL = web.RequestKey("early_refusal", Problem)
 
 DEFAULT_LIMIT = 10
 
@@ -128,23 +130,25 @@ def _check_upload_headers(headers: MultiMapping[str], max_bytes: int) -> str:
     return content_type
 
 
-async def upload_expect(request: web.Request) -> web.StreamResponse | None:
+async def upload_expect(request: web.Request) -> None:
     """Answer `Expect: 100-continue` only when the upload can be accepted.
 
     aiohttp's default handler says "continue" before any check runs, and the client then
-    sends a body that will be refused; this one refuses first.
+    sends a body that will be refused; this one refuses first. It does not answer a refusal
+    itself: aiohttp would send that answer past the middlewares (no request id, no access log
+    line, no metric), so the upload handler raises it instead.
     """
     try:
         # Kept on the request: the handler that reads the body need not check (and query) again.
         request[EARLY_CHECKS] = await _refuse_early(request)
     except Problem as problem:
-        headers = {**problem.headers, "Connection": "close"}
-        return problem_response(problem.status, problem.detail, headers)
+        request[EARLY_REFUSAL] = problem
+        return
     if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
-        return problem_response(417, f"The Expect value {request.headers[hdrs.EXPECT]!r} is not supported.")
+        request[EARLY_REFUSAL] = Problem(417, f"The Expect value {request.headers[hdrs.EXPECT]!r} is not supported.")
+        return
     if request.version >= (1, 1):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    return None
 
 
 # Responses
@@ -289,14 +293,16 @@ async def _refuse_early(request: web.Request) -> _Accepted:
 
 
 async def _upload(request: web.Request) -> web.StreamResponse:
-    event, start = _key(request)
     try:
+        if EARLY_REFUSAL in request:
+            raise request[EARLY_REFUSAL]
         accepted = request[EARLY_CHECKS] if EARLY_CHECKS in request else await _refuse_early(request)
     except Problem as problem:
         # The body is left unread: close the connection rather than have aiohttp read and
         # discard what may be gigabytes.
         problem.headers.setdefault("Connection", "close")
         raise
+    event, start = _key(request)
     settings = request.app[SETTINGS_KEY]
     algorithms = frozenset(claim.algorithm for claim in accepted.claims)
     pace = blobs.Pace(settings.read_timeout_seconds, settings.min_upload_rate_bytes, settings.tmp_max_age_seconds)

@@ -37,6 +37,10 @@ def problem_response(status: int, detail: str, headers: Mapping[str, str] | None
     body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail}
     response = web.Response(status=status, text=json.dumps(body), headers=headers)
     response.content_type = PROBLEM_JSON
+    if response.headers.get("Connection", "").lower() == "close":
+        # aiohttp keeps the connection open whatever the header says (and reads on into the
+        # body the client may never send): make the header true.
+        response.force_close()
     return response
 
 

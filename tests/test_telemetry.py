@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 
+import pytest
+
 from prerec.telemetry import configure_logging
-from tests.conftest import EVENT, blob_files, ogg, read_events
+from tests.conftest import EVENT, blob_files, ogg, put_head, read_events
 
 KEY = f"/prerecordings/{EVENT}/2024-01-01T00:00"
 OGG = {"Content-Type": "audio/ogg"}
@@ -93,3 +96,52 @@ async def test_lines_logged_while_handling_a_request_carry_its_id(client, settin
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
     [error] = [line for line in lines if line["level"] == "ERROR"]
     assert error["logger"] == "prerec.prerecordings" and error["request_id"] == "torn-1"
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One HTTP/1.1 answer off a raw connection: its head and its body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    return head, await reader.readexactly(length)
+
+
+@pytest.mark.parametrize(
+    ("extra", "content_type", "status"),
+    [
+        ((), "audio/mpeg", 415),  # refused by the checks
+        (("Expect: 100-continue-please",), "audio/ogg", 417),  # an Expect value not understood
+    ],
+)
+async def test_a_refused_expect_is_logged_counted_and_closes_the_connection(
+    client, capsys, extra: tuple[str, ...], content_type: str, status: int
+) -> None:
+    """The refusal goes through the same middlewares as any answer, and the connection (with
+    the body never sent) is not used again."""
+    configure_logging("INFO", "json")
+    try:
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        expect = extra or ("Expect: 100-continue",)
+        writer.write(put_head(KEY, 8, *expect, "X-Request-ID: refused-1", content_type=content_type))
+        await writer.drain()
+        async with asyncio.timeout(5):
+            head, body = await read_answer(reader)
+            assert head.startswith(f"HTTP/1.1 {status}".encode()), head
+            assert b"X-Request-ID: refused-1" in head
+            assert json.loads(body)["status"] == status
+            # A client that sends the body anyway, then another request: that one is not
+            # served, the server closes the connection.
+            writer.write(b"OggS1234GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+            try:
+                rest = await reader.read()
+            except ConnectionResetError:
+                rest = b""
+        assert rest == b""
+        writer.close()
+        metrics = await (await client.get("/metrics")).text()
+    finally:
+        logging.getLogger().handlers.clear()
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    access = [line for line in lines if line["logger"] == "prerec.access" and line["path"] != "/metrics"]
+    assert [(line["method"], line["status"], line["request_id"]) for line in access] == [("PUT", status, "refused-1")]
+    route = "/prerecordings/{event}/{start}"
+    assert sample(metrics, "prerec_http_requests_total", route=route, method="PUT", status=str(status)) == 1
