@@ -103,7 +103,14 @@ SPEC: dict[str, Any] = {
         "version": "1.0.0",
         "description": (
             "Prerecordings of scheduled events: the audio of one airing, named by the event's UUID and "
-            "the instance's start in the event's own timezone (a naive datetime). Audio is Ogg."
+            "the instance's start in the event's own timezone (a naive datetime). Audio is Ogg.\n\n"
+            "Every answer carries `X-Request-ID` (the client's, if short printable ASCII, else a new one). "
+            "Any request may also be answered `414` (request line over 8192 bytes) or `431` (a header "
+            "field over 8190 bytes, or too many), and, when the replica is at PREREC_MAX_CONNECTIONS with "
+            "no idle connection to close, `503` with `Retry-After` and `Connection: close`. With "
+            "PREREC_CORS_ORIGINS set, `OPTIONS` preflights are answered `204` on every path (`403` for an "
+            "origin not listed) and answers carry `Access-Control-Allow-Origin`, "
+            "`Access-Control-Expose-Headers` and `Vary: Origin`."
         ),
     },
     "paths": {
@@ -452,6 +459,16 @@ def _add_head_operations(spec: dict[str, Any]) -> None:
         }
 
 
+def _add_parser_refusals(spec: dict[str, Any]) -> None:
+    """aiohttp's parser refuses an oversized request line or header before any route is chosen,
+    so every operation can answer these."""
+    for item in spec["paths"].values():
+        for operation in item.values():
+            operation["responses"].setdefault("414", _problem("The request line is too long."))
+            operation["responses"].setdefault("431", _problem("A header field is too long, or there are too many."))
+
+
+_add_parser_refusals(SPEC)
 _add_head_operations(SPEC)
 _SPEC_JSON = json.dumps(SPEC)
 
