@@ -197,8 +197,10 @@ async def _guard_progress(body: StreamReader, last_progress: list[float], timeou
             return
 
 
-class _Stalled(ConnectionError):
-    pass
+class _Stalled(TimeoutError):
+    """A timeout, not a connection error: after our 408 aiohttp reads on to drain the body
+    (lingering), meets this exception on it, and stops quietly only for a timeout; any other
+    error there is logged as "Unhandled exception" with a traceback."""
 
 
 # Blob file work runs on threads of its own: fsyncs can take seconds, and must not queue up

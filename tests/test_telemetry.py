@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import logging
 import re
 
+from prerec.app import create_app
 from prerec.telemetry import configure_logging
-from tests.conftest import EVENT, blob_files, ogg, read_events
+from tests.conftest import EVENT, blob_files, ogg, put_head, read_events
 
 KEY = f"/prerecordings/{EVENT}/2024-01-01T00:00"
 OGG = {"Content-Type": "audio/ogg"}
@@ -93,3 +96,19 @@ async def test_lines_logged_while_handling_a_request_carry_its_id(client, settin
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
     [error] = [line for line in lines if line["level"] == "ERROR"]
     assert error["logger"] == "prerec.prerecordings" and error["request_id"] == "torn-1"
+
+
+async def test_a_stalled_upload_is_one_408_access_line_and_no_traceback(aiohttp_client, settings, database_url, caplog):  # type: ignore[no-untyped-def]
+    impatient = dataclasses.replace(settings, read_timeout_seconds=0.5)
+    client = await aiohttp_client(create_app(impatient, database_url))
+    caplog.set_level(logging.DEBUG)
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(put_head(KEY, 1000, "X-Request-ID: stalled-1") + b"OggS")
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)  # to the end: the server closes
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    await asyncio.sleep(0.1)  # anything logged after the answer went out
+    assert not [r for r in caplog.records if r.exc_info or "Unhandled" in r.getMessage()], caplog.text
+    [line] = [r for r in caplog.records if r.name == "prerec.access"]
+    assert line.status == 408 and line.request_id == "stalled-1"
