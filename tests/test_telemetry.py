@@ -8,10 +8,14 @@ import json
 import logging
 import re
 import socket
+import urllib.parse
 
+import pytest
+
+from prerec.__main__ import without_password
 from prerec.app import create_app
 from prerec.telemetry import configure_logging
-from tests.conftest import EVENT, blob_files, ogg, put_head, read_events, wait_for
+from tests.conftest import EVENT, Replica, blob_files, free_port, ogg, put_head, read_events, wait_for
 
 KEY = f"/prerecordings/{EVENT}/2024-01-01T00:00"
 OGG = {"Content-Type": "audio/ogg"}
@@ -181,3 +185,56 @@ async def test_text_lines_name_status_bytes_duration_and_request_id(client, sett
     assert any(re.search(r" 503 \d+B \d+\.\dms req=torn-2$", line) for line in lines), lines
     [error] = [line for line in lines if " ERROR " in line]
     assert error.endswith(" req=torn-2")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            "postgresql://prerec:s3cret@db.internal:5432/prerec?sslmode=require",
+            "postgresql://prerec@db.internal:5432/prerec?sslmode=require",
+        ),
+        ("postgresql://u:s3cret@h1:5432,h2:5433/db", "postgresql://u@h1:5432,h2:5433/db"),
+        ("postgres://u:s3c@ret@h/db", "postgres://u@h/db"),
+        ("postgresql://u@h/db?password=s3cret&sslmode=verify-full", "postgresql://u@h/db?sslmode=verify-full"),
+        ("postgresql:///db?host=/run/postgresql&PASSWORD=s3cret", "postgresql:///db?host=/run/postgresql"),
+        ("postgresql://postgres:@/postgres?host=/tmp/pg", "postgresql://postgres@/postgres?host=/tmp/pg"),
+    ],
+)
+def test_database_url_is_shown_without_its_password(url: str, shown: str) -> None:
+    assert without_password(url) == shown
+
+
+def started_lines(replica: Replica) -> list[str]:
+    messages = []
+    for line in replica.log.read_text().splitlines():
+        if line.startswith("{"):
+            messages.append(json.loads(line)["message"])
+    return messages
+
+
+def test_first_lines_say_where_the_data_lives_never_the_password(tmp_path, storage_env, replicas) -> None:
+    url = urllib.parse.urlsplit(storage_env["PREREC_DATABASE_URL"])
+    # The embedded server trusts local connections, so a password is accepted and ignored.
+    with_password = url._replace(netloc=f"postgres:pw-that-must-not-show@{url.hostname or ''}").geturl()
+    replica = Replica({**storage_env, "PREREC_DATABASE_URL": with_password}, free_port(), tmp_path / "server.log")
+    replicas.append(replica)
+    replica.wait_ready()
+    assert replica.stop() == 0
+    messages = started_lines(replica)
+    assert f"storage folder: {tmp_path / 'storage'}" in messages
+    assert f"database: {without_password(with_password)}" in messages
+    assert "pw-that-must-not-show" not in replica.log.read_text()
+
+
+def test_first_lines_say_that_an_embedded_postgresql_was_started(tmp_path, replicas) -> None:
+    env = {"PREREC_DATA_DIR": str(tmp_path / "data"), "PREREC_DATABASE_URL": ""}
+    replica = Replica(env, free_port(), tmp_path / "server.log")
+    replicas.append(replica)
+    replica.wait_ready(timeout=60)
+    assert replica.stop() == 0  # SIGTERM: the embedded server is stopped with us
+    messages = started_lines(replica)
+    pgdata = tmp_path / "data" / "postgres"
+    assert any(m.startswith("started an embedded PostgreSQL") and str(pgdata) in m for m in messages), messages
+    assert f"storage folder: {tmp_path / 'data' / 'blobs'}" in messages
+    assert any(m.startswith("database: postgresql://") for m in messages), messages
