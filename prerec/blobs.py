@@ -208,6 +208,13 @@ class _Stalled(TimeoutError):
 DISK = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="blob-io")
 
 
+try:
+    _malloc_trim = ctypes.CDLL(None).malloc_trim
+    _malloc_trim.argtypes = (ctypes.c_size_t,)
+except (OSError, AttributeError):  # not glibc
+    _malloc_trim = None
+
+
 class _Pipeline:
     """Hands pieces of an upload to threads, several pieces in flight.
 
@@ -217,7 +224,15 @@ class _Pipeline:
     order, so they go through one thread of this upload's own. No buffer is allocated per
     piece, so memory stays flat (allocating a fresh megabyte per piece let the allocator's
     heap grow by a hundred megabytes on 1 GiB uploads).
+
+    When the last upload in progress closes its pipeline, the heap is trimmed: the body pieces
+    aiohttp reads (mostly under the mmap threshold) come from the main heap, and after a burst
+    of 200 concurrent 1 MiB uploads its freed memory, scattered, stayed resident (90-130 MB
+    idle, 53 MB trimmed). malloc_trim, unlike the automatic trim, also hands back free pages
+    inside the heap; it takes milliseconds, in a thread.
     """
+
+    in_progress = 0  # pipelines not yet closed, in this process
 
     def __init__(self, upload: _Upload) -> None:
         self.upload = upload
@@ -231,6 +246,8 @@ class _Pipeline:
         self.filling = 0
         self.filled = 0
         self.offset = 0
+        self.closed = False
+        _Pipeline.in_progress += 1
 
     def add(self, chunk: memoryview) -> bool:
         """Copy what fits into the current buffer; True when it is full. `taken` says how
@@ -280,10 +297,16 @@ class _Pipeline:
     def settle(self) -> None:
         """Block until the threads are done with our buffers and file (cleanup only)."""
         concurrent.futures.wait([future for futures in self.busy for future in futures])
-        self.close()
 
     def close(self) -> None:
+        """On the loop, once per pipeline (the count of those in progress is not locked)."""
+        if self.closed:
+            return
+        self.closed = True
         self.hashing.shutdown(wait=False)
+        _Pipeline.in_progress -= 1
+        if _Pipeline.in_progress == 0 and _malloc_trim is not None:
+            DISK.submit(_malloc_trim, 0)
 
 
 async def _on_disk(call, *args):  # type: ignore[no-untyped-def]
