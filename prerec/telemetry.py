@@ -150,7 +150,7 @@ class Exchange:
         metrics.requests.labels(route, request.method, "aborted" if aborted else str(status)).inc()
         if route != "/sse":  # a stream's lifetime is not a response time
             metrics.duration.labels(route, request.method).observe(elapsed)
-        if isinstance(response, BlobResponse):
+        if isinstance(response, BlobResponse) and response.body_sent:
             metrics.downloaded.inc(response.body_sent)
         access_log.info(
             "%s %s %d %dB %.1fms%s",
