@@ -55,6 +55,8 @@ class Plan:
     list_requests: int
     subscribers: int
     sse_uploads: int
+    burst: int
+    idle_seconds: float
 
 
 FULL = Plan(
@@ -69,6 +71,8 @@ FULL = Plan(
     list_requests=1000,
     subscribers=1000,
     sse_uploads=20,
+    burst=200,
+    idle_seconds=3,
 )
 SMOKE = Plan(
     big=32 << 20,
@@ -82,6 +86,8 @@ SMOKE = Plan(
     list_requests=50,
     subscribers=30,
     sse_uploads=3,
+    burst=50,
+    idle_seconds=1,
 )
 
 
@@ -259,7 +265,7 @@ class RssSampler:
         self.pids = pids
         self.peak = 0
 
-    def _rss(self) -> int:
+    def rss(self) -> int:
         total = 0
         for pid in self.pids:
             with contextlib.suppress(OSError):
@@ -269,7 +275,7 @@ class RssSampler:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            self.peak = max(self.peak, self._rss())
+            self.peak = max(self.peak, self.rss())
             await asyncio.sleep(0.01)
 
     async def during(self, work: Awaitable[float]) -> float:
@@ -299,6 +305,20 @@ async def concurrent_puts(urls: list[str], body: Path) -> float:
     began = time.perf_counter()
     await asyncio.gather(*(put(url, body) for url in urls))
     return time.perf_counter() - began
+
+
+async def burst_of_puts(urls: list[str], size: int) -> None:
+    """One upload to each URL, all at once, from one client session (a curl process each would
+    load the machine more than the server does)."""
+    body = b"OggS" + os.urandom(size - 4)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def one(url: str) -> None:
+            async with session.put(url, data=body, headers={"Content-Type": OGG}) as response:
+                if response.status not in (201, 204):
+                    raise RuntimeError(f"PUT {url}: {response.status}")
+
+        await asyncio.gather(*(one(url) for url in urls))
 
 
 async def wrk(url: str, seconds: int) -> float:
@@ -633,6 +653,17 @@ async def measure(
         many.ours.append(await concurrent_puts(ours, bodies["concurrent"]))
         many.reference.append(await concurrent_puts(theirs, bodies["concurrent"]))
     rss.ours.append(sampler.peak / 1e6)
+    # What a server keeps once a burst is over: memory freed but never handed back would stay.
+    await burst_of_puts([f"{key}/2024-04-01T00:{i // 60:02d}:{i % 60:02d}" for i in range(plan.burst)], 1 << 20)
+    await asyncio.sleep(plan.idle_seconds)
+    idle_rss = sampler.rss() / 1e6
+    idle = Row(
+        f"idle RSS (largest process) after a burst of {plan.burst} concurrent 1 MiB PUTs [{tag}]",
+        "MB",
+        [idle_rss],
+        goal="< 100 MB",
+        passed=idle_rss < 100,
+    )
     judge_ratio(put_big, at_least=1.0)
     judge_ratio(put_big_bare, at_least=0.75)
     judge_ratio(get_big, at_least=1.0)
@@ -671,6 +702,7 @@ async def measure(
         get_big,
         many,
         rss,
+        idle,
         ping,
         head,
         tiny,

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 import asyncpg
@@ -55,8 +56,27 @@ def migrate(database_url: str, revision: str = "head") -> None:
     command.upgrade(_alembic(database_url), revision)
 
 
+def without_password(url: str) -> str:
+    """A database URL fit for a log line: no password, neither before the host nor in the query."""
+    parts = urllib.parse.urlsplit(url)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    query = urllib.parse.urlencode(
+        [
+            (key, value)
+            for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+            if key.lower() != "password"
+        ],
+        safe="/",
+    )
+    # Joined by hand: urlunsplit drops the // of an empty host (postgresql:///db?host=/socket).
+    return f"{parts.scheme}://{userinfo.partition(':')[0]}{at}{hosts}{parts.path}" + (f"?{query}" if query else "")
+
+
 def serve(settings: Settings) -> None:
+    # Where everything lives, first: an operator reading the log must not have to guess.
+    log.info("storage folder: %s", settings.blob_dir.resolve())
     database_url = resolve_database_url(settings)
+    log.info("database: %s", without_password(database_url))
     # In a child process: SQLAlchemy and alembic then never load into the serving process,
     # which saves it some 20 MB of memory for good.
     migration = subprocess.run(

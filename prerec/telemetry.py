@@ -6,6 +6,7 @@ apps in one process (tests, workers) never mix their counts.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import itertools
 import logging
@@ -120,61 +121,113 @@ def _route(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
-@web.middleware
-async def telemetry_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Outermost middleware: request id, metrics and the access log line for every answer."""
-    began = time.perf_counter()
-    offered = request.headers.get(REQUEST_ID, "")
-    request_id = offered if _REQUEST_ID_OK.fullmatch(offered) else f"{_ID_PREFIX}{next(_id_counter):08x}"
-    current_request_id.set(request_id)
+@dataclass(slots=True)
+class Exchange:
+    """One request on its way to the access log and the metrics (see watch)."""
+
+    request: web.Request
+    request_id: str
+    began: float
     response: web.StreamResponse | None = None
-    aborted = False
-    try:
-        response = await handler(request)
-        response.headers[REQUEST_ID] = request_id
-        if isinstance(response, BlobResponse):
-            # Sent here rather than after the middleware returns, so the duration covers the
-            # transfer and the bytes can be counted once they are out.
-            try:
-                await response.prepare(request)
-            except (ConnectionError, RuntimeError):
-                # The client went away mid-transfer (a player seeking elsewhere): not an error.
-                aborted = True
-                return response
-            if request.method == "GET":
-                request.app[METRICS].downloaded.inc(response.content_length or 0)
+
+    def answer(self, response: web.StreamResponse) -> web.StreamResponse:
+        """Tag the response with the request id and remember it for the access line."""
+        response.headers[REQUEST_ID] = self.request_id
+        self.response = response
         return response
-    finally:
+
+    def record(self, task: object) -> None:
+        request, response = self.request, self.response
+        elapsed = time.perf_counter() - self.began
+        # What was written for this response, status line and headers included (aiohttp's own
+        # measure of a response, its body_length); BlobResponse adds what sendfile sent. Not the
+        # declared length: a HEAD sends none of it, a client may leave halfway.
+        sent = request.writer.output_size
         status = response.status if response is not None else 500
+        aborted = response is not None and _cut_off(response)
         route = _route(request)
-        elapsed = time.perf_counter() - began
         metrics = request.app[METRICS]
         metrics.requests.labels(route, request.method, "aborted" if aborted else str(status)).inc()
         if route != "/sse":  # a stream's lifetime is not a response time
             metrics.duration.labels(route, request.method).observe(elapsed)
+        if isinstance(response, BlobResponse) and response.body_sent:
+            metrics.downloaded.inc(response.body_sent)
         access_log.info(
-            "%s %s %d",
+            "%s %s %d %dB %.1fms%s",
             request.method,
             request.path,
             status,
+            sent,
+            elapsed * 1000,
+            " aborted" if aborted else "",
             extra={
                 "method": request.method,
                 "path": request.path,
                 "route": route,
                 "status": status,
                 "aborted": aborted,
-                "bytes": response.content_length if response is not None else None,
+                "bytes": sent,
                 "duration_ms": round(elapsed * 1000, 3),
-                "request_id": request_id,
+                "request_id": self.request_id,
                 "remote": request.remote,
             },
         )
 
 
+def _cut_off(response: web.StreamResponse) -> bool:
+    """Whether the client left before a response of declared length was sent whole.
+
+    aiohttp sets body_length (the bytes written, headers included) only once the response is
+    finished, so 0 means it never was. An event stream declares no length and always ends with
+    its client leaving: that is not a cut.
+    """
+    return response.content_length is not None and response.body_length == 0
+
+
+def watch(request: web.Request) -> Exchange:
+    """Give the request its id, and have its access line written and its metrics counted when
+    its task ends: once aiohttp has sent the response (or the client broke it off), so the
+    duration covers the transfer and the bytes are those that went out, whoever sent them.
+
+    The one entry for every answer: telemetry_middleware calls it, and so must a response made
+    where middlewares do not run (an Expect handler's refusal), then pass it to answer().
+    """
+    offered = request.headers.get(REQUEST_ID, "")
+    request_id = offered if _REQUEST_ID_OK.fullmatch(offered) else f"{_ID_PREFIX}{next(_id_counter):08x}"
+    # Set before the callback is added: it runs in a copy of this context, so lines it writes
+    # carry the id too.
+    current_request_id.set(request_id)
+    exchange = Exchange(request, request_id, time.perf_counter())
+    task = asyncio.current_task()
+    assert task is not None
+    task.add_done_callback(exchange.record)
+    return exchange
+
+
+@web.middleware
+async def telemetry_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Outermost middleware: request id, metrics and the access log line for every answer.
+
+    It never sends the response itself (aiohttp does, after it returns); see watch.
+    """
+    exchange = watch(request)
+    return exchange.answer(await handler(request))
+
+
 async def metrics_page(request: web.Request) -> web.Response:
     return web.Response(body=request.app[METRICS].render(), content_type="text/plain", charset="utf-8")
+
+
+class _TextFormatter(logging.Formatter):
+    """Plain lines for a terminal; a line written on behalf of a request ends with its id (the
+    JSON format has it as a field)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        request_id = getattr(record, "request_id", None)
+        return line if request_id is None else f"{line} req={request_id}"
 
 
 def configure_logging(level: str, fmt: str) -> None:
@@ -189,7 +242,7 @@ def configure_logging(level: str, fmt: str) -> None:
             )
         )
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -19,7 +19,7 @@ from aiohttp import web
 from openapi_spec_validator import validate
 
 from prerec.app import create_app
-from prerec.config import Settings
+from prerec.config import SCALAR_VERSION, Settings
 from prerec.model import format_start, parse_start
 from prerec.openapi import SPEC
 from prerec.problems import Problem
@@ -185,7 +185,7 @@ async def test_reference_page_loads_scalar_with_the_spec(client) -> None:
     assert response.status == 200 and response.content_type == "text/html"
     page = await response.text()
     assert 'data-url="/openapi/openapi.json"' in page
-    assert re.search(r'<script src="https://[^"]+@scalar/api-reference"', page)
+    assert re.search(rf'<script src="https://[^"]+@scalar/api-reference@{SCALAR_VERSION}/[^"]+"', page)
 
 
 OGG = {"Content-Type": "audio/ogg"}
@@ -251,9 +251,15 @@ NPM = shutil.which("npm")
 async def test_reference_page_renders_every_operation_in_chromium(
     aiohttp_client, aiohttp_server, settings, database_url, tmp_path
 ):  # type: ignore[no-untyped-def]
-    # The Scalar bundle comes from its npm package, fetched now: nothing is vendored.
+    # The Scalar bundle comes from its npm package, fetched now: nothing is vendored. The same
+    # release as the default URL's, so what is tried here is what users load.
     pack = await asyncio.create_subprocess_exec(
-        NPM, "pack", "--silent", "@scalar/api-reference", cwd=tmp_path, stdout=asyncio.subprocess.PIPE
+        NPM,
+        "pack",
+        "--silent",
+        f"@scalar/api-reference@{SCALAR_VERSION}",
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
     )
     tarball = (await asyncio.wait_for(pack.communicate(), 180))[0].decode().strip().splitlines()[-1]
     with tarfile.open(tmp_path / tarball) as archive:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import pytest
 
 from prerec.app import create_app
 from tests import contract
-from tests.conftest import EVENT, ogg, read_events
+from tests.conftest import EVENT, Replica, free_port, ogg, read_events, wait_for
+from tests.test_telemetry import sample
 
 KEY = f"/prerecordings/{EVENT}/2024-01-01T00:00"
 OGG = {"Content-Type": "audio/ogg"}
@@ -229,3 +231,28 @@ async def test_a_last_event_id_older_than_the_log_replays_what_is_kept_then_goes
     assert data["type"] == "prerecording-deleted"
     assert data["data"]["prerecording"]["start"] == "2024-01-02T00:00:00"
     resumed.close()
+
+
+async def test_the_subscriber_gauge_drops_within_a_second_or_two_of_a_client_leaving(
+    tmp_path, storage_env, replicas
+) -> None:
+    # A real server: the test client's server cancels a handler whose client left, which
+    # aiohttp does not do by default. Pings only every 30 s: a failed ping cannot be what
+    # notices the client has gone.
+    replica = Replica({**storage_env, "PREREC_SSE_PING_SECONDS": "30"}, free_port(), tmp_path / "server.log")
+    replicas.append(replica)
+    replica.wait_ready()
+    async with aiohttp.ClientSession() as session:
+
+        async def subscribers() -> float:
+            async with session.get(f"{replica.url}/metrics") as response:
+                return sample(await response.text(), "prerec_sse_subscribers")
+
+        async def none_left() -> bool:
+            return await subscribers() == 0
+
+        stream = await session.get(f"{replica.url}/sse")
+        assert (await stream.content.readline()).startswith(b"retry: ")
+        assert await subscribers() == 1
+        stream.close()
+        await wait_for(none_left, timeout=2.0)

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
+import socket
+import urllib.parse
 
 import pytest
 
+from prerec.__main__ import without_password
+from prerec.app import create_app
 from prerec.telemetry import configure_logging
-from tests.conftest import EVENT, blob_files, ogg, put_head, read_events
+from tests.conftest import EVENT, Replica, blob_files, free_port, ogg, put_head, read_events, wait_for
 
 KEY = f"/prerecordings/{EVENT}/2024-01-01T00:00"
 OGG = {"Content-Type": "audio/ogg"}
@@ -145,3 +150,140 @@ async def test_a_refused_expect_is_logged_counted_and_closes_the_connection(
     assert [(line["method"], line["status"], line["request_id"]) for line in access] == [("PUT", status, "refused-1")]
     route = "/prerecordings/{event}/{start}"
     assert sample(metrics, "prerec_http_requests_total", route=route, method="PUT", status=str(status)) == 1
+
+
+async def test_a_stalled_upload_is_one_408_access_line_and_no_traceback(aiohttp_client, settings, database_url, caplog):  # type: ignore[no-untyped-def]
+    impatient = dataclasses.replace(settings, read_timeout_seconds=0.5)
+    client = await aiohttp_client(create_app(impatient, database_url))
+    caplog.set_level(logging.DEBUG)
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(put_head(KEY, 1000, "X-Request-ID: stalled-1") + b"OggS")
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)  # to the end: the server closes
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    await asyncio.sleep(0.1)  # anything logged after the answer went out
+    assert not [r for r in caplog.records if r.exc_info or "Unhandled" in r.getMessage()], caplog.text
+    [line] = [r for r in caplog.records if r.name == "prerec.access"]
+    assert line.status == 408 and line.request_id == "stalled-1"
+
+
+def access_lines(caplog) -> list[logging.LogRecord]:  # type: ignore[no-untyped-def]
+    return [record for record in caplog.records if record.name == "prerec.access"]
+
+
+async def test_access_line_bytes_are_what_was_sent(client, caplog) -> None:
+    size = 200_000
+    await client.put(KEY, data=ogg(size), headers=OGG)
+    caplog.set_level(logging.INFO, "prerec.access")
+    caplog.clear()
+    head = await client.head(KEY)
+    assert int(head.headers["Content-Length"]) == size
+    get = await client.get(KEY)
+    assert len(await get.read()) == size
+    await wait_for(lambda: len(access_lines(caplog)) == 2)
+    head_line, get_line = access_lines(caplog)
+    # A HEAD sends its status line and headers, none of the audio.
+    assert 0 < head_line.bytes < 2000 and not head_line.aborted
+    # A GET sends the audio too (sendfile, past aiohttp's writer).
+    assert size < get_line.bytes < size + 2000 and not get_line.aborted
+    text = await (await client.get("/metrics")).text()
+    assert sample(text, "prerec_downloaded_bytes_total") == size
+
+
+async def test_a_download_cut_off_by_the_client_logs_and_counts_what_went_out(client, caplog) -> None:
+    size = 16 << 20
+    await client.put(KEY, data=ogg(size), headers=OGG)
+    caplog.set_level(logging.INFO, "prerec.access")
+    caplog.clear()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((client.host, client.port))
+    sock.sendall(f"GET {KEY} HTTP/1.1\r\nHost: x\r\nX-Request-ID: cut-1\r\n\r\n".encode())
+    sock.setblocking(False)
+    received = 0
+    async with asyncio.timeout(10):
+        while received < 100_000:
+            try:
+                received += len(sock.recv(65536))
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+    sock.close()  # with unread bytes: a reset, as a player seeking elsewhere does
+    [line] = await wait_for(lambda: access_lines(caplog))
+    assert line.request_id == "cut-1" and line.status == 200 and line.aborted
+    assert received <= line.bytes < size / 2
+    text = await (await client.get("/metrics")).text()
+    route = "/prerecordings/{event}/{start}"
+    assert sample(text, "prerec_http_requests_total", route=route, method="GET", status="aborted") == 1
+    assert 0 < sample(text, "prerec_downloaded_bytes_total") < size / 2
+
+
+async def test_text_lines_name_status_bytes_duration_and_request_id(client, settings, capsys) -> None:
+    await client.put(KEY, data=ogg(1000), headers=OGG)
+    [blob] = blob_files(settings)
+    blob.write_bytes(ogg(10))  # torn: the handler logs an error about it
+    configure_logging("INFO", "text")
+    try:
+        await client.get("/ping", headers={"X-Request-ID": "abc"})
+        await client.get(KEY, headers={"X-Request-ID": "torn-2"})
+        await asyncio.sleep(0.05)  # access lines are written as the request's task ends
+    finally:
+        logging.getLogger().handlers.clear()
+    lines = capsys.readouterr().err.splitlines()
+    assert any(re.search(r"prerec\.access: GET /ping 204 \d+B \d+\.\dms req=abc$", line) for line in lines), lines
+    assert any(re.search(r" 503 \d+B \d+\.\dms req=torn-2$", line) for line in lines), lines
+    [error] = [line for line in lines if " ERROR " in line]
+    assert error.endswith(" req=torn-2")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            "postgresql://prerec:s3cret@db.internal:5432/prerec?sslmode=require",
+            "postgresql://prerec@db.internal:5432/prerec?sslmode=require",
+        ),
+        ("postgresql://u:s3cret@h1:5432,h2:5433/db", "postgresql://u@h1:5432,h2:5433/db"),
+        ("postgres://u:s3c@ret@h/db", "postgres://u@h/db"),
+        ("postgresql://u@h/db?password=s3cret&sslmode=verify-full", "postgresql://u@h/db?sslmode=verify-full"),
+        ("postgresql:///db?host=/run/postgresql&PASSWORD=s3cret", "postgresql:///db?host=/run/postgresql"),
+        ("postgresql://postgres:@/postgres?host=/tmp/pg", "postgresql://postgres@/postgres?host=/tmp/pg"),
+    ],
+)
+def test_database_url_is_shown_without_its_password(url: str, shown: str) -> None:
+    assert without_password(url) == shown
+
+
+def started_lines(replica: Replica) -> list[str]:
+    messages = []
+    for line in replica.log.read_text().splitlines():
+        if line.startswith("{"):
+            messages.append(json.loads(line)["message"])
+    return messages
+
+
+def test_first_lines_say_where_the_data_lives_never_the_password(tmp_path, storage_env, replicas) -> None:
+    url = urllib.parse.urlsplit(storage_env["PREREC_DATABASE_URL"])
+    # The embedded server trusts local connections, so a password is accepted and ignored.
+    with_password = url._replace(netloc=f"postgres:pw-that-must-not-show@{url.hostname or ''}").geturl()
+    replica = Replica({**storage_env, "PREREC_DATABASE_URL": with_password}, free_port(), tmp_path / "server.log")
+    replicas.append(replica)
+    replica.wait_ready()
+    assert replica.stop() == 0
+    messages = started_lines(replica)
+    assert f"storage folder: {tmp_path / 'storage'}" in messages
+    assert f"database: {without_password(with_password)}" in messages
+    assert "pw-that-must-not-show" not in replica.log.read_text()
+
+
+def test_first_lines_say_that_an_embedded_postgresql_was_started(tmp_path, replicas) -> None:
+    env = {"PREREC_DATA_DIR": str(tmp_path / "data"), "PREREC_DATABASE_URL": ""}
+    replica = Replica(env, free_port(), tmp_path / "server.log")
+    replicas.append(replica)
+    replica.wait_ready(timeout=60)
+    assert replica.stop() == 0  # SIGTERM: the embedded server is stopped with us
+    messages = started_lines(replica)
+    pgdata = tmp_path / "data" / "postgres"
+    assert any(m.startswith("started an embedded PostgreSQL") and str(pgdata) in m for m in messages), messages
+    assert f"storage folder: {tmp_path / 'data' / 'blobs'}" in messages
+    assert any(m.startswith("database: postgresql://") for m in messages), messages
