@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from prerec import blobs, db
+from prerec import blobs, db, storage_check
 from prerec.cache import CACHE, MetadataCache
 from prerec.config import SETTINGS_KEY, Settings
 from prerec.events import BROADCASTER, Broadcaster
@@ -57,14 +57,15 @@ async def _refuse_when_shutting_down(
 async def _storage(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS_KEY]
     blobs.layout(settings.blob_dir)
-    sweeper = asyncio.create_task(_sweep_forever(settings))
+    sweeper = asyncio.create_task(_sweep_forever(app))
     yield
     sweeper.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await sweeper
 
 
-async def _sweep_forever(settings: Settings) -> None:
+async def _sweep_forever(app: web.Application) -> None:
+    settings = app[SETTINGS_KEY]
     loop = asyncio.get_running_loop()
     while True:
         try:
@@ -73,8 +74,17 @@ async def _sweep_forever(settings: Settings) -> None:
             )
             for path in removed:
                 log.info("removed %s/%s", path.parent.name, path.name)
+            # The first round may run before the pool exists: orphans then wait for the next.
+            if db.POOL in app:
+                retired = await storage_check.sweep_orphans(
+                    app[db.POOL], settings.blob_dir, settings.tmp_max_age_seconds, settings.db_timeout_seconds
+                )
+                for name in retired:
+                    log.warning("retired orphan blob %s (no row pointed at it)", name)
         except OSError as error:
             log.warning("could not sweep the storage folder: %s", error)
+        except Exception:  # one failed round must not end the sweeping for good
+            log.exception("the storage sweep failed")
         await asyncio.sleep(min(settings.tmp_max_age_seconds / 2, 600))
 
 
