@@ -24,7 +24,9 @@ from prerec.telemetry import configure_logging
 
 PR_SET_PDEATHSIG = 1
 M_MMAP_THRESHOLD = -3
-ALEMBIC_INI = Path(__file__).resolve().parent.parent / "alembic.ini"
+# Inside the package, so an installed wheel has it too: in a checkout prerec/alembic.ini and
+# prerec/migrations are symlinks to the top-level ones (see pyproject.toml).
+ALEMBIC_INI = Path(__file__).resolve().parent / "alembic.ini"
 
 log = logging.getLogger("prerec")
 

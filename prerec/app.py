@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from prerec import blobs, connections, cors, db, tasks
+from prerec import blobs, connections, cors, db, storage_check, tasks
 from prerec.cache import CACHE, MetadataCache
 from prerec.config import SETTINGS_KEY, Settings
 from prerec.events import BROADCASTER, Broadcaster
@@ -32,8 +32,10 @@ def create_app(settings: Settings, database_url: str) -> web.Application:
     app[UPLOADS] = set()
     app[METRICS] = Metrics(settings.blob_dir)
     app[CACHE] = MetadataCache()
-    app.cleanup_ctx.append(_storage)
+    # The database first: the storage sweeper asks it which blobs are orphans, and must stop
+    # before the pool closes.
     app.cleanup_ctx.append(_database)
+    app.cleanup_ctx.append(_storage)
     app.cleanup_ctx.append(_broadcaster)
     app.on_shutdown.append(_end_streams)
     add_routes(app)
@@ -57,12 +59,13 @@ async def _refuse_when_shutting_down(
 async def _storage(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS_KEY]
     blobs.layout(settings.blob_dir)
-    sweeper = asyncio.create_task(_sweep_forever(settings))
+    sweeper = asyncio.create_task(_sweep_forever(app))
     yield
     await tasks.stop(sweeper, settings.db_timeout_seconds, "the storage sweeper")
 
 
-async def _sweep_forever(settings: Settings) -> None:
+async def _sweep_forever(app: web.Application) -> None:
+    settings = app[SETTINGS_KEY]
     loop = asyncio.get_running_loop()
     while True:
         try:
@@ -71,8 +74,15 @@ async def _sweep_forever(settings: Settings) -> None:
             )
             for path in removed:
                 log.info("removed %s/%s", path.parent.name, path.name)
+            retired = await storage_check.sweep_orphans(
+                app[db.POOL], settings.blob_dir, settings.tmp_max_age_seconds, settings.db_timeout_seconds
+            )
+            for name in retired:
+                log.warning("retired orphan blob %s (no row pointed at it)", name)
         except OSError as error:
             log.warning("could not sweep the storage folder: %s", error)
+        except Exception:  # one failed round must not end the sweeping for good
+            log.exception("the storage sweep failed")
         await asyncio.sleep(min(settings.tmp_max_age_seconds / 2, 600))
 
 

@@ -9,7 +9,8 @@ A blob is never overwritten in place. An upload streams into a new temporary fil
 SHA-256 is computed, is fsynced, renamed to a fresh blob name and its folder fsynced; only then
 does the database point the key at it (db.save_prerecording), and only after that commit is
 the blob it replaced unlinked. A crash at any point leaves the old row with its old file, or
-the new row with its new file; what is left over is an unreferenced file (see sweep).
+the new row with its new file; what is left over is an unreferenced file, which the running
+service retires once it is past the grace period (storage_check.sweep_orphans).
 
 A replaced blob is not unlinked at once but moved to trash/ and removed after a grace period:
 on a local disk an open file survives unlink, but on NFS another client's unlink makes a

@@ -52,12 +52,17 @@ def _key(request: web.Request) -> tuple[uuid.UUID, datetime]:
     return parse_event(request.match_info["event"]), parse_start(request.match_info["start"])
 
 
-def _query_text(request: web.Request, name: str) -> str | None:
+def query_value(query: MultiMapping[str], name: str) -> str | None:
     """A query value, plain or JSON-encoded as the original's clients send it.
 
     `"2024-01-01T00:00"` (with the quotes) reads as the string inside; `null` as not given.
+    A parameter given twice is refused rather than one of its values picked: a client that
+    sends `after=…&after=…` has a bug it should hear about.
     """
-    raw = request.query.get(name)
+    values = query.getall(name, [])
+    if len(values) > 1:
+        raise Problem(400, f"The query parameter {name} is given {len(values)} times; give it once.")
+    raw = values[0] if values else None
     if raw is None or raw == "null":
         return None
     if raw == "":
@@ -68,19 +73,43 @@ def _query_text(request: web.Request, name: str) -> str | None:
         except ValueError:
             value = None
         if not isinstance(value, str):
-            raise Problem(400, f"The query parameter {name}={raw!r} is not a valid JSON string.")
+            raise Problem(400, f"The query parameter {name}={raw[:100]!r} is not a valid JSON string.")
         return value
     return raw
 
 
-def _query_count(request: web.Request, name: str, default: int | None) -> int | None:
-    text = _query_text(request, name)
-    return default if text is None else parse_count(text, f"query parameter {name}")
+@dataclass(frozen=True)
+class ListQuery:
+    after: datetime | None = None
+    before: datetime | None = None
+    limit: int | None = DEFAULT_LIMIT  # None: no limit
+    offset: int = 0
+    descending: bool = False
 
 
-def _query_start(request: web.Request, name: str) -> datetime | None:
-    text = _query_text(request, name)
-    return None if text is None else parse_start(text, f"query parameter {name}")
+def parse_list_query(query: MultiMapping[str]) -> ListQuery:
+    """The list's filters and page from its query string (unknown parameters are ignored)."""
+    after = query_value(query, "after")
+    before = query_value(query, "before")
+    limit = query_value(query, "limit")
+    offset = query_value(query, "offset")
+    order = query_value(query, "order")
+    if order is None:
+        order = "asc"
+    elif order not in ("asc", "desc"):
+        raise Problem(400, f"The query parameter order={order[:100]!r} must be 'asc' or 'desc'.")
+    if limit is None:
+        # limit=null is "no limit", unlike a missing limit, which is the default page of 10.
+        page_size = None if "limit" in query else DEFAULT_LIMIT
+    else:
+        page_size = parse_count(limit, "query parameter limit")
+    return ListQuery(
+        after=None if after is None else parse_start(after, "query parameter after"),
+        before=None if before is None else parse_start(before, "query parameter before"),
+        limit=page_size,
+        offset=0 if offset is None else parse_count(offset, "query parameter offset"),
+        descending=order == "desc",
+    )
 
 
 def _check_upload_headers(headers: MultiMapping[str], max_bytes: int) -> str:
@@ -171,19 +200,19 @@ def _representation_headers(response: web.StreamResponse, prerecording: Prerecor
 
 async def list_prerecordings(request: web.Request) -> web.Response:
     event = parse_event(request.match_info["event"])
-    after = _query_start(request, "after")
-    before = _query_start(request, "before")
-    # limit=null is "no limit", unlike a missing limit, which is the default page of 10.
-    limit = None if request.query.get("limit") == "null" else _query_count(request, "limit", DEFAULT_LIMIT)
-    offset = _query_count(request, "offset", 0) or 0
-    order = _query_text(request, "order") or "asc"
-    if order not in ("asc", "desc"):
-        raise Problem(400, f"The query parameter order={order!r} must be 'asc' or 'desc'.")
+    query = parse_list_query(request.query)
     settings = request.app[SETTINGS_KEY]
     async with db.connection(request.app[POOL], settings.db_timeout_seconds) as conn:
-        count, items = await db.list_prerecordings(conn, event, after, before, limit, offset, order == "desc")
+        count, items = await db.list_prerecordings(
+            conn, event, query.after, query.before, query.limit, query.offset, query.descending
+        )
     return web.json_response(
-        {"count": count, "limit": limit, "offset": offset, "prerecordings": [item.to_json() for item in items]}
+        {
+            "count": count,
+            "limit": query.limit,
+            "offset": query.offset,
+            "prerecordings": [item.to_json() for item in items],
+        }
     )
 
 
@@ -252,7 +281,7 @@ async def download(request: web.Request) -> web.StreamResponse:
         except conditional.Unsatisfiable:
             raise Problem(
                 416,
-                f"The Range {request.headers[hdrs.RANGE]!r} is outside the {prerecording.size} bytes stored.",
+                f"The Range {request.headers[hdrs.RANGE][:100]!r} is outside the {prerecording.size} bytes stored.",
                 {hdrs.CONTENT_RANGE: f"bytes */{prerecording.size}"},
             ) from None
     except BaseException:

@@ -9,6 +9,7 @@ import socket
 
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
+from multidict import MultiMapping
 
 from prerec.config import SETTINGS_KEY
 from prerec.events import BROADCASTER, Subscriber
@@ -26,8 +27,13 @@ RETRY_MS = 2000
 SEND_BUFFER_BYTES = 64 * 1024
 
 
-def parse_types(request: web.Request) -> frozenset[str]:
-    values = request.query.getall("types", [])
+def parse_types(query: MultiMapping[str]) -> frozenset[str]:
+    """The event types a stream asks for: `types` as a comma list or a JSON array.
+
+    Unlike the list's parameters, `types` may be repeated (`types=a&types=b`): each names more
+    types, so there is no first or last value to pick wrongly.
+    """
+    values = query.getall("types", [])
     if not values:
         return frozenset(EVENT_TYPES)
     types: list[str] = []
@@ -38,7 +44,7 @@ def parse_types(request: web.Request) -> frozenset[str]:
             except ValueError:
                 parsed = None
             if not isinstance(parsed, list) or not all(isinstance(item, str) for item in parsed):
-                raise Problem(400, f"The query parameter types={value!r} is not a JSON array of strings.")
+                raise Problem(400, f"The query parameter types={value[:100]!r} is not a JSON array of strings.")
             types.extend(parsed)
         else:
             types.extend(item.strip() for item in value.split(","))
@@ -47,20 +53,28 @@ def parse_types(request: web.Request) -> frozenset[str]:
     unknown = sorted(set(types) - set(EVENT_TYPES))
     if unknown:
         raise Problem(
-            400, f"The query parameter types names unknown event types {unknown}; known: {list(EVENT_TYPES)}."
+            400,
+            f"The query parameter types names unknown event types {[name[:40] for name in unknown[:5]]}; "
+            f"known: {list(EVENT_TYPES)}.",
         )
     return frozenset(types)
 
 
-def parse_last_event_id(request: web.Request) -> int | None:
-    # EventSource sends the header on reconnect; ?lastEventId= serves clients that cannot set it.
-    for source, value in (
-        ("header Last-Event-ID", request.headers.get("Last-Event-ID")),
-        ("query parameter lastEventId", request.query.get("lastEventId")),
+def parse_last_event_id(headers: MultiMapping[str], query: MultiMapping[str]) -> int | None:
+    """The id of the last event a resuming client saw.
+
+    EventSource sends the header on reconnect; ?lastEventId= serves clients that cannot set
+    it. The header wins: a reconnecting EventSource keeps the URL it was opened with, so the
+    query then holds an older id than the header.
+    """
+    for source, values in (
+        ("header Last-Event-ID", headers.getall("Last-Event-ID", [])),
+        ("query parameter lastEventId", query.getall("lastEventId", [])),
     ):
-        if value is None:
-            continue
-        return parse_count(value.strip(), source)
+        if len(values) > 1:
+            raise Problem(400, f"The {source} is given {len(values)} times; give it once.")
+        if values:
+            return parse_count(values[0].strip(" \t"), source)
     return None
 
 
@@ -88,8 +102,8 @@ def _abort_if_too_slow(request: web.Request, subscriber: Subscriber) -> None:
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
-    types = parse_types(request)
-    after_id = parse_last_event_id(request)
+    types = parse_types(request.query)
+    after_id = parse_last_event_id(request.headers, request.query)
     broadcaster = request.app[BROADCASTER]
     async with broadcaster.subscribe(types, after_id) as subscriber:
         response = EventSourceResponse(ping_interval=request.app[SETTINGS_KEY].sse_ping_seconds)

@@ -9,11 +9,15 @@ prerecording-deleted event, so UIs and playout see the truth instead of failing 
 Safe while replicas serve traffic: a file younger than the grace period may be an upload
 between its rename and its commit, so it is never touched; and every suspicious row is read
 again, under its key's lock, right before it is repaired.
+
+The running service retires old orphans by itself (sweep_orphans, from the app's sweeper),
+with the same rule for what an orphan is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 import uuid
@@ -25,6 +29,9 @@ import asyncpg
 
 from prerec import blobs, db
 from prerec.model import Prerecording, format_start
+from prerec.problems import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,18 +89,38 @@ class _Changed(Exception):
     """The row changed since it was checked: it is no longer ours to repair."""
 
 
+async def _files_and_rows(conn: asyncpg.Connection, root: Path) -> tuple[dict[str, os.stat_result], list[Prerecording]]:
+    # Files first, rows second: a blob renamed in after the listing cannot look orphaned.
+    files = await asyncio.to_thread(_blob_files, root)
+    return files, await db.all_prerecordings(conn)
+
+
+def _orphans(files: dict[str, os.stat_result], rows: list[Prerecording], cutoff: float) -> tuple[list[str], list[str]]:
+    """Blob files no row points at: those untouched since `cutoff`, and the younger ones.
+
+    A young one may be an upload between its rename into blobs/ and its commit, on any
+    replica sharing the folder: the rename keeps the temporary file's mtime, which its last
+    write set a moment before, and the commit follows within the database timeout, far
+    inside the grace period. (A commit held up longer, by a database frozen mid-commit, comes
+    with a database that cannot answer the query that lists the rows either.) So only an old
+    one is known to be left over.
+    """
+    referenced = {row.blob for row in rows}
+    old: list[str] = []
+    young: list[str] = []
+    for name, stat in sorted(files.items()):
+        if name not in referenced:
+            (old if stat.st_mtime < cutoff else young).append(name)
+    return old, young
+
+
 async def check(url: str, root: Path, grace_seconds: float, apply: bool) -> Report:
     report = Report()
     cutoff = time.time() - grace_seconds
-    # Files first, rows second: a blob renamed in after the listing cannot look orphaned.
-    files = await asyncio.to_thread(_blob_files, root)
     conn = await asyncpg.connect(url)
     try:
-        rows = await db.all_prerecordings(conn)
-        referenced = {row.blob for row in rows}
-        for name, stat in sorted(files.items()):
-            if name not in referenced:
-                (report.orphans if stat.st_mtime < cutoff else report.young_orphans).append(name)
+        files, rows = await _files_and_rows(conn, root)
+        report.orphans, report.young_orphans = _orphans(files, rows, cutoff)
         for row in rows:
             size = _size_now(root, row.blob)
             if size == row.size:
@@ -139,3 +166,37 @@ async def _take_out(conn: asyncpg.Connection, event: uuid.UUID, start: datetime,
         return await db.delete_prerecording(conn, event, start, check=still_broken) is not None
     except _Changed:
         return False
+
+
+# More than this share of the blobs unreferenced is no crash's leftover: more likely a wrong
+# or restored database. The sweeper then leaves everything for a person (and `make gc`).
+MOST_ORPHANED = 0.5
+
+
+async def sweep_orphans(pool: asyncpg.Pool, root: Path, grace_seconds: float, timeout: float) -> list[str]:
+    """Retire blobs no row has pointed at for the grace period (the running service's sweep).
+
+    They are what an upload leaves when its commit's outcome was uncertain (the database froze
+    or went away mid-commit) and the row never came to be. Nothing is touched when the
+    database cannot be asked: without it, every blob would look unreferenced.
+    """
+    cutoff = time.time() - grace_seconds
+    try:
+        async with db.connection(pool, timeout) as conn:
+            files, rows = await _files_and_rows(conn, root)
+    except DatabaseUnavailable:
+        log.warning("orphan sweep skipped: the database is not available")
+        return []
+    old, _ = _orphans(files, rows, cutoff)
+    if len(old) > len(files) * MOST_ORPHANED:
+        log.error(
+            "orphan sweep skipped: %d of %d blobs are unreferenced, which looks like a wrong database; "
+            "check with `python -m prerec gc`",
+            len(old),
+            len(files),
+        )
+        return []
+    for name in old:
+        # Retired, not unlinked: removed after another grace period, and recoverable until then.
+        await blobs.retire(root, name)
+    return old

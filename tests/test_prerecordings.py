@@ -8,12 +8,16 @@ import dataclasses
 import gzip
 import hashlib
 import json
+from datetime import datetime
 from email.utils import parsedate_to_datetime
 
 import aiohttp
 import pytest
+from multidict import MultiDict
 
 from prerec.app import create_app
+from prerec.prerecordings import ListQuery, parse_list_query
+from prerec.problems import Problem
 from tests import contract
 from tests.conftest import EVENT, Replica, blob_files, free_port, ogg, put_head, tmp_files
 
@@ -481,3 +485,89 @@ async def test_an_expectation_other_than_100_continue_is_417(client, settings) -
     await assert_problem(response, 417, "'something-else'", "not supported")
     assert blob_files(settings) == [] and tmp_files(settings) == []
     assert (await client.get(f"{BASE}/2024-01-01T00:00")).status == 404
+
+
+# The list's query, parsed from a plain mapping
+
+
+@pytest.mark.parametrize(
+    ("pairs", "expected"),
+    [
+        ([], ListQuery()),
+        ([("order", "desc")], ListQuery(descending=True)),
+        ([("order", '"asc"')], ListQuery()),
+        ([("limit", "null")], ListQuery(limit=None)),
+        ([("limit", "0"), ("offset", "20")], ListQuery(limit=0, offset=20)),
+        ([("offset", json.dumps(0)), ("before", "null")], ListQuery()),
+        (
+            [("after", '"2024-01-01T00:00"'), ("before", "2024-02-01T00:00:30.5")],
+            ListQuery(after=datetime(2024, 1, 1), before=datetime(2024, 2, 1, 0, 0, 30, 500_000)),
+        ),
+        ([("unknown", "x"), ("unknown", "y")], ListQuery()),  # not ours to judge
+    ],
+)
+def test_parse_list_query(pairs: list[tuple[str, str]], expected: ListQuery) -> None:
+    assert parse_list_query(MultiDict(pairs)) == expected
+
+
+@pytest.mark.parametrize("name", ["after", "before", "limit", "offset", "order"])
+@pytest.mark.parametrize(
+    "values",
+    [
+        ["2024-01-01T00:00", "garbage"],
+        ["2024-01-01T00:00", "2024-01-01T00:00"],  # even the same value twice
+        ["null", "null"],
+        ["", ""],
+        ["1", "2", "3"],
+    ],
+)
+def test_a_list_parameter_given_twice_is_400_naming_it(name: str, values: list[str]) -> None:
+    with pytest.raises(Problem) as refused:
+        parse_list_query(MultiDict((name, value) for value in values))
+    assert refused.value.status == 400
+    assert f"query parameter {name} is given {len(values)} times" in refused.value.detail
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("limit", "\u0661"),
+        ("offset", '"\\u0661"'),  # JSON-escaped, then decoded: still not an ASCII digit
+        ("limit", '"null"'),
+        ("order", '""'),
+        ("after", "2024-01-0\u0661T00:00"),
+        ("offset", "1_000"),
+        ("limit", "9" * 4301),
+    ],
+)
+def test_parse_list_query_refuses_bad_values_naming_them(name: str, value: str) -> None:
+    with pytest.raises(Problem) as refused:
+        parse_list_query(MultiDict([(name, value)]))
+    assert refused.value.status == 400 and name in refused.value.detail and len(refused.value.detail) < 300
+
+
+async def test_duplicate_query_parameters_are_400_not_first_wins(client) -> None:
+    await stored(client, *STARTS[:3])
+    response = await client.get(f"{BASE}?after=2024-01-01T12:00&after=garbage")
+    await assert_problem(response, 400, "after", "2 times")
+    response = await client.get(f"{BASE}?limit=1&limit=1")
+    await assert_problem(response, 400, "limit")
+
+
+async def test_an_event_spelt_with_other_digits_is_400(client) -> None:
+    await put(client, "2024-01-01T00:00", ogg(100))
+    arabic_zero = "\u0660" + EVENT[1:]
+    await assert_problem(await client.get(f"/prerecordings/{arabic_zero}"), 400, "UUID")
+    await assert_problem(await client.get(f"/prerecordings/{arabic_zero}/2024-01-01T00:00"), 400, "UUID")
+
+
+@pytest.mark.parametrize("length", ["\u0661\u0660", "+10", "1_0", "0x0a", "9" * 30])
+async def test_content_length_is_ascii_digits_bounded(client, settings, length: str) -> None:
+    """aiohttp's parser reads Content-Length; this checks it stays strict."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(put_head(f"{BASE}/2024-01-01T00:00", length) + ogg(10))  # type: ignore[arg-type]
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), 5)
+    writer.close()
+    assert status_line.split()[1] == b"400", status_line  # aiohttp's parser answers as HTTP/1.0
+    assert blob_files(settings) == [] and tmp_files(settings) == []

@@ -6,8 +6,12 @@ import asyncio
 
 import aiohttp
 import pytest
+from multidict import CIMultiDict, MultiDict
 
 from prerec.app import create_app
+from prerec.model import EVENT_TYPES
+from prerec.problems import Problem
+from prerec.sse import parse_last_event_id, parse_types
 from tests import contract
 from tests.conftest import EVENT, Replica, free_port, ogg, read_events, wait_for
 from tests.test_telemetry import sample
@@ -128,6 +132,20 @@ async def test_non_numeric_last_event_id_is_400(client, value: str) -> None:
     response = await client.get("/sse", headers={"Last-Event-ID": value})
     assert response.status == 400
     assert "Last-Event-ID" in (await response.json())["detail"]
+
+
+async def test_repeated_types_add_up_and_a_repeated_last_event_id_is_400(client) -> None:
+    stream = await client.get("/sse?types=prerecording-created&types=prerecording-deleted")
+    await change_everything(client)
+    assert [data["type"] for _, data in await read_events(stream, 2)] == [
+        "prerecording-created",
+        "prerecording-deleted",
+    ]
+    stream.close()
+    response = await client.get("/sse?lastEventId=1&lastEventId=garbage")
+    assert response.status == 400 and "lastEventId is given 2 times" in (await response.json())["detail"]
+    response = await client.get("/sse", headers=[("Last-Event-ID", "1"), ("Last-Event-ID", "2")])
+    assert response.status == 400 and "Last-Event-ID is given 2 times" in (await response.json())["detail"]
 
 
 async def test_a_stalled_subscriber_is_dropped_while_others_keep_receiving(client, app, database_url) -> None:
@@ -256,3 +274,60 @@ async def test_the_subscriber_gauge_drops_within_a_second_or_two_of_a_client_lea
         assert await subscribers() == 1
         stream.close()
         await wait_for(none_left, timeout=2.0)
+
+
+# Parsing the stream's query and headers, from plain mappings
+
+ALL = frozenset(EVENT_TYPES)
+
+
+@pytest.mark.parametrize(
+    ("pairs", "expected"),
+    [
+        ([], ALL),
+        ([("types", "prerecording-created")], {"prerecording-created"}),
+        ([("types", "prerecording-created, prerecording-deleted")], {"prerecording-created", "prerecording-deleted"}),
+        ([("types", '["prerecording-updated"]')], {"prerecording-updated"}),
+        (
+            [("types", "prerecording-created"), ("types", '["prerecording-deleted"]')],
+            {"prerecording-created", "prerecording-deleted"},
+        ),
+        ([("types", "prerecording-created"), ("types", "prerecording-created")], {"prerecording-created"}),
+    ],
+)
+def test_parse_types(pairs: list[tuple[str, str]], expected: set[str]) -> None:
+    assert parse_types(MultiDict(pairs)) == expected
+
+
+@pytest.mark.parametrize(
+    ("headers", "query", "expected"),
+    [
+        ([], [], None),
+        ([("Last-Event-ID", "5")], [], 5),
+        ([("last-event-id", "5")], [], 5),
+        ([], [("lastEventId", "7")], 7),
+        ([], [("lastEventId", " 7 ")], 7),
+        # A reconnecting EventSource sends the header and keeps its first URL: the header wins.
+        ([("Last-Event-ID", "9")], [("lastEventId", "7")], 9),
+    ],
+)
+def test_parse_last_event_id(headers, query, expected) -> None:  # type: ignore[no-untyped-def]
+    assert parse_last_event_id(CIMultiDict(headers), MultiDict(query)) == expected
+
+
+@pytest.mark.parametrize(
+    ("headers", "query", "named"),
+    [
+        ([("Last-Event-ID", "1"), ("Last-Event-ID", "1")], [], "Last-Event-ID is given 2 times"),
+        ([], [("lastEventId", "1"), ("lastEventId", "2")], "lastEventId is given 2 times"),
+        ([("Last-Event-ID", "\u0661")], [], "Last-Event-ID"),
+        ([], [("lastEventId", "\u0661\u0662")], "lastEventId"),
+        ([], [("lastEventId", "\u20037")], "lastEventId"),  # an em space is no optional whitespace
+        ([("Last-Event-ID", "9" * 4301)], [], "Last-Event-ID"),
+        ([], [("lastEventId", "1_0")], "lastEventId"),
+    ],
+)
+def test_parse_last_event_id_refuses(headers, query, named: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(Problem) as refused:
+        parse_last_event_id(CIMultiDict(headers), MultiDict(query))
+    assert refused.value.status == 400 and named in refused.value.detail

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import asyncpg
 
-from prerec import blobs
-from prerec.storage_check import check
-from tests.conftest import EVENT, ROOT, blob_files, ogg, read_events
+from prerec import blobs, db
+from prerec.app import create_app
+from prerec.storage_check import check, sweep_orphans
+from tests.conftest import EVENT, ROOT, blob_files, free_port, ogg, read_events, wait_for
 
 OGG = {"Content-Type": "audio/ogg"}
 KEYS = [f"/prerecordings/{EVENT}/2024-01-0{day}T00:00" for day in (1, 2, 3)]
@@ -104,3 +107,68 @@ async def test_a_torn_blob_is_never_sent_short(client, settings) -> None:
     blob.write_bytes(ogg(50_000))  # torn behind our back
     response = await client.get(KEYS[0])
     assert response.status == 503 and "damaged" in (await response.json())["detail"]
+
+
+# The running service's own sweep of orphans
+
+
+def orphan_blob(settings, name: str, seconds_old: float = 0) -> Path:  # type: ignore[no-untyped-def]
+    path = settings.blob_dir / "blobs" / "ff" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(b"OggS...")
+    if seconds_old:
+        age(path, seconds_old)
+    return path
+
+
+async def test_the_running_sweeper_retires_old_orphans_and_nothing_else(aiohttp_client, settings, database_url) -> None:
+    # A grace period of 6 s has the sweeper run every 3 s.
+    settings = dataclasses.replace(settings, tmp_max_age_seconds=6.0)
+    client = await aiohttp_client(create_app(settings, database_url))
+    for key in KEYS:
+        assert (await client.put(key, data=ogg(1000), headers=OGG)).status == 201
+    referenced = blob_files(settings)
+    for path in referenced:
+        age(path)  # referenced blobs far past the grace period stay all the same
+    old = orphan_blob(settings, "ffff.ogg", 7200)  # as if a commit's outcome was never known
+    young = orphan_blob(settings, "fffe.ogg")  # as if an upload on another replica is committing now
+
+    await wait_for(lambda: not old.exists(), timeout=20)
+    assert young.exists()
+    assert (settings.blob_dir / "trash" / "ffff.ogg").exists()  # retired: recoverable for a grace period
+    assert blob_files(settings) == sorted([*referenced, young])
+    for key in KEYS:
+        response = await client.get(key)
+        assert response.status == 200 and await response.read() == ogg(1000)
+
+
+async def test_the_sweeper_touches_nothing_without_the_database(client, settings, app) -> None:
+    for key in KEYS[:2]:
+        await client.put(key, data=ogg(1000), headers=OGG)
+    orphan = orphan_blob(settings, "ffff.ogg", 7200)
+    unreachable = await db.create_pool(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres", 1.0)
+    try:
+        assert await sweep_orphans(unreachable, settings.blob_dir, 3600, 1.0) == []
+    finally:
+        await unreachable.close()
+    assert orphan.exists()
+    # The same call with the database there: the orphan goes.
+    assert await sweep_orphans(app[db.POOL], settings.blob_dir, 3600, 5.0) == ["ff/ffff.ogg"]
+    assert not orphan.exists()
+
+
+async def test_the_sweeper_leaves_a_mostly_unreferenced_store_alone(client, settings, app, caplog) -> None:
+    """Most blobs unreferenced means a wrong or restored database, not a crash's leftovers."""
+    for key in KEYS:
+        await client.put(key, data=ogg(1000), headers=OGG)
+    orphans = [orphan_blob(settings, f"fff{i}.ogg", 7200) for i in range(4)]  # 4 of 7
+    assert await sweep_orphans(app[db.POOL], settings.blob_dir, 3600, 5.0) == []
+    assert all(path.exists() for path in orphans)
+    assert "looks like a wrong database" in caplog.text
+    orphans.pop().unlink()  # 3 of 6: no longer most of them
+    assert await sweep_orphans(app[db.POOL], settings.blob_dir, 3600, 5.0) == [
+        "ff/fff0.ogg",
+        "ff/fff1.ogg",
+        "ff/fff2.ogg",
+    ]
+    assert not any(path.exists() for path in orphans)
