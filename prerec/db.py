@@ -464,6 +464,14 @@ async def renew_lease(
         raise Fenced(f"upload {upload_id}: generation {generation} no longer holds it")
 
 
+async def restamp_leases(conn: asyncpg.Connection, owner: str, pid: int) -> int:
+    """After the owner's long-lived connection was replaced: point its leases at the new
+    backend, or every other replica would take them as a dead holder's. A lease taken in the
+    gap is simply lost (the holder gets Fenced): the generation is not touched."""
+    status = await conn.execute("UPDATE uploads SET lease_pid = $2 WHERE lease_owner = $1", owner, pid)
+    return int(status.split()[-1])
+
+
 async def release_lease(conn: asyncpg.Connection, upload_id: uuid.UUID, generation: int, clean: bool) -> bool:
     """Let go of the lease; False when it was no longer this generation's (nothing to do).
 

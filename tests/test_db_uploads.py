@@ -63,6 +63,10 @@ async def database_now(conn: asyncpg.Connection) -> datetime:
     return await conn.fetchval("SELECT now()")
 
 
+async def gone(conn: asyncpg.Connection, pid: int) -> bool:
+    return not await conn.fetchval("SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $1)", pid)
+
+
 async def lock_waiter(conn: asyncpg.Connection, pid: int) -> bool:
     return await conn.fetchval("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid) is True
 
@@ -563,3 +567,16 @@ async def test_a_release_request_reaches_the_holders_listening_connection(conn, 
 def test_a_notice_that_is_not_one_is_refused(payload: str) -> None:
     with pytest.raises(ValueError):
         db.UploadNotice.parse(payload)
+
+
+async def test_leases_restamped_after_a_reconnect_are_not_taken_as_a_dead_holders(conn, connect) -> None:
+    old, new, other = await connect(), await connect(), await connect()
+    mine, theirs = await new_upload(conn), await new_upload(conn)
+    await db.acquire_lease(conn, mine.id, "replica-a", old.get_server_pid(), lease_seconds=DAY)
+    await db.acquire_lease(conn, theirs.id, "replica-b", other.get_server_pid(), lease_seconds=DAY)
+    old_pid = old.get_server_pid()
+    await old.close()  # replica-a's listening connection broke, and it opened `new`
+    await wait_for(lambda: gone(conn, old_pid))
+    assert await db.restamp_leases(conn, "replica-a", new.get_server_pid()) == 1
+    assert await db.acquire_lease(conn, mine.id, "replica-c", None) is None
+    assert (await db.get_upload(conn, theirs.id)).lease_pid == other.get_server_pid()
