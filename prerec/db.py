@@ -13,20 +13,23 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 from aiohttp import web
 
-from prerec.model import Event, Prerecording, key_json
+from prerec.model import Event, Piece, Prerecording, Tail, Upload, key_json
 from prerec.problems import CommitUncertain, DatabaseUnavailable
 
 POOL = web.AppKey("pool", asyncpg.Pool)
 
 NOTIFY_CHANNEL = "prerec_events"
+# Requests to an upload's lease holder ("release <id> <generation>", "cancel ..."): see
+# request_release. Apart from NOTIFY_CHANNEL, whose payloads are event ids.
+UPLOADS_CHANNEL = "prerec_uploads"
 
 # Advisory lock keys. The two-int form lives in a key space apart from the bigint form used
 # for per-prerecording locks, so these cannot collide with a key's hash.
@@ -303,3 +306,465 @@ async def prune_events(conn: asyncpg.Connection, older_than_seconds: float, batc
         batch,
     )
     return int(status.split()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Resumable uploads
+#
+# One writer at a time moves an upload's offset, on any replica, with no sticky session. The
+# writer holds a lease: an owner, an expiry and a generation. Every write to the row names the
+# generation it holds (and the offset and state it expects); a writer that lost its lease, even
+# one that woke up late from a freeze, changes zero rows and gets Fenced. That fence, not the
+# lease's expiry, is what keeps two writers apart, so times need only be coarse; and every time
+# is the database's now(), the one clock all replicas share. Each statement is one round trip:
+# condition and change in one UPDATE leave no gap for another writer between them.
+# ---------------------------------------------------------------------------------------------
+
+# How long a lease lives without renewal. The holder renews it with every progress commit and,
+# when idle, every few seconds; a holder that dies is noticed sooner through lease_pid.
+LEASE_SECONDS = 10.0
+
+# The row's columns are the dataclass's fields, in its order: one list, so they cannot disagree.
+_UPLOAD_COLUMN_NAMES = tuple(field.name for field in fields(Upload))
+_JSON_COLUMNS = ("digests", "metadata", "result")
+# jsonb as text, decoded here: the pool sets no jsonb codec (events are read the same way).
+_UPLOAD_COLUMNS = ", ".join(
+    f"{name}::text AS {name}" if name in _JSON_COLUMNS else name for name in _UPLOAD_COLUMN_NAMES
+)
+_ENDED = "('finished', 'failed', 'cancelled', 'expired')"
+
+
+class Fenced(Exception):
+    """The row no longer is what the writer holds: another writer took the lease, the offset
+    moved, or the upload ended. The writer must stop and never retry; its transaction is void."""
+
+
+def _upload(row: asyncpg.Record) -> Upload:
+    values = dict(row)
+    for name in _JSON_COLUMNS:
+        if values[name] is not None:
+            values[name] = json.loads(values[name])
+    return Upload(**values)
+
+
+def _fenced(row: asyncpg.Record | None, upload_id: uuid.UUID, generation: int) -> Upload:
+    if row is None:
+        raise Fenced(f"upload {upload_id}: generation {generation} no longer holds it as expected")
+    return _upload(row)
+
+
+async def create_upload(
+    conn: asyncpg.Connection,
+    upload_id: uuid.UUID,
+    event: uuid.UUID,
+    start: datetime,
+    type_: str,
+    length: int,
+    protocol: str,
+    expiry_seconds: float,
+    *,
+    if_match: str | None = None,
+    if_none_match: bool = False,
+    digests: list[dict[str, str]] | None = None,
+    metadata: dict[str, str] | None = None,
+    store_ref: str | None = None,
+) -> Upload:
+    row = await conn.fetchrow(
+        f"""
+        INSERT INTO uploads (id, event, start, type, length, protocol, if_match, if_none_match,
+                             digests, metadata, store_ref, expires_at)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10::jsonb, $11, now() + make_interval(secs => $12))
+        RETURNING {_UPLOAD_COLUMNS}
+        """,
+        upload_id,
+        event,
+        start,
+        type_,
+        length,
+        protocol,
+        if_match,
+        if_none_match,
+        json.dumps(digests or []),
+        json.dumps(metadata or {}),
+        store_ref,
+        expiry_seconds,
+    )
+    return _upload(row)
+
+
+async def get_upload(conn: asyncpg.Connection, upload_id: uuid.UUID) -> Upload | None:
+    row = await conn.fetchrow(f"SELECT {_UPLOAD_COLUMNS} FROM uploads WHERE id = $1", upload_id)
+    return None if row is None else _upload(row)
+
+
+async def acquire_lease(
+    conn: asyncpg.Connection,
+    upload_id: uuid.UUID,
+    owner: str,
+    pid: int | None,
+    *,
+    force: bool = False,
+    lease_seconds: float = LEASE_SECONDS,
+) -> Upload | None:
+    """Take the upload's lease under a new generation; None while someone else holds it (or
+    the upload is not there to take: ended, expired, unknown).
+
+    The lease is free when nobody holds it, when it expired, or when the holder's database
+    backend (`pid`, the holder's long-lived connection) is gone from pg_stat_activity: a
+    holder killed with -9 loses its connection as the kernel closes the socket, so its lease
+    is taken at once. `force` takes a live lease (after asking the holder to let go, in vain).
+    A `finishing` row is never forced, only taken from a dead or expired holder, and goes back
+    to `receiving` for its taker to finish. Past expires_at nothing is taken: the sweeper's.
+
+    The segment generation says where the filesystem writes: the holder's segment file is
+    continued only after a clean release (its writes joined and synced); any other takeover
+    starts a segment of its own, so a zombie's late writes can never land in the new one.
+
+    pg_stat_activity is read once per transaction: call this outside a long transaction."""
+    # One UPDATE: when two replicas race, the second waits on the row lock, then re-evaluates
+    # the condition on the winner's row, finds a live lease and changes nothing.
+    row = await conn.fetchrow(
+        f"""
+        UPDATE uploads
+           SET generation = generation + 1, state = 'receiving',
+               lease_owner = $2, lease_pid = $3, lease_expires = now() + make_interval(secs => $5),
+               segment_generation = CASE WHEN released_clean THEN segment_generation ELSE generation + 1 END,
+               released_clean = false
+         WHERE id = $1 AND expires_at > now()
+           AND (state = 'receiving' AND $4
+                OR state IN ('receiving', 'finishing')
+                   AND (lease_owner IS NULL OR lease_expires < now()
+                        OR lease_pid IS NOT NULL
+                           AND NOT EXISTS (SELECT FROM pg_stat_activity a WHERE a.pid = uploads.lease_pid)))
+        RETURNING {_UPLOAD_COLUMNS}
+        """,
+        upload_id,
+        owner,
+        pid,
+        force,
+        lease_seconds,
+    )
+    return None if row is None else _upload(row)
+
+
+async def renew_lease(
+    conn: asyncpg.Connection, upload_id: uuid.UUID, generation: int, lease_seconds: float = LEASE_SECONDS
+) -> None:
+    """Keep an idle holder's lease alive; Fenced once it is no longer the holder's."""
+    status = await conn.execute(
+        """
+        UPDATE uploads SET lease_expires = now() + make_interval(secs => $3)
+         WHERE id = $1 AND generation = $2 AND state = 'receiving' AND lease_owner IS NOT NULL
+        """,
+        upload_id,
+        generation,
+        lease_seconds,
+    )
+    if status != "UPDATE 1":
+        raise Fenced(f"upload {upload_id}: generation {generation} no longer holds it")
+
+
+async def restamp_leases(conn: asyncpg.Connection, owner: str, pid: int) -> int:
+    """After the owner's long-lived connection was replaced: point its leases at the new
+    backend, or every other replica would take them as a dead holder's. A lease taken in the
+    gap is simply lost (the holder gets Fenced): the generation is not touched."""
+    status = await conn.execute("UPDATE uploads SET lease_pid = $2 WHERE lease_owner = $1", owner, pid)
+    return int(status.split()[-1])
+
+
+async def release_lease(conn: asyncpg.Connection, upload_id: uuid.UUID, generation: int, clean: bool) -> bool:
+    """Let go of the lease; False when it was no longer this generation's (nothing to do).
+
+    `clean`: every write of this generation is joined and durable, so the next holder may go on
+    writing the same segment. The state is not checked: releasing a cancelled upload's lease
+    is how its canceller learns that no write is still in flight."""
+    status = await conn.execute(
+        """
+        UPDATE uploads SET lease_owner = NULL, lease_pid = NULL, lease_expires = NULL, released_clean = $3
+         WHERE id = $1 AND generation = $2 AND lease_owner IS NOT NULL
+        """,
+        upload_id,
+        generation,
+        clean,
+    )
+    return status == "UPDATE 1"
+
+
+async def advance(
+    conn: asyncpg.Connection,
+    upload_id: uuid.UUID,
+    generation: int,
+    from_offset: int,
+    to_offset: int,
+    expiry_seconds: float,
+    *,
+    pieces: Sequence[Piece] = (),
+    tail: Tail | None = None,
+    lease_seconds: float = LEASE_SECONDS,
+    fenced: bool = True,
+) -> Upload:
+    """Record that bytes up to `to_offset` are durable, with the pieces that hold them (new or
+    grown) and the tail as it now is (None: no tail); renew the lease and push expiry back.
+
+    Fenced unless this generation holds the upload, the offset is still `from_offset` and the
+    upload is receiving: a zombie can never move the offset, nor record a piece or a tail.
+    fenced=False leaves the generation out of the condition (its parameter stays, unused). Only
+    tests pass it: it is the negative control that shows a zombie moving the offset without it.
+    """
+    if to_offset < from_offset:
+        raise ValueError(f"an offset never goes backwards: {from_offset} -> {to_offset}")
+    if tail is not None and tail.start + len(tail.data) != to_offset:
+        raise ValueError(f"the tail ends at {tail.start + len(tail.data)}, not at the offset {to_offset}")
+    generation_holds = "generation = $2" if fenced else "$2::bigint IS NOT NULL"
+    # One statement: the pieces and the tail are written only if the fenced UPDATE changed the
+    # row (they select from it), so they can never disagree with the offset.
+    row = await conn.fetchrow(
+        f"""
+        WITH moved AS (
+            UPDATE uploads
+               SET durable = $4,
+                   progressed_at = CASE WHEN $4 > durable THEN now() ELSE progressed_at END,
+                   expires_at = CASE WHEN $4 > durable THEN now() + make_interval(secs => $5) ELSE expires_at END,
+                   lease_expires = now() + make_interval(secs => $6)
+             WHERE id = $1 AND {generation_holds} AND durable = $3 AND state = 'receiving'
+            RETURNING {_UPLOAD_COLUMNS}
+        ), recorded AS (
+            INSERT INTO upload_pieces (upload_id, start, size, generation, number, etag)
+            SELECT moved.id, piece.start, piece.size, piece.generation, piece.number, piece.etag
+              FROM moved, unnest($7::bigint[], $8::bigint[], $9::bigint[], $10::int[], $11::text[])
+                          AS piece (start, size, generation, number, etag)
+            ON CONFLICT (upload_id, start) DO UPDATE
+               SET size = excluded.size, generation = excluded.generation,
+                   number = excluded.number, etag = excluded.etag
+        ), dropped_tail AS (
+            DELETE FROM upload_tails USING moved WHERE upload_id = moved.id AND $12::bigint IS NULL
+        ), kept_tail AS (
+            INSERT INTO upload_tails (upload_id, start, data)
+            SELECT moved.id, $12, $13::bytea FROM moved WHERE $12::bigint IS NOT NULL
+            ON CONFLICT (upload_id) DO UPDATE SET start = excluded.start, data = excluded.data
+        )
+        SELECT * FROM moved
+        """,
+        upload_id,
+        generation,
+        from_offset,
+        to_offset,
+        expiry_seconds,
+        lease_seconds,
+        [piece.start for piece in pieces],
+        [piece.size for piece in pieces],
+        [piece.generation for piece in pieces],
+        [piece.number for piece in pieces],
+        [piece.etag for piece in pieces],
+        None if tail is None else tail.start,
+        None if tail is None else tail.data,
+    )
+    return _fenced(row, upload_id, generation)
+
+
+async def upload_pieces(conn: asyncpg.Connection, upload_id: uuid.UUID) -> list[Piece]:
+    rows = await conn.fetch(
+        "SELECT start, size, generation, number, etag FROM upload_pieces WHERE upload_id = $1 ORDER BY start",
+        upload_id,
+    )
+    return [Piece(**dict(row)) for row in rows]
+
+
+async def upload_tail(conn: asyncpg.Connection, upload_id: uuid.UUID) -> Tail | None:
+    row = await conn.fetchrow("SELECT start, data FROM upload_tails WHERE upload_id = $1", upload_id)
+    return None if row is None else Tail(row["start"], row["data"])
+
+
+async def allocate_parts(conn: asyncpg.Connection, upload_id: uuid.UUID, generation: int, count: int) -> int:
+    """S3: the first of `count` part numbers that are this generation's alone (fenced), so two
+    generations can never upload under one number and overwrite each other's part."""
+    number: int | None = await conn.fetchval(
+        """
+        UPDATE uploads SET next_part = next_part + $3
+         WHERE id = $1 AND generation = $2 AND state = 'receiving'
+        RETURNING next_part - $3
+        """,
+        upload_id,
+        generation,
+        count,
+    )
+    if number is None:
+        raise Fenced(f"upload {upload_id}: generation {generation} no longer holds it")
+    return number
+
+
+async def begin_finishing(conn: asyncpg.Connection, upload_id: uuid.UUID, generation: int) -> Upload:
+    """Mark a complete upload as being assembled and committed (fenced). A finishing upload is
+    never taken by force; only from a holder that died (see acquire_lease)."""
+    row = await conn.fetchrow(
+        f"""
+        UPDATE uploads SET state = 'finishing'
+         WHERE id = $1 AND generation = $2 AND state = 'receiving'
+        RETURNING {_UPLOAD_COLUMNS}
+        """,
+        upload_id,
+        generation,
+    )
+    return _fenced(row, upload_id, generation)
+
+
+async def _end(
+    conn: asyncpg.Connection,
+    upload_id: uuid.UUID,
+    generation: int,
+    state: str,
+    result: dict[str, Any],
+    keep_seconds: float,
+) -> Upload:
+    # The lease goes with the upload's end; expires_at now says how long the row is kept to
+    # replay `result` to a client that lost the last answer.
+    row = await conn.fetchrow(
+        f"""
+        UPDATE uploads
+           SET state = $3, result = $4::jsonb, expires_at = now() + make_interval(secs => $5),
+               lease_owner = NULL, lease_pid = NULL, lease_expires = NULL
+         WHERE id = $1 AND generation = $2 AND state IN ('receiving', 'finishing')
+        RETURNING {_UPLOAD_COLUMNS}
+        """,
+        upload_id,
+        generation,
+        state,
+        json.dumps(result),
+        keep_seconds,
+    )
+    return _fenced(row, upload_id, generation)
+
+
+async def finish_upload(
+    conn: asyncpg.Connection, upload_id: uuid.UUID, generation: int, result: dict[str, Any], keep_seconds: float
+) -> Upload:
+    """The upload became its prerecording; `result` is the answer given. Meant to run inside
+    the transaction that saves the prerecording: Fenced rolls that save back, so a writer
+    that lost its lease can never commit the file, and a cancel that came first wins."""
+    return await _end(conn, upload_id, generation, "finished", result, keep_seconds)
+
+
+async def fail_upload(
+    conn: asyncpg.Connection, upload_id: uuid.UUID, generation: int, result: dict[str, Any], keep_seconds: float
+) -> Upload:
+    """The upload was refused at its end (a precondition, a digest); `result` is the refusal."""
+    return await _end(conn, upload_id, generation, "failed", result, keep_seconds)
+
+
+async def cancel_upload(conn: asyncpg.Connection, upload_id: uuid.UUID, keep_seconds: float) -> Upload | None:
+    """Cancel an upload in progress; None if there is none to cancel (unknown or ended).
+
+    The state alone fences the holder: none of its writes can move the offset any more. The
+    lease is left in place (and the generation unchanged) so that the holder's release still
+    lands: the canceller waits for lease_owner to go NULL before removing bytes still being
+    written, and sends the holder a "cancel" request with the returned generation."""
+    row = await conn.fetchrow(
+        f"""
+        UPDATE uploads SET state = 'cancelled', expires_at = now() + make_interval(secs => $2)
+         WHERE id = $1 AND state IN ('receiving', 'finishing')
+        RETURNING {_UPLOAD_COLUMNS}
+        """,
+        upload_id,
+        keep_seconds,
+    )
+    return None if row is None else _upload(row)
+
+
+async def expire_due(
+    conn: asyncpg.Connection, limit: int, keep_seconds: float, *, skip_locked: bool = True
+) -> list[Upload]:
+    """Mark up to `limit` uploads expired whose expiry passed and that nobody holds (a live
+    lease is progressing: its expiry is pushed back with its next commit). The caller removes
+    their bytes after commit; the rows stay as tombstones for `keep_seconds`.
+
+    `finishing` counts too: one whose finisher died and that nobody resumed would otherwise be
+    left forever. SKIP LOCKED: every replica sweeps, and a second sweeper passes over the rows
+    a first one is expiring instead of queueing behind its transaction. skip_locked=False is
+    for tests only: the negative control that shows the second sweeper waiting."""
+    skip = "SKIP LOCKED" if skip_locked else ""
+    # MATERIALIZED: as `WHERE id IN (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED)` the planner may
+    # rescan the subquery, which then skips the rows this very UPDATE just changed and hands
+    # out the next ones: one sweep expired every due row, not `limit` of them.
+    rows = await conn.fetch(
+        f"""
+        WITH due AS MATERIALIZED (
+            SELECT id AS due_id FROM uploads
+             WHERE state IN ('receiving', 'finishing') AND expires_at < now()
+               AND (lease_owner IS NULL OR lease_expires < now())
+             ORDER BY expires_at LIMIT $1 FOR UPDATE {skip}
+        )
+        UPDATE uploads
+           SET state = 'expired', generation = generation + 1, expires_at = now() + make_interval(secs => $2),
+               lease_owner = NULL, lease_pid = NULL, lease_expires = NULL
+          FROM due WHERE id = due_id
+        RETURNING {_UPLOAD_COLUMNS}
+        """,
+        limit,
+        keep_seconds,
+    )
+    return [_upload(row) for row in rows]
+
+
+async def delete_tombstones(conn: asyncpg.Connection, limit: int) -> int:
+    """Forget up to `limit` ended uploads past their keeping time (their pieces and tails go
+    with them); afterwards their URL is unknown (404)."""
+    status = await conn.execute(
+        f"""
+        DELETE FROM uploads WHERE id IN (
+            SELECT id FROM uploads WHERE state IN {_ENDED} AND expires_at < now() ORDER BY expires_at LIMIT $1
+        )
+        """,
+        limit,
+    )
+    return int(status.split()[-1])
+
+
+async def uploads_in_progress(conn: asyncpg.Connection, event: uuid.UUID) -> list[Upload]:
+    """The event's uploads still on their way (GET /uploads?event=), by start. One past its
+    expiry is left out even before the sweeper marks it: it can no longer be resumed."""
+    rows = await conn.fetch(
+        f"""
+        SELECT {_UPLOAD_COLUMNS} FROM uploads
+         WHERE event = $1 AND state IN ('receiving', 'finishing') AND expires_at > now()
+         ORDER BY start, created_at
+        """,
+        event,
+    )
+    return [_upload(row) for row in rows]
+
+
+@dataclass(frozen=True)
+class UploadNotice:
+    """A request to an upload's lease holder, as sent on UPLOADS_CHANNEL."""
+
+    verb: str  # "release" (let another writer take over) or "cancel"
+    upload_id: uuid.UUID
+    generation: int
+
+    @property
+    def payload(self) -> str:
+        return f"{self.verb} {self.upload_id} {self.generation}"
+
+    @classmethod
+    def parse(cls, payload: str) -> UploadNotice:
+        verb, upload_id, generation = payload.split(" ")
+        if verb not in ("release", "cancel"):
+            raise ValueError(f"not an upload notice: {payload!r}")
+        return cls(verb, uuid.UUID(upload_id), int(generation))
+
+
+async def _notify_holder(conn: asyncpg.Connection, notice: UploadNotice) -> None:
+    # Delivered at once outside a transaction, at commit inside one. The generation lets the
+    # holder ignore a request meant for a lease it no longer has (or not yet).
+    await conn.execute("SELECT pg_notify($1, $2)", UPLOADS_CHANNEL, notice.payload)
+
+
+async def request_release(conn: asyncpg.Connection, upload_id: uuid.UUID, generation: int) -> None:
+    """Ask the holder of `generation` to make what it has durable and let go. A lost request
+    costs only time: the asker forces the lease after a while."""
+    await _notify_holder(conn, UploadNotice("release", upload_id, generation))
+
+
+async def request_cancel(conn: asyncpg.Connection, upload_id: uuid.UUID, generation: int) -> None:
+    """Tell the holder of `generation` that its upload was cancelled: stop, and release."""
+    await _notify_holder(conn, UploadNotice("cancel", upload_id, generation))

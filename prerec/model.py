@@ -197,3 +197,78 @@ class Event:
     def message(self) -> bytes:
         """The event as one SSE message, encoded once however many subscribers get it."""
         return f"id: {self.id}\ndata: {json.dumps(self.to_json())}\n\n".encode()
+
+
+# What an upload can be: in progress (receiving, finishing), or ended (the rest).
+UPLOAD_STATES = ("receiving", "finishing", "finished", "failed", "cancelled", "expired")
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A resumable upload, as its row stores it (see migrations/versions/0003_uploads.py)."""
+
+    id: uuid.UUID
+    event: uuid.UUID
+    start: datetime
+    type: str
+    length: int
+    durable: int
+    state: str
+    protocol: str
+    if_match: str | None
+    if_none_match: bool
+    digests: list[dict[str, str]]
+    metadata: dict[str, str]
+    store_ref: str | None
+    assembled: str | None
+    created_at: datetime
+    progressed_at: datetime
+    expires_at: datetime
+    generation: int
+    lease_owner: str | None
+    lease_pid: int | None
+    lease_expires: datetime | None
+    released_clean: bool
+    segment_generation: int | None
+    next_part: int
+    result: dict[str, Any] | None
+
+    @property
+    def offset(self) -> int:
+        """What a client is told: every byte below it survives any replica's death."""
+        return self.durable
+
+    def to_json(self) -> dict[str, Any]:
+        # No id: the upload's URL is a capability, and this is shown to anyone who can list.
+        return {
+            "event": str(self.event),
+            "start": format_start(self.start),
+            "type": self.type,
+            "offset": self.durable,
+            "length": self.length,
+            "started": format_utc(self.created_at),
+            "progressed": format_utc(self.progressed_at),
+            "expires": format_utc(self.expires_at),
+        }
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A run of an upload's bytes in the store: a segment file (filesystem) or a part (S3).
+
+    Only bytes below a piece's recorded size are ever assembled: a writer that lost its lease
+    may still write past it, never below."""
+
+    start: int
+    size: int
+    generation: int
+    number: int | None = None  # S3 part number
+    etag: str | None = None  # S3 part ETag
+
+
+@dataclass(frozen=True)
+class Tail:
+    """S3: the bytes past the last part, fewer than the store's minimum part size."""
+
+    start: int
+    data: bytes
