@@ -158,7 +158,8 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_float,
         "Temporary upload files untouched this long are taken as left by a crash and removed (an upload "
         "in progress touches its file every tenth of this, at most every minute); replaced blobs are kept "
-        "this long for downloads still reading them (on NFS an unlink would cut them).",
+        "this long for downloads still reading them (on NFS an unlink would cut them), and blobs no row points "
+        "at are retired once this old.",
     ),
     Setting(
         "db_timeout_seconds",
@@ -196,7 +197,9 @@ SETTINGS: tuple[Setting, ...] = (
         "PREREC_WORKERS",
         "1",
         _positive_int,
-        "Worker processes per replica, sharing the port (SO_REUSEPORT), each with its own pool and listener.",
+        "Worker processes per replica, sharing the port (SO_REUSEPORT), each with its own pool and listener; "
+        "a worker still running `PREREC_SHUTDOWN_TIMEOUT_SECONDS` + 6 × `PREREC_DB_TIMEOUT_SECONDS` + 4 s "
+        "after SIGTERM is killed, and the replica then exits 1.",
     ),
     Setting(
         "write_token",

@@ -154,7 +154,8 @@ SPEC: dict[str, Any] = {
                     "Page with `limit` and `offset` until `offset` reaches `count`. For the original's "
                     'clients the server also takes each value JSON-encoded (`after="2024-01-01T00:00:00"`, '
                     '`order="desc"`), `null` for not given, and `limit=null` for no limit; the schemas '
-                    "describe the plain forms only, so that generated clients type them plainly."
+                    "describe the plain forms only, so that generated clients type them plainly. Each "
+                    "parameter may be given once: a repeated one is 400, not first-wins."
                 ),
                 "parameters": [
                     {"$ref": "#/components/parameters/event"},
@@ -188,7 +189,9 @@ SPEC: dict[str, Any] = {
                 "summary": "Download a prerecording, whole or one byte range",
                 "description": (
                     "Single byte ranges (`bytes=a-b`, `bytes=a-`, `bytes=-n`) get 206; a request for several "
-                    "ranges, or a malformed Range, gets the whole body (200). Conditional requests follow "
+                    "ranges, a malformed Range or two Range headers get the whole body (200). Positions are "
+                    "ASCII digits of any length: a first position past the size is 416, a last one past it "
+                    "is clamped. Conditional requests follow "
                     "RFC 9110: If-Match and If-Unmodified-Since (412), If-None-Match and If-Modified-Since "
                     "(304), If-Range with an ETag or a date."
                 ),
@@ -335,7 +338,9 @@ SPEC: dict[str, Any] = {
                     "The first message is `retry: <ms>`; then each change is one unnamed message, "
                     "`id: <event id>` and `data:` a JSON ChangeEvent. A comment line is sent every "
                     "PREREC_SSE_PING_SECONDS. With `Last-Event-ID` (or `lastEventId`) the stream first "
-                    "replays every stored event after that id, then continues live."
+                    "replays every stored event after that id, then continues live. `types` may be "
+                    "repeated (the types add up); `lastEventId` and `Last-Event-ID` at most once each (400), "
+                    "and the header wins over the query."
                 ),
                 "parameters": [
                     _query(
