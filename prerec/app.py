@@ -18,6 +18,7 @@ from prerec.problems import Problem, problems_middleware
 from prerec.ready import SHUTTING_DOWN
 from prerec.routes import add_routes
 from prerec.telemetry import METRICS, Metrics, telemetry_middleware
+from prerec.uploads.engine import ENGINE, Engine
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,13 @@ def create_app(settings: Settings, database_url: str) -> web.Application:
     app[UPLOADS] = set()
     app[METRICS] = Metrics(settings.blob_dir)
     app[CACHE] = MetadataCache()
+    app[ENGINE] = Engine(settings)
     # The database first: the storage sweeper asks it which blobs are orphans, and must stop
     # before the pool closes.
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_storage)
     app.cleanup_ctx.append(_broadcaster)
+    app.cleanup_ctx.append(_uploads)
     app.on_shutdown.append(_end_streams)
     add_routes(app)
     cors.install(app, settings.cors_origins)
@@ -114,11 +117,24 @@ async def _broadcaster(app: web.Application) -> AsyncIterator[None]:
         settings.events_retention_seconds,
         app[CACHE],
         on_reconnect=app[METRICS].listener_reconnects.inc,
+        upload_owner=app[ENGINE].owner,
+        on_upload_notice=app[ENGINE].notice,
     )
     await broadcaster.start()
     app[BROADCASTER] = broadcaster
     yield
     await broadcaster.close()
+
+
+async def _uploads(app: web.Application) -> AsyncIterator[None]:
+    engine = app[ENGINE]
+    engine.pool = app[db.POOL]
+    broadcaster = app[BROADCASTER]
+    engine.listener_pid = lambda: broadcaster.listener_pid
+    await asyncio.get_running_loop().run_in_executor(blobs.DISK, engine.layout)
+    sweeper = asyncio.create_task(engine.sweep_forever())
+    yield
+    await tasks.stop(sweeper, app[SETTINGS_KEY].db_timeout_seconds, "the upload sweeper")
 
 
 async def _end_streams(app: web.Application) -> None:

@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
 RETRY_AFTER_SECONDS = 5
+# Statuses outside the IANA registry that a protocol here answers with.
+EXTRA_TITLES = {460: "Checksum Mismatch"}  # tus 1.0.0's checksum extension
 
 
 class Problem(Exception):
@@ -34,8 +36,9 @@ class DatabaseUnavailable(Problem):
 
 
 def problem_response(status: int, detail: str, headers: Mapping[str, str] | None = None) -> web.Response:
-    body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail}
-    response = web.Response(status=status, text=json.dumps(body), headers=headers)
+    title = EXTRA_TITLES[status] if status in EXTRA_TITLES else HTTPStatus(status).phrase
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    response = web.Response(status=status, reason=title, text=json.dumps(body), headers=headers)
     response.content_type = PROBLEM_JSON
     if response.headers.get("Connection", "").lower() == "close":
         # aiohttp keeps the connection open whatever the header says (and reads on into the

@@ -1,0 +1,743 @@
+"""The resumable-upload engine on the storage folder: create, append, finish, cancel, expire.
+
+No HTTP here: the protocol front ends (tus.py) parse headers and shape answers; this module
+moves bytes and the offset. State lives in PostgreSQL (db.py's "Resumable uploads"), so any
+replica continues an upload another began.
+
+Bytes go to segment files, `<storage>/uploads/<id>.<segment generation>.part`, written at
+explicit positions (never O_APPEND, which is not atomic across NFS clients). A writer records
+progress only after fdatasync, through the fenced db.advance: a reported offset is a promise
+that every byte below it survives kill -9 of any replica. A segment is continued only by the
+generation that made it or by one that took over after a clean release; any other takeover
+starts a segment of its own, so a zombie's late writes never land in bytes another assembles.
+Only bytes below a segment's recorded size are ever assembled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from aiohttp import StreamReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from prerec import blobs, db, digests
+from prerec.config import Settings
+from prerec.model import Piece, Prerecording, Upload
+from prerec.problems import CommitUncertain, Problem
+
+log = logging.getLogger(__name__)
+
+FOLDER = "uploads"
+# Progress is made durable and recorded at least this often while a body streams, and at
+# least every COMMIT_BYTES: what a kill -9 can cost, at most.
+COMMIT_SECONDS = 1.0
+COMMIT_BYTES = 64 * 1024 * 1024
+# A second writer waits this long for the holder to let go before it takes the lease by force.
+TAKEOVER_SECONDS = 2.0
+POLL_SECONDS = 0.05
+# An idle holder (a body that brings nothing for a while) renews its lease this often.
+RENEW_SECONDS = 3.0
+SWEEP_BATCH = 100
+
+
+def owner_name() -> str:
+    """Who holds a lease: host, process and a boot id (a pid is reused after a restart)."""
+    return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
+
+
+class _Stopped(Exception):
+    """Set on a request body to make its reader stop: another writer asked for the lease
+    ("release") or the upload was cancelled ("cancel")."""
+
+    def __init__(self, verb: str) -> None:
+        super().__init__(verb)
+        self.verb = verb
+
+
+@dataclass
+class _Writer:
+    generation: int
+    body: StreamReader
+
+
+@dataclass
+class _Hashers:
+    """Hashes of an upload's bytes [0, position), kept by the process that wrote them."""
+
+    position: int
+    hashers: dict[str, Any]
+
+    def copy(self) -> _Hashers:
+        return _Hashers(self.position, {name: hasher.copy() for name, hasher in self.hashers.items()})
+
+
+@dataclass(frozen=True)
+class Checksum:
+    """A checksum over one request's body (tus Upload-Checksum): a hashlib name and the digest."""
+
+    algorithm: str
+    digest: bytes
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an append left: the row as it now is, and the final answer once it finished."""
+
+    upload: Upload
+    result: dict[str, Any] | None = None
+
+
+def claims_json(claims: list[digests.Claim]) -> list[dict[str, str]]:
+    return [
+        {"header": claim.header, "algorithm": claim.algorithm, "value": base64.b64encode(claim.digest).decode()}
+        for claim in claims
+    ]
+
+
+def _claims(upload: Upload) -> list[digests.Claim]:
+    return [
+        digests.Claim(item["header"], item["algorithm"], base64.b64decode(item["value"])) for item in upload.digests
+    ]
+
+
+def check_preconditions(if_match: str | None, if_none_match: bool, current: Prerecording | None) -> None:
+    """The creation request's If-Match / If-None-Match: *, decided against what is stored now
+    (inside the finishing transaction, so a racing writer cannot slip between)."""
+    if if_none_match and current is not None:
+        raise Problem(412, f"The precondition If-None-Match: * failed: a prerecording exists (ETag {current.etag}).")
+    if if_match is None:
+        return
+    if current is None:
+        raise Problem(412, "The precondition failed: nothing is stored at this key.")
+    tags = [tag.strip() for tag in if_match.split(",")]
+    if "*" not in tags and current.etag not in tags:
+        raise Problem(412, f"The precondition failed: the current ETag is {current.etag}.")
+
+
+def segment_path(root: Path, upload_id: uuid.UUID, generation: int) -> Path:
+    return root / FOLDER / f"{upload_id}.{generation}.part"
+
+
+def _segments(root: Path, upload_id: uuid.UUID) -> list[Path]:
+    return list((root / FOLDER).glob(f"{upload_id}.*.part"))
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _discard_segments(root: Path, upload_id: uuid.UUID) -> None:
+    for path in _segments(root, upload_id):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _assemble(root: Path, upload: Upload, pieces: list[Piece]) -> str:
+    """The upload's recorded pieces as one new blob, renamed into blobs/; the segments go.
+
+    Later segments are copied onto the first with copy_file_range (in the kernel; on NFS 4.2 on
+    the server), only their recorded sizes; the file is then cut at the upload's length, which
+    drops whatever a refused checksum or a zombie left past it."""
+    position = 0
+    for piece in pieces:
+        if piece.start != position:
+            raise RuntimeError(f"upload {upload.id}: pieces leave a hole at {position} (next at {piece.start})")
+        position += piece.size
+    if position != upload.length:
+        raise RuntimeError(f"upload {upload.id}: pieces end at {position}, not at {upload.length}")
+    first = segment_path(root, upload.id, pieces[0].generation)
+    with open(first, "r+b", buffering=0) as target:
+        for piece in pieces[1:]:
+            if piece.generation == pieces[0].generation:
+                continue
+            with open(segment_path(root, upload.id, piece.generation), "rb", buffering=0) as source:
+                copied = 0
+                while copied < piece.size:
+                    done = os.copy_file_range(
+                        source.fileno(), target.fileno(), piece.size - copied, copied, piece.start + copied
+                    )
+                    if done == 0:
+                        raise RuntimeError(f"upload {upload.id}: segment {piece.generation} is shorter than recorded")
+                    copied += done
+        os.ftruncate(target.fileno(), upload.length)
+        os.fsync(target.fileno())
+    token = uuid.uuid4().hex
+    name = f"{token[:2]}/{token}.ogg"
+    destination = Path(blobs.blob_path(root, name))
+    destination.parent.mkdir(exist_ok=True)
+    os.rename(first, destination)
+    _fsync_folder(destination.parent)
+    _discard_segments(root, upload.id)
+    return name
+
+
+def _hash_file(path: str, algorithms: frozenset[str]) -> dict[str, bytes]:
+    hashers = {name: hashlib.new(name) for name in algorithms | {"sha256"}}
+    with open(path, "rb", buffering=0) as file:
+        while piece := file.read(blobs.WRITE_PIECE):
+            for hasher in hashers.values():
+                hasher.update(piece)
+    return {name: hasher.digest() for name, hasher in hashers.items()}
+
+
+class _Segment:
+    """One generation's segment file, opened for positional writes; methods run on DISK."""
+
+    def __init__(self, path: Path, start: int) -> None:
+        self.path = path
+        self.start = start  # the upload offset of the file's first byte
+        self.fd = -1
+
+    def open(self) -> None:
+        existed = self.path.exists()
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if not existed:
+            # The new name must survive a crash too, not only the bytes in it.
+            _fsync_folder(self.path.parent)
+
+    def write(self, piece: memoryview, offset: int, hashers: dict[str, Any] | None) -> None:
+        done = 0
+        while done < len(piece):
+            done += os.pwrite(self.fd, piece[done:], offset - self.start + done)
+        if hashers is not None:
+            for hasher in hashers.values():
+                hasher.update(piece)
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+async def _on_disk(call: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return await asyncio.get_running_loop().run_in_executor(blobs.DISK, call, *args)
+    except OSError as error:
+        raise blobs._storage_problem(error) from error
+
+
+@dataclass
+class Engine:
+    settings: Settings
+    pool: asyncpg.Pool | None = None
+    owner: str = field(default_factory=owner_name)
+    # The backend pid of this process's listening connection (the broadcaster's): a lease
+    # stamped with it is taken at once when this process dies.
+    listener_pid: Callable[[], int | None] = lambda: None
+    writers: dict[uuid.UUID, _Writer] = field(default_factory=dict)
+    hashers: dict[uuid.UUID, _Hashers] = field(default_factory=dict)
+
+    @property
+    def root(self) -> Path:
+        return self.settings.blob_dir
+
+    @property
+    def expiry(self) -> float:
+        return self.settings.upload_expiry_seconds
+
+    def _connection(self) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection]:
+        assert self.pool is not None
+        return db.connection(self.pool, self.settings.db_timeout_seconds)
+
+    def layout(self) -> None:
+        (self.root / FOLDER).mkdir(parents=True, exist_ok=True)
+
+    # Notices from other replicas (the broadcaster's listening connection hands them here)
+
+    def notice(self, payload: str) -> None:
+        try:
+            notice = db.UploadNotice.parse(payload)
+        except ValueError:
+            log.warning("ignored a malformed upload notice %r", payload[:100])
+            return
+        writer = self.writers.get(notice.upload_id)
+        if writer is not None and writer.generation == notice.generation:
+            # As the stall watchdog does: the reader's next read raises, and it stops there.
+            writer.body.set_exception(_Stopped(notice.verb))
+
+    # Creation and reading
+
+    async def create(
+        self,
+        event: uuid.UUID,
+        start: datetime,
+        type_: str,
+        length: int,
+        protocol: str,
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+        claims: list[digests.Claim] | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> Upload:
+        if length > self.settings.max_upload_bytes:
+            raise Problem(
+                413, f"The declared length {length} is larger than the limit of {self.settings.max_upload_bytes} bytes."
+            )
+        if length == 0:
+            raise Problem(400, "The declared length is 0: a prerecording has at least one byte.")
+        free = (await _on_disk(shutil.disk_usage, self.root)).free
+        if free < length:
+            raise Problem(507, f"The storage folder has {free} bytes free, fewer than the {length} declared.")
+        async with self._connection() as conn:
+            return await db.create_upload(
+                conn,
+                uuid.uuid4(),
+                event,
+                start,
+                type_,
+                length,
+                protocol,
+                self.expiry,
+                if_match=if_match,
+                if_none_match=if_none_match,
+                digests=claims_json(claims or []),
+                metadata=metadata,
+            )
+
+    async def get(self, upload_id: uuid.UUID) -> Upload:
+        """The upload as stored (404 if unknown); ended ones are the caller's to answer."""
+        async with self._connection() as conn:
+            upload = await db.get_upload(conn, upload_id)
+        if upload is None:
+            raise Problem(404, f"There is no upload {upload_id}.")
+        return upload
+
+    async def settled(self, upload_id: uuid.UUID) -> Upload:
+        """The upload once a live holder on another request let go (≤ TAKEOVER_SECONDS), so
+        the offset reported is the one the next append must use."""
+        upload = await self.get(upload_id)
+        deadline = time.monotonic() + TAKEOVER_SECONDS
+        asked = False
+        while upload.state == "receiving" and upload.lease_owner is not None and time.monotonic() < deadline:
+            if not asked:
+                async with self._connection() as conn:
+                    await db.request_release(conn, upload_id, upload.generation)
+                asked = True
+            await asyncio.sleep(POLL_SECONDS)
+            upload = await self.get(upload_id)
+        return upload
+
+    # Appending
+
+    async def _acquire(self, upload_id: uuid.UUID) -> Upload:
+        """Take the lease: ask a live holder to let go, poll, force after TAKEOVER_SECONDS.
+        Never an endless 423: the wait is bounded, and the upload is taken in the end."""
+        deadline = time.monotonic() + TAKEOVER_SECONDS
+        asked: int | None = None
+        while True:
+            force = time.monotonic() >= deadline
+            async with self._connection() as conn:
+                taken = await db.acquire_lease(conn, upload_id, self.owner, self.listener_pid(), force=force)
+                if taken is not None:
+                    return taken
+                upload = await db.get_upload(conn, upload_id)
+                if upload is None:
+                    raise Problem(404, f"There is no upload {upload_id}.")
+                ended(upload)
+                if upload.expires_at <= datetime.now(UTC):
+                    raise Problem(410, f"The upload {upload_id} has expired.")
+                if force and upload.state == "receiving":
+                    # Forced in vain: the row changed under us (a new holder); go round again.
+                    deadline = time.monotonic() + TAKEOVER_SECONDS
+                if asked != upload.generation:
+                    await db.request_release(conn, upload_id, upload.generation)
+                    asked = upload.generation
+            await asyncio.sleep(POLL_SECONDS)
+
+    async def append(
+        self,
+        upload_id: uuid.UUID,
+        offset: int,
+        body: StreamReader,
+        content_length: int | None,
+        checksum: Checksum | None = None,
+    ) -> Outcome:
+        """Stream one request body into the upload at `offset`, then finish it if complete.
+
+        Every byte that reached this process counts, also when the body is cut: what arrived
+        is made durable and recorded before the error is answered. With a checksum nothing
+        counts until the whole body matched."""
+        upload = await self.get(upload_id)
+        if upload.state != "receiving" or upload.durable != offset:
+            replay = _replay(upload, offset)
+            if replay is not None:
+                return replay
+            ended(upload)
+            if upload.durable != offset:
+                upload = await self.settled(upload_id)
+                ended(upload)
+                if upload.durable != offset:
+                    raise _mismatch(upload, offset)
+        upload = await self._acquire(upload_id)
+        generation = upload.generation
+        self.writers[upload_id] = _Writer(generation, body)
+        try:
+            return await self._append_held(upload, offset, body, content_length, checksum)
+        finally:
+            if (writer := self.writers.get(upload_id)) is not None and writer.generation == generation:
+                del self.writers[upload_id]
+
+    async def _append_held(
+        self, upload: Upload, offset: int, body: StreamReader, content_length: int | None, checksum: Checksum | None
+    ) -> Outcome:
+        generation = upload.generation
+        clean = True
+        try:
+            if upload.durable != offset:
+                raise _mismatch(upload, offset)
+            if upload.durable == upload.length:
+                # Complete but not finished: a finisher died. Finish it here.
+                return Outcome(upload, await self._finish(upload))
+            left = upload.length - upload.durable
+            if content_length is not None and content_length > left:
+                raise Problem(
+                    400,
+                    f"The body of {content_length} bytes goes past the declared length {upload.length} "
+                    f"(offset {offset}, {left} bytes left).",
+                    {"Connection": "close"},
+                )
+            upload, clean = await self._receive(upload, body, checksum)
+            if upload.durable == upload.length:
+                return Outcome(upload, await self._finish(upload))
+            return Outcome(upload)
+        except asyncio.CancelledError:
+            # A write may still be running in a thread: the next holder starts a segment of its own.
+            clean = False
+            raise
+        except db.Fenced:
+            clean = False
+            self.hashers.pop(upload.id, None)
+            current = await self.get(upload.id)
+            ended(current)
+            raise Problem(
+                409,
+                "Another request took this upload over; resume from the offset it reports.",
+                {"Upload-Offset": str(current.durable), "Connection": "close"},
+            ) from None
+        finally:
+            with contextlib.suppress(Exception):
+                async with self._connection() as conn:
+                    await db.release_lease(conn, upload.id, generation, clean)
+
+    async def _receive(self, upload: Upload, body: StreamReader, checksum: Checksum | None) -> tuple[Upload, bool]:
+        """Read the body into the segment, recording progress as it goes; returns the row and
+        whether every write was joined and synced (a clean release)."""
+        generation = upload.generation
+        segment_generation = upload.segment_generation
+        assert segment_generation is not None
+        async with self._connection() as conn:
+            pieces = await db.upload_pieces(conn, upload.id)
+        continued = [piece for piece in pieces if piece.generation == segment_generation]
+        segment = _Segment(
+            segment_path(self.root, upload.id, segment_generation),
+            continued[0].start if continued else upload.durable,
+        )
+        kept = self.hashers.pop(upload.id, None)
+        hashers = kept if kept is not None and kept.position == upload.durable else None
+        if checksum is not None:
+            # The request's own hash, and the whole file's on a copy: swapped in only if it matches.
+            saved = hashers
+            hashers = hashers.copy() if hashers is not None else None
+            own = hashlib.new(checksum.algorithm)
+        if upload.durable == 0:
+            algorithms = {claim.algorithm for claim in _claims(upload)} | {"sha256"}
+            hashers = _Hashers(0, {name: hashlib.new(name) for name in algorithms})
+        feed = dict(hashers.hashers) if hashers is not None else {}
+        if checksum is not None:
+            feed["checksum"] = own
+        buffer = bytearray(blobs.WRITE_PIECE)
+        filled = 0
+        written = upload.durable  # bytes up to here are in the segment (not yet all synced)
+        stop: BaseException | None = None
+        last_commit = time.monotonic()
+        committed_bytes = upload.durable
+        checked = upload.durable >= len(blobs.OGG_CAPTURE_PATTERN)
+        head = b""
+        await _on_disk(segment.open)
+        try:
+
+            async def flush() -> None:
+                nonlocal filled, written
+                if filled:
+                    await _on_disk(segment.write, memoryview(buffer)[:filled], written, feed)
+                    written += filled
+                    filled = 0
+
+            async def commit() -> None:
+                nonlocal upload, last_commit, committed_bytes
+                await flush()
+                last_commit = time.monotonic()
+                if written == upload.durable:
+                    return
+                await _on_disk(segment.sync)
+                async with self._connection() as conn:
+                    upload = await db.advance(
+                        conn,
+                        upload.id,
+                        generation,
+                        upload.durable,
+                        written,
+                        self.expiry,
+                        pieces=[Piece(segment.start, written - segment.start, segment_generation)],
+                    )
+                committed_bytes = written
+
+            idle = 0.0
+            while True:
+                try:
+                    async with asyncio.timeout(RENEW_SECONDS):
+                        chunk = await body.readany()
+                except TimeoutError:
+                    idle += RENEW_SECONDS
+                    if idle >= self.settings.read_timeout_seconds:
+                        stop = Problem(
+                            408,
+                            f"No body bytes arrived for {idle:g} seconds; what arrived was kept.",
+                            {"Connection": "close"},
+                        )
+                        break
+                    async with self._connection() as conn:
+                        await db.renew_lease(conn, upload.id, generation)
+                    continue
+                except (ConnectionError, HttpProcessingError, _Stopped) as error:
+                    stop = error
+                    break
+                idle = 0.0
+                if not chunk:
+                    break
+                view = memoryview(chunk)
+                room = upload.length - written - filled
+                if len(view) > room:
+                    view = view[:room]
+                    stop = Problem(
+                        400,
+                        f"The body goes past the declared length {upload.length}; the bytes up to it were kept.",
+                        {"Connection": "close"},
+                    )
+                if not checked:
+                    head = (head + bytes(view[: len(blobs.OGG_CAPTURE_PATTERN)]))[: len(blobs.OGG_CAPTURE_PATTERN)]
+                    if len(head) == len(blobs.OGG_CAPTURE_PATTERN) or written + filled + len(view) == upload.length:
+                        blobs._check_ogg(head)
+                        checked = True
+                while view:
+                    taken = min(len(buffer) - filled, len(view))
+                    buffer[filled : filled + taken] = view[:taken]
+                    filled += taken
+                    view = view[taken:]
+                    if filled == len(buffer):
+                        await flush()
+                if stop is not None:
+                    break
+                if checksum is None and (
+                    time.monotonic() - last_commit >= COMMIT_SECONDS or written - committed_bytes >= COMMIT_BYTES
+                ):
+                    await commit()
+            if written + filled == upload.durable and stop is None:
+                raise Problem(400, "The PATCH has no body: send the bytes from the offset on.")
+            if checksum is not None:
+                await flush()
+                if isinstance(stop, Problem | _Stopped | ConnectionError | HttpProcessingError):
+                    # A cut body cannot be verified: none of its bytes count.
+                    self._keep(upload.id, saved)
+                    raise _answer(stop, checksum=True)
+                if own.digest() != checksum.digest:
+                    self._keep(upload.id, saved)
+                    raise Problem(
+                        460,
+                        f"The Upload-Checksum ({checksum.algorithm}) does not match the body received; none of "
+                        f"its bytes were kept (the offset stays {upload.durable}).",
+                    )
+            await commit()
+        except BaseException:
+            await asyncio.shield(_on_disk(segment.close))
+            raise
+        await _on_disk(segment.close)
+        if hashers is not None:
+            hashers.position = written
+            self.hashers[upload.id] = hashers
+        if stop is not None:
+            raise _answer(stop)
+        return upload, True
+
+    def _keep(self, upload_id: uuid.UUID, hashers: _Hashers | None) -> None:
+        if hashers is not None:
+            self.hashers[upload_id] = hashers
+
+    # Finishing
+
+    async def _finish(self, upload: Upload) -> dict[str, Any]:
+        """Assemble, hash, verify, and save as PUT does, with the upload's end in the same
+        transaction: exactly one prerecording event, and a fenced writer saves nothing."""
+        generation = upload.generation
+        async with self._connection() as conn:
+            upload = await db.begin_finishing(conn, upload.id, generation)
+            pieces = await db.upload_pieces(conn, upload.id)
+        name = await _on_disk(_assemble, self.root, upload, pieces)
+        claims = _claims(upload)
+        kept = self.hashers.pop(upload.id, None)
+        algorithms = frozenset(claim.algorithm for claim in claims)
+        if kept is not None and kept.position == upload.length and algorithms <= kept.hashers.keys():
+            computed = {algorithm: hasher.digest() for algorithm, hasher in kept.hashers.items()}
+        else:
+            computed = await _on_disk(_hash_file, blobs.blob_path(self.root, name), algorithms)
+        try:
+            try:
+                digests.verify(claims, computed)
+                result = await self._save(upload, name, computed["sha256"])
+            except Problem as refusal:
+                await blobs.remove(self.root, name)
+                result = {"status": refusal.status, "detail": refusal.detail}
+                async with self._connection() as conn:
+                    await db.fail_upload(conn, upload.id, generation, result, self.expiry)
+                raise
+        except CommitUncertain:
+            log.warning("upload %s: blob %s may or may not be recorded; left for the storage check", upload.id, name)
+            raise
+        except BaseException:
+            await asyncio.shield(blobs.remove(self.root, name))
+            raise
+        return result
+
+    async def _save(self, upload: Upload, name: str, sha256: bytes) -> dict[str, Any]:
+        async with self._connection() as conn:
+            # The save runs in a savepoint of this transaction: its event's NOTIFY and the
+            # upload's end commit together, or neither does.
+            transaction = conn.transaction()
+            await transaction.start()
+            try:
+                saved = await db.save_prerecording(
+                    conn,
+                    upload.event,
+                    upload.start,
+                    upload.type,
+                    upload.length,
+                    sha256,
+                    name,
+                    check=lambda current: check_preconditions(upload.if_match, upload.if_none_match, current),
+                )
+                result = {
+                    "status": 201 if saved.created else 204,
+                    "etag": saved.prerecording.etag,
+                    "body": saved.prerecording.to_json() if saved.created else None,
+                }
+                await db.finish_upload(conn, upload.id, upload.generation, result, self.expiry)
+            except BaseException:
+                with contextlib.suppress(*db.DATABASE_DOWN):
+                    await transaction.rollback()
+                raise
+            try:
+                await transaction.commit()
+            except db.DATABASE_DOWN as error:
+                raise CommitUncertain() from error
+        if saved.replaced_blob is not None:
+            await blobs.retire(self.root, saved.replaced_blob)
+        return result
+
+    # Cancelling and expiring
+
+    async def cancel(self, upload_id: uuid.UUID) -> None:
+        """End an upload in progress and remove its bytes; a PATCH in flight stops."""
+        async with self._connection() as conn:
+            cancelled = await db.cancel_upload(conn, upload_id, self.expiry)
+            if cancelled is None:
+                upload = await db.get_upload(conn, upload_id)
+                if upload is None:
+                    raise Problem(404, f"There is no upload {upload_id}.")
+                raise Problem(410, f"The upload {upload_id} has already ended ({upload.state}).")
+            if cancelled.lease_owner is not None:
+                await db.request_cancel(conn, upload_id, cancelled.generation)
+        # Wait (bounded) for the holder to join its writes before removing the bytes under it.
+        deadline = time.monotonic() + TAKEOVER_SECONDS
+        upload = cancelled
+        while upload.lease_owner is not None and time.monotonic() < deadline:
+            await asyncio.sleep(POLL_SECONDS)
+            upload = await self.get(upload_id)
+        self.hashers.pop(upload_id, None)
+        await _on_disk(_discard_segments, self.root, upload_id)
+
+    async def sweep(self) -> list[uuid.UUID]:
+        """Expire due uploads (their bytes go) and forget old tombstones; every replica runs it."""
+        async with self._connection() as conn:
+            expired = await db.expire_due(conn, SWEEP_BATCH, self.expiry)
+            await db.delete_tombstones(conn, SWEEP_BATCH)
+        for upload in expired:
+            self.hashers.pop(upload.id, None)
+            await _on_disk(_discard_segments, self.root, upload.id)
+            log.info(
+                "upload %s expired at offset %d of %d; its bytes were removed", upload.id, upload.durable, upload.length
+            )
+        return [upload.id for upload in expired]
+
+    async def sweep_forever(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except (asyncio.CancelledError, KeyboardInterrupt):
+                raise
+            except Exception as error:  # one failed round must not end the sweeping for good
+                log.warning("could not sweep expired uploads: %r", error)
+            await asyncio.sleep(min(self.expiry / 10, 60.0))
+
+
+def ended(upload: Upload) -> None:
+    """Refuse to go on with an upload that ended (410), naming how."""
+    if upload.state in ("receiving", "finishing"):
+        return
+    if upload.state == "failed" and upload.result is not None:
+        raise Problem(
+            410, f"The upload ended refused ({upload.result.get('status')}): {upload.result.get('detail', '')}".strip()
+        )
+    raise Problem(410, f"The upload {upload.id} has ended ({upload.state}).")
+
+
+def _replay(upload: Upload, offset: int) -> Outcome | None:
+    """A finished upload asked again at its end: the answer it gave (the client lost it)."""
+    if upload.state == "finished" and offset == upload.length:
+        return Outcome(upload, upload.result)
+    return None
+
+
+def _mismatch(upload: Upload, offset: int) -> Problem:
+    return Problem(
+        409,
+        f"The Upload-Offset {offset} is not the upload's offset {upload.durable}; resume from {upload.durable}.",
+        {"Upload-Offset": str(upload.durable)},
+    )
+
+
+def _answer(stop: BaseException, checksum: bool = False) -> Problem:
+    """How a body that ended early is answered, after what arrived was recorded."""
+    if isinstance(stop, Problem):
+        return stop
+    if isinstance(stop, _Stopped):
+        if stop.verb == "cancel":
+            return Problem(410, "The upload was cancelled while this request was under way.", {"Connection": "close"})
+        return Problem(400, "Another request took this upload over; this one stopped.", {"Connection": "close"})
+    kept = "none of its bytes were kept" if checksum else "the bytes that arrived were kept"
+    return Problem(400, f"The body was cut off before its end; {kept}.", {"Connection": "close"})
+
+
+ENGINE = web.AppKey("upload_engine", Engine)
