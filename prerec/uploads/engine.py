@@ -394,8 +394,17 @@ class Engine:
         upload = await self._acquire(upload_id)
         generation = upload.generation
         self.writers[upload_id] = _Writer(generation, body)
+        # In a task of its own: a server that cancels its handler when the client leaves
+        # (aiohttp's handler_cancellation, on in its test server) must still have the bytes
+        # that arrived recorded. The cancelled handler cuts the body and waits for that.
+        work = asyncio.ensure_future(self._append_held(upload, offset, body, content_length, checksum))
         try:
-            return await self._append_held(upload, offset, body, content_length, checksum)
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            body.set_exception(ConnectionResetError("the request was cancelled"))
+            with contextlib.suppress(BaseException):
+                await work
+            raise
         finally:
             if (writer := self.writers.get(upload_id)) is not None and writer.generation == generation:
                 del self.writers[upload_id]
@@ -507,11 +516,13 @@ class Engine:
 
             idle = 0.0
             while True:
+                pending = checksum is None and written + filled > upload.durable
+                wait = COMMIT_SECONDS if pending else RENEW_SECONDS
                 try:
-                    async with asyncio.timeout(RENEW_SECONDS):
+                    async with asyncio.timeout(wait):
                         chunk = await body.readany()
                 except TimeoutError:
-                    idle += RENEW_SECONDS
+                    idle += wait
                     if idle >= self.settings.read_timeout_seconds:
                         stop = Problem(
                             408,
@@ -519,8 +530,13 @@ class Engine:
                             {"Connection": "close"},
                         )
                         break
-                    async with self._connection() as conn:
-                        await db.renew_lease(conn, upload.id, generation)
+                    # A body that pauses: make what arrived durable (a client that gives up
+                    # now finds it counted), and keep the lease alive.
+                    if pending:
+                        await commit()
+                    else:
+                        async with self._connection() as conn:
+                            await db.renew_lease(conn, upload.id, generation)
                     continue
                 except (ConnectionError, HttpProcessingError, _Stopped) as error:
                     stop = error
