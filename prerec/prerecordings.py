@@ -17,10 +17,11 @@ from multidict import MultiMapping
 from prerec import conditional, db, digests
 from prerec.auth import check_write_token
 from prerec.cache import CACHE
+from prerec.commit import commit_blob
 from prerec.config import SETTINGS_KEY
 from prerec.db import POOL
 from prerec.model import Prerecording, format_start, parse_content_type, parse_count, parse_event, parse_start
-from prerec.problems import CommitUncertain, Problem
+from prerec.problems import Problem
 from prerec.storage import STORAGE
 from prerec.storage.receive import Pace, receive
 from prerec.storage.responses import BlobResponse
@@ -340,30 +341,15 @@ async def _upload(request: web.Request) -> web.StreamResponse:
     pace = Pace(settings.read_timeout_seconds, settings.min_upload_rate_bytes, settings.tmp_max_age_seconds)
     stored = await receive(request.app[STORAGE], request.content, settings.max_upload_bytes, pace, algorithms)
     request.app[METRICS].uploaded.inc(stored.size)
-    try:
-        digests.verify(accepted.claims, stored.digests)
-        async with db.connection(request.app[POOL], settings.db_timeout_seconds) as conn:
-            saved = await db.save_prerecording(
-                conn,
-                event,
-                start,
-                accepted.content_type,
-                stored.size,
-                stored.sha256,
-                stored.name,
-                check=lambda current: conditional.check_write(request, current),
-            )
-    except (CommitUncertain, asyncio.CancelledError):
-        # The commit may have happened before the connection broke (or before we were
-        # cancelled at shutdown): leave the blob for the storage check rather than risk a
-        # row pointing at nothing.
-        log.warning("blob %s may or may not be recorded; left for the storage check", stored.name)
-        raise
-    except BaseException:
-        await asyncio.shield(request.app[STORAGE].remove(stored.name))
-        raise
-    if saved.replaced_blob is not None:
-        await request.app[STORAGE].retire(saved.replaced_blob)
+    saved = await commit_blob(
+        request.app,
+        event,
+        start,
+        accepted.content_type,
+        stored,
+        accepted.claims,
+        check=lambda current: conditional.check_write(request, current),
+    )
     headers = {hdrs.ETAG: saved.prerecording.etag}
     if saved.created:
         return web.json_response(saved.prerecording.to_json(), status=201, headers=headers)
