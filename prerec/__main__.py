@@ -230,10 +230,13 @@ def _die_with_parent() -> None:
 
 
 def storage_check(settings: Settings, apply: bool, grace_seconds: float) -> int:
+    from prerec.storage.fs import FileStorage
     from prerec.storage_check import check
 
     try:
-        report = asyncio.run(check(resolve_database_url(settings), settings.blob_dir, grace_seconds, apply))
+        report = asyncio.run(
+            check(resolve_database_url(settings), FileStorage(settings.blob_dir), grace_seconds, apply)
+        )
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
         print(f"prerec gc: could not check: {error}", file=sys.stderr)
         return 2

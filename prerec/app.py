@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from prerec import blobs, connections, cors, db, storage_check, tasks
+from prerec import connections, cors, db, storage_check, tasks
 from prerec.cache import CACHE, MetadataCache
 from prerec.config import SETTINGS_KEY, Settings
 from prerec.events import BROADCASTER, Broadcaster
@@ -17,6 +17,8 @@ from prerec.prerecordings import UPLOADS
 from prerec.problems import Problem, problems_middleware
 from prerec.ready import SHUTTING_DOWN
 from prerec.routes import add_routes
+from prerec.storage import STORAGE
+from prerec.storage.fs import FileStorage
 from prerec.telemetry import METRICS, Metrics, telemetry_middleware
 from prerec.uploads.engine import ENGINE, Engine
 
@@ -31,9 +33,10 @@ def create_app(settings: Settings, database_url: str) -> web.Application:
     app[DATABASE_URL] = database_url
     app[SHUTTING_DOWN] = asyncio.Event()
     app[UPLOADS] = set()
-    app[METRICS] = Metrics(settings.blob_dir)
+    app[STORAGE] = FileStorage(settings.blob_dir)
+    app[METRICS] = Metrics(app[STORAGE])
     app[CACHE] = MetadataCache()
-    app[ENGINE] = Engine(settings)
+    app[ENGINE] = Engine(app)
     # The database first: the storage sweeper asks it which blobs are orphans, and must stop
     # before the pool closes.
     app.cleanup_ctx.append(_database)
@@ -61,7 +64,7 @@ async def _refuse_when_shutting_down(
 
 async def _storage(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS_KEY]
-    blobs.layout(settings.blob_dir)
+    await app[STORAGE].start()
     sweeper = asyncio.create_task(_sweep_forever(app))
     yield
     await tasks.stop(sweeper, settings.db_timeout_seconds, "the storage sweeper")
@@ -69,16 +72,13 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
 
 async def _sweep_forever(app: web.Application) -> None:
     settings = app[SETTINGS_KEY]
-    loop = asyncio.get_running_loop()
+    storage = app[STORAGE]
     while True:
         try:
-            removed = await loop.run_in_executor(
-                blobs.DISK, blobs.sweep, settings.blob_dir, settings.tmp_max_age_seconds
-            )
-            for path in removed:
-                log.info("removed %s/%s", path.parent.name, path.name)
+            for name in await storage.sweep(settings.tmp_max_age_seconds):
+                log.info("removed %s", name)
             retired = await storage_check.sweep_orphans(
-                app[db.POOL], settings.blob_dir, settings.tmp_max_age_seconds, settings.db_timeout_seconds
+                app[db.POOL], storage, settings.tmp_max_age_seconds, settings.db_timeout_seconds
             )
             for name in retired:
                 log.warning("retired orphan blob %s (no row pointed at it)", name)
@@ -128,10 +128,8 @@ async def _broadcaster(app: web.Application) -> AsyncIterator[None]:
 
 async def _uploads(app: web.Application) -> AsyncIterator[None]:
     engine = app[ENGINE]
-    engine.pool = app[db.POOL]
     broadcaster = app[BROADCASTER]
     engine.listener_pid = lambda: broadcaster.listener_pid
-    await asyncio.get_running_loop().run_in_executor(blobs.DISK, engine.layout)
     sweeper = asyncio.create_task(engine.sweep_forever())
     yield
     await tasks.stop(sweeper, app[SETTINGS_KEY].db_timeout_seconds, "the upload sweeper")

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
@@ -197,6 +197,11 @@ class Saved:
 # place to decide preconditions (If-Match ...) so that racing writers cannot both pass them.
 Check = Callable[[Prerecording | None], None]
 
+# Called inside a save's transaction, after its row is written and before its event, with what
+# the save will return: the place for a write that must commit with the save or not at all (a
+# resumable upload marked finished). Raising rolls the whole save back.
+Also = Callable[[asyncpg.Connection, Saved], Awaitable[None]]
+
 
 def _no_check(current: Prerecording | None) -> None:
     pass
@@ -211,6 +216,7 @@ async def save_prerecording(
     sha256: bytes,
     blob: str,
     check: Check = _no_check,
+    also: Also | None = None,
 ) -> Saved:
     """Point the key at a new blob; return what it replaced so the caller can retire it.
 
@@ -238,9 +244,12 @@ async def save_prerecording(
             sha256,
             blob,
         )
-        saved = _prerecording(row)
+        outcome = Saved(_prerecording(row), current is None, None if current is None else current.blob)
+        if also is not None:
+            # Before the event: its lock is meant to be held for one round trip and the commit.
+            await also(conn, outcome)
         kind = "prerecording-created" if current is None else "prerecording-updated"
-        await _append_event(conn, kind, {"prerecording": saved.to_json()})
+        await _append_event(conn, kind, {"prerecording": outcome.prerecording.to_json()})
     except BaseException:
         with contextlib.suppress(*DATABASE_DOWN):
             await transaction.rollback()
@@ -249,7 +258,7 @@ async def save_prerecording(
         await transaction.commit()
     except DATABASE_DOWN as error:
         raise CommitUncertain() from error
-    return Saved(saved, current is None, None if current is None else current.blob)
+    return outcome
 
 
 async def delete_prerecording(

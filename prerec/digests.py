@@ -1,6 +1,6 @@
 """Integrity of uploads: Content-MD5 (RFC 1864), Repr-Digest and Content-Digest (RFC 9530).
 
-The body is hashed while it streams to disk (blobs.receive); here the request's claims are
+The body is hashed while it streams to disk (storage.receive); here the request's claims are
 read before the body and checked after it. Uploads are stored as sent (no content coding), so
 the content and the representation digest are over the same bytes.
 """

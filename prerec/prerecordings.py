@@ -14,13 +14,17 @@ from typing import IO
 from aiohttp import hdrs, web
 from multidict import MultiMapping
 
-from prerec import blobs, conditional, db, digests
+from prerec import conditional, db, digests
 from prerec.auth import check_write_token
 from prerec.cache import CACHE
+from prerec.commit import commit_blob
 from prerec.config import SETTINGS_KEY
 from prerec.db import POOL
 from prerec.model import Prerecording, format_start, parse_content_type, parse_count, parse_event, parse_start
-from prerec.problems import CommitUncertain, Problem
+from prerec.problems import Problem
+from prerec.storage import STORAGE
+from prerec.storage.receive import Pace, receive
+from prerec.storage.responses import BlobResponse
 from prerec.telemetry import METRICS
 
 log = logging.getLogger(__name__)
@@ -232,7 +236,7 @@ async def _served(request: web.Request, event: uuid.UUID, start: datetime) -> tu
     Metadata comes from the cache when it can. A blob that is gone means the entry (or the row
     just read) was replaced or deleted meanwhile: evict and ask the database again.
     """
-    blob_dir = request.app[SETTINGS_KEY].blob_dir
+    storage = request.app[STORAGE]
     cache = request.app[CACHE]
     key = (str(event), format_start(start))
     head = request.method == hdrs.METH_HEAD
@@ -246,10 +250,10 @@ async def _served(request: web.Request, event: uuid.UUID, start: datetime) -> tu
             cache.put(key, prerecording, token)
         try:
             if head:
-                if blobs.blob_exists(blob_dir, prerecording.blob):
+                if storage.exists(prerecording.blob):
                     return prerecording, None
             else:
-                file = blobs.open_blob(blob_dir, prerecording.blob)
+                file = storage.open(prerecording.blob)
                 if os.fstat(file.fileno()).st_size == prerecording.size:
                     return prerecording, file
                 # Torn (or a stale entry): never send fewer bytes than Content-Length says.
@@ -266,7 +270,7 @@ async def _served(request: web.Request, event: uuid.UUID, start: datetime) -> tu
 async def download(request: web.Request) -> web.StreamResponse:
     event, start = _key(request)
     prerecording, file = await _served(request, event, start)
-    response = blobs.BlobResponse(file, 0, prerecording.size)
+    response = BlobResponse(file, 0, prerecording.size)
     try:
         status = conditional.evaluate(request, prerecording)
         if status == 412:
@@ -288,7 +292,7 @@ async def download(request: web.Request) -> web.StreamResponse:
         response.close_file()
         raise
     if byte_range is not None:
-        response = blobs.BlobResponse(file, byte_range.start, byte_range.length, status=206)
+        response = BlobResponse(file, byte_range.start, byte_range.length, status=206)
         response.headers[hdrs.CONTENT_RANGE] = f"bytes {byte_range.start}-{byte_range.end}/{prerecording.size}"
     _representation_headers(response, prerecording)
     return response
@@ -334,33 +338,18 @@ async def _upload(request: web.Request) -> web.StreamResponse:
     event, start = _key(request)
     settings = request.app[SETTINGS_KEY]
     algorithms = frozenset(claim.algorithm for claim in accepted.claims)
-    pace = blobs.Pace(settings.read_timeout_seconds, settings.min_upload_rate_bytes, settings.tmp_max_age_seconds)
-    stored = await blobs.receive(settings.blob_dir, request.content, settings.max_upload_bytes, pace, algorithms)
+    pace = Pace(settings.read_timeout_seconds, settings.min_upload_rate_bytes, settings.tmp_max_age_seconds)
+    stored = await receive(request.app[STORAGE], request.content, settings.max_upload_bytes, pace, algorithms)
     request.app[METRICS].uploaded.inc(stored.size)
-    try:
-        digests.verify(accepted.claims, stored.digests)
-        async with db.connection(request.app[POOL], settings.db_timeout_seconds) as conn:
-            saved = await db.save_prerecording(
-                conn,
-                event,
-                start,
-                accepted.content_type,
-                stored.size,
-                stored.sha256,
-                stored.name,
-                check=lambda current: conditional.check_write(request, current),
-            )
-    except (CommitUncertain, asyncio.CancelledError):
-        # The commit may have happened before the connection broke (or before we were
-        # cancelled at shutdown): leave the blob for the storage check rather than risk a
-        # row pointing at nothing.
-        log.warning("blob %s may or may not be recorded; left for the storage check", stored.name)
-        raise
-    except BaseException:
-        await asyncio.shield(blobs.remove(settings.blob_dir, stored.name))
-        raise
-    if saved.replaced_blob is not None:
-        await blobs.retire(settings.blob_dir, saved.replaced_blob)
+    saved = await commit_blob(
+        request.app,
+        event,
+        start,
+        accepted.content_type,
+        stored,
+        accepted.claims,
+        check=lambda current: conditional.check_write(request, current),
+    )
     headers = {hdrs.ETAG: saved.prerecording.etag}
     if saved.created:
         return web.json_response(saved.prerecording.to_json(), status=201, headers=headers)
@@ -377,5 +366,5 @@ async def delete(request: web.Request) -> web.Response:
         )
     if deleted is None:
         raise _not_found(event, start)
-    await blobs.retire(settings.blob_dir, deleted.blob)
+    await request.app[STORAGE].retire(deleted.blob)
     return web.Response(status=204)

@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import tempfile
 
 from aiohttp import web
 
-from prerec import blobs, db
+from prerec import db
 from prerec.config import SETTINGS_KEY
 from prerec.events import BROADCASTER
 from prerec.problems import Problem
-
-
-def _probe_storage(tmp: str) -> None:
-    # A real write: os.access() says yes to root whatever the mount allows.
-    with tempfile.NamedTemporaryFile(dir=tmp, prefix="ready-", suffix=".probe") as probe:
-        probe.write(b"ok")
-        probe.flush()
-        os.fsync(probe.fileno())
-
+from prerec.storage import STORAGE
 
 # Set when SIGTERM arrives (app.serve): from then on the replica is not ready.
 SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
@@ -36,10 +26,9 @@ async def ready(request: web.Request) -> web.Response:
             await db.ping(conn, settings.db_timeout_seconds)
     except Problem:
         wrong.append("the database does not answer")
-    try:
-        await asyncio.get_running_loop().run_in_executor(blobs.DISK, _probe_storage, str(settings.blob_dir / "tmp"))
-    except OSError as error:
-        wrong.append(f"the storage folder is not writable ({error.strerror})")
+    storage_wrong = await request.app[STORAGE].ready()
+    if storage_wrong is not None:
+        wrong.append(storage_wrong)
     if not request.app[BROADCASTER].connected.is_set():
         wrong.append("the event listener is not connected")
     if wrong:

@@ -27,9 +27,10 @@ from pathlib import Path
 
 import asyncpg
 
-from prerec import blobs, db
+from prerec import db
 from prerec.model import Prerecording, format_start
 from prerec.problems import DatabaseUnavailable
+from prerec.storage.fs import FileStorage
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +69,20 @@ def _key(prerecording: Prerecording) -> str:
     return f"{prerecording.event} {format_start(prerecording.start)}"
 
 
-def _blob_files(root: Path) -> dict[str, os.stat_result]:
+def _blob_files(storage: FileStorage) -> dict[str, os.stat_result]:
     found = {}
-    for path in (root / "blobs").glob("*/*"):
+    blobs = storage.root / "blobs"
+    for path in blobs.glob("*/*"):
         try:
-            found[path.relative_to(root / "blobs").as_posix()] = path.stat()
+            found[path.relative_to(blobs).as_posix()] = path.stat()
         except FileNotFoundError:  # retired meanwhile
             continue
     return found
 
 
-def _size_now(root: Path, name: str) -> int | None:
+def _size_now(storage: FileStorage, name: str) -> int | None:
     try:
-        return os.stat(blobs.blob_path(root, name)).st_size
+        return os.stat(storage.blob_path(name)).st_size
     except FileNotFoundError:
         return None
 
@@ -89,9 +91,11 @@ class _Changed(Exception):
     """The row changed since it was checked: it is no longer ours to repair."""
 
 
-async def _files_and_rows(conn: asyncpg.Connection, root: Path) -> tuple[dict[str, os.stat_result], list[Prerecording]]:
+async def _files_and_rows(
+    conn: asyncpg.Connection, storage: FileStorage
+) -> tuple[dict[str, os.stat_result], list[Prerecording]]:
     # Files first, rows second: a blob renamed in after the listing cannot look orphaned.
-    files = await asyncio.to_thread(_blob_files, root)
+    files = await asyncio.to_thread(_blob_files, storage)
     return files, await db.all_prerecordings(conn)
 
 
@@ -114,46 +118,46 @@ def _orphans(files: dict[str, os.stat_result], rows: list[Prerecording], cutoff:
     return old, young
 
 
-async def check(url: str, root: Path, grace_seconds: float, apply: bool) -> Report:
+async def check(url: str, storage: FileStorage, grace_seconds: float, apply: bool) -> Report:
     report = Report()
     cutoff = time.time() - grace_seconds
     conn = await asyncpg.connect(url)
     try:
-        files, rows = await _files_and_rows(conn, root)
+        files, rows = await _files_and_rows(conn, storage)
         report.orphans, report.young_orphans = _orphans(files, rows, cutoff)
         for row in rows:
-            size = _size_now(root, row.blob)
+            size = _size_now(storage, row.blob)
             if size == row.size:
                 continue
             current = await db.get_prerecording(conn, row.event, row.start)
             if current is None or current.blob != row.blob:
                 continue  # replaced or deleted meanwhile: fine
-            size = _size_now(root, row.blob)
+            size = _size_now(storage, row.blob)
             if size is None:
                 report.missing.append(row)
             elif size != row.size:
                 report.wrong_size.append((row, size))
-        stale_tmp = await asyncio.to_thread(blobs.stale_tmp, root, cutoff)
+        stale_tmp = await asyncio.to_thread(storage.stale_tmp, cutoff)
         report.stale_tmp = [path.name for path in stale_tmp]
 
         if apply:
-            await _repair(conn, root, report, stale_tmp)
+            await _repair(conn, storage, report, stale_tmp)
     finally:
         await conn.close()
     return report
 
 
-async def _repair(conn: asyncpg.Connection, root: Path, report: Report, stale_tmp: list[Path]) -> None:
+async def _repair(conn: asyncpg.Connection, storage: FileStorage, report: Report, stale_tmp: list[Path]) -> None:
     for name in report.orphans:
         # Retired, not unlinked: it may have just been replaced, with a download still reading it.
-        await blobs.retire(root, name)
+        await storage.retire(name)
         report.repaired.append(f"retired orphan blob {name}")
     for path in stale_tmp:
         path.unlink(missing_ok=True)
         report.repaired.append(f"removed temporary file {path.name}")
     for row in [*report.missing, *(row for row, _ in report.wrong_size)]:
         if await _take_out(conn, row.event, row.start, row.blob):
-            await blobs.retire(root, row.blob)
+            await storage.retire(row.blob)
             report.repaired.append(f"took {_key(row)} out of the listing (its blob was missing or torn)")
 
 
@@ -173,7 +177,7 @@ async def _take_out(conn: asyncpg.Connection, event: uuid.UUID, start: datetime,
 MOST_ORPHANED = 0.5
 
 
-async def sweep_orphans(pool: asyncpg.Pool, root: Path, grace_seconds: float, timeout: float) -> list[str]:
+async def sweep_orphans(pool: asyncpg.Pool, storage: FileStorage, grace_seconds: float, timeout: float) -> list[str]:
     """Retire blobs no row has pointed at for the grace period (the running service's sweep).
 
     They are what an upload leaves when its commit's outcome was uncertain (the database froze
@@ -183,7 +187,7 @@ async def sweep_orphans(pool: asyncpg.Pool, root: Path, grace_seconds: float, ti
     cutoff = time.time() - grace_seconds
     try:
         async with db.connection(pool, timeout) as conn:
-            files, rows = await _files_and_rows(conn, root)
+            files, rows = await _files_and_rows(conn, storage)
     except DatabaseUnavailable:
         log.warning("orphan sweep skipped: the database is not available")
         return []
@@ -198,5 +202,5 @@ async def sweep_orphans(pool: asyncpg.Pool, root: Path, grace_seconds: float, ti
         return []
     for name in old:
         # Retired, not unlinked: removed after another grace period, and recoverable until then.
-        await blobs.retire(root, name)
+        await storage.retire(name)
     return old

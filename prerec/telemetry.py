@@ -12,11 +12,9 @@ import itertools
 import logging
 import os
 import re
-import shutil
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -25,7 +23,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from pythonjsonlogger.json import JsonFormatter
 
-from prerec.blobs import BlobResponse
+from prerec.storage import Storage
+from prerec.storage.responses import BlobResponse
 
 access_log = logging.getLogger("prerec.access")
 
@@ -60,7 +59,7 @@ MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ
 
 @dataclass
 class Metrics:
-    storage: Path
+    storage: Storage
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
@@ -101,15 +100,16 @@ class Metrics:
 class FreeSpace(Collector):
     """The storage folder's free space, read at scrape time."""
 
-    def __init__(self, storage: Path) -> None:
+    def __init__(self, storage: Storage) -> None:
         self._storage = storage
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        try:
-            free = shutil.disk_usage(self._storage).free
-        except OSError:
-            free = float("nan")
-        yield GaugeMetricFamily("prerec_blob_store_free_bytes", "Free space in the storage folder", value=free)
+        free = self._storage.free_bytes()
+        yield GaugeMetricFamily(
+            "prerec_blob_store_free_bytes",
+            "Free space in the storage folder",
+            value=float("nan") if free is None else free,
+        )
 
 
 METRICS = web.AppKey("metrics", Metrics)

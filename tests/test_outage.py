@@ -135,6 +135,7 @@ async def test_a_commit_cut_off_midway_is_503_and_keeps_the_blob_it_may_have_rec
     counted. Here it did: the blob must still be there for the row that points at it."""
     import asyncpg
 
+    from prerec.storage.fs import FileStorage
     from prerec.storage_check import check
 
     url = own_server.get_uri()
@@ -170,10 +171,10 @@ async def test_a_commit_cut_off_midway_is_503_and_keeps_the_blob_it_may_have_rec
     assert new_blob.name in kept.getMessage()
 
     # The version it replaced was never retired; the storage check finds and retires it.
-    report = await check(url, settings.blob_dir, 0, apply=True)
+    report = await check(url, FileStorage(settings.blob_dir), 0, apply=True)
     assert report.orphans == [old_blob.relative_to(settings.blob_dir / "blobs").as_posix()]
     assert not report.missing and not report.wrong_size
-    assert not (await check(url, settings.blob_dir, 0, apply=False)).anything_wrong
+    assert not (await check(url, FileStorage(settings.blob_dir), 0, apply=False)).anything_wrong
     assert blob_files(settings) == [new_blob]
 
 

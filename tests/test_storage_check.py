@@ -11,8 +11,10 @@ from pathlib import Path
 
 import asyncpg
 
-from prerec import blobs, db
+from prerec import db
 from prerec.app import create_app
+from prerec.storage import STORAGE
+from prerec.storage.fs import FileStorage
 from prerec.storage_check import check, sweep_orphans
 from tests.conftest import EVENT, ROOT, blob_files, free_port, ogg, read_events, wait_for
 
@@ -28,7 +30,7 @@ def age(path, seconds: float = 7200) -> None:  # type: ignore[no-untyped-def]
 async def test_a_healthy_store_reports_nothing(client, settings, database_url) -> None:
     for key in KEYS:
         await client.put(key, data=ogg(1000), headers=OGG)
-    report = await check(database_url, settings.blob_dir, 3600, apply=False)
+    report = await check(database_url, FileStorage(settings.blob_dir), 3600, apply=False)
     assert not report.anything_wrong and report.lines()[-1].startswith("storage and database agree")
 
 
@@ -55,7 +57,7 @@ async def test_finds_and_repairs_orphans_leftovers_missing_and_torn_blobs(client
     second.write_bytes(b"OggS torn")  # wrong size
 
     stream = await client.get("/sse")
-    report = await check(database_url, settings.blob_dir, 3600, apply=False)
+    report = await check(database_url, FileStorage(settings.blob_dir), 3600, apply=False)
     assert report.anything_wrong
     assert report.orphans == ["ff/ffff.ogg"] and report.young_orphans == ["ff/fffe.ogg"]
     assert [row.blob for row in report.missing] == [first.relative_to(settings.blob_dir / "blobs").as_posix()]
@@ -63,7 +65,7 @@ async def test_finds_and_repairs_orphans_leftovers_missing_and_torn_blobs(client
     assert report.stale_tmp == ["crashed.part"]
     assert orphan.exists() and leftover.exists()  # a check alone changes nothing
 
-    repaired = await check(database_url, settings.blob_dir, 3600, apply=True)
+    repaired = await check(database_url, FileStorage(settings.blob_dir), 3600, apply=True)
     assert len(repaired.repaired) == 4
     assert not orphan.exists() and not leftover.exists() and young.exists()
     listing = await (await client.get(f"/prerecordings/{EVENT}")).json()
@@ -75,9 +77,9 @@ async def test_finds_and_repairs_orphans_leftovers_missing_and_torn_blobs(client
     assert {data["type"] for _, data in events} == {"prerecording-deleted"}
     stream.close()
 
-    again = await check(database_url, settings.blob_dir, 3600, apply=False)
+    again = await check(database_url, FileStorage(settings.blob_dir), 3600, apply=False)
     assert not again.anything_wrong
-    blobs.sweep(settings.blob_dir, 0)
+    await FileStorage(settings.blob_dir).sweep(0)
 
 
 async def test_command_line_exit_status(client, settings, database_url) -> None:
@@ -148,12 +150,12 @@ async def test_the_sweeper_touches_nothing_without_the_database(client, settings
     orphan = orphan_blob(settings, "ffff.ogg", 7200)
     unreachable = await db.create_pool(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres", 1.0)
     try:
-        assert await sweep_orphans(unreachable, settings.blob_dir, 3600, 1.0) == []
+        assert await sweep_orphans(unreachable, FileStorage(settings.blob_dir), 3600, 1.0) == []
     finally:
         await unreachable.close()
     assert orphan.exists()
     # The same call with the database there: the orphan goes.
-    assert await sweep_orphans(app[db.POOL], settings.blob_dir, 3600, 5.0) == ["ff/ffff.ogg"]
+    assert await sweep_orphans(app[db.POOL], app[STORAGE], 3600, 5.0) == ["ff/ffff.ogg"]
     assert not orphan.exists()
 
 
@@ -162,11 +164,11 @@ async def test_the_sweeper_leaves_a_mostly_unreferenced_store_alone(client, sett
     for key in KEYS:
         await client.put(key, data=ogg(1000), headers=OGG)
     orphans = [orphan_blob(settings, f"fff{i}.ogg", 7200) for i in range(4)]  # 4 of 7
-    assert await sweep_orphans(app[db.POOL], settings.blob_dir, 3600, 5.0) == []
+    assert await sweep_orphans(app[db.POOL], app[STORAGE], 3600, 5.0) == []
     assert all(path.exists() for path in orphans)
     assert "looks like a wrong database" in caplog.text
     orphans.pop().unlink()  # 3 of 6: no longer most of them
-    assert await sweep_orphans(app[db.POOL], settings.blob_dir, 3600, 5.0) == [
+    assert await sweep_orphans(app[db.POOL], app[STORAGE], 3600, 5.0) == [
         "ff/fff0.ogg",
         "ff/fff1.ogg",
         "ff/fff2.ogg",

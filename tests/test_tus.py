@@ -342,3 +342,23 @@ def test_resumable_version_is_required() -> None:
 
 
 _ = (asyncio, wait_for)
+
+
+def test_preconditions_at_the_end_are_decided_on_what_is_stored() -> None:
+    from datetime import datetime
+
+    from prerec.model import Prerecording
+    from prerec.uploads.engine import check_preconditions
+
+    stored = Prerecording(
+        uuid.UUID(EVENT), datetime(2026, 12, 1, 20), "audio/ogg", 10, bytes(32), datetime(2026, 12, 1), "aa/x.ogg"
+    )
+    check_preconditions(None, False, stored)
+    check_preconditions(None, True, None)
+    check_preconditions(stored.etag, False, stored)
+    check_preconditions(f'"other", {stored.etag}', False, stored)
+    check_preconditions("*", False, stored)
+    for if_match, if_none_match, current in (('"other"', False, stored), ("*", False, None), (None, True, stored)):
+        with pytest.raises(Problem) as raised:
+            check_preconditions(if_match, if_none_match, current)
+        assert raised.value.status == 412

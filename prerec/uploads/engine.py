@@ -4,13 +4,11 @@ No HTTP here: the protocol front ends (tus.py) parse headers and shape answers; 
 moves bytes and the offset. State lives in PostgreSQL (db.py's "Resumable uploads"), so any
 replica continues an upload another began.
 
-Bytes go to segment files, `<storage>/uploads/<id>.<segment generation>.part`, written at
-explicit positions (never O_APPEND, which is not atomic across NFS clients). A writer records
-progress only after fdatasync, through the fenced db.advance: a reported offset is a promise
-that every byte below it survives kill -9 of any replica. A segment is continued only by the
-generation that made it or by one that took over after a clean release; any other takeover
-starts a segment of its own, so a zombie's late writes never land in bytes another assembles.
-Only bytes below a segment's recorded size are ever assembled.
+Bytes go to the lease generation's segment (storage.fs.Segment, written at explicit
+positions). A writer records progress only after fdatasync, through the fenced db.advance: a
+reported offset is a promise that every byte below it survives kill -9 of any replica. A
+finished upload is assembled into a fresh blob and committed through commit.commit_blob, the
+PUT's own path, with the upload's end in the same transaction.
 """
 
 from __future__ import annotations
@@ -21,28 +19,29 @@ import contextlib
 import hashlib
 import logging
 import os
-import shutil
 import socket
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from prerec import blobs, db, digests
-from prerec.config import Settings
+from prerec import db, digests
+from prerec.commit import commit_blob
+from prerec.config import SETTINGS_KEY, Settings
 from prerec.model import Piece, Prerecording, Upload
-from prerec.problems import CommitUncertain, Problem
+from prerec.problems import Problem
+from prerec.storage import STORAGE, StoredBlob
+from prerec.storage.fs import DISK, FileStorage, _storage_problem
+from prerec.storage.receive import OGG_CAPTURE_PATTERN, WRITE_PIECE, _check_ogg
 
 log = logging.getLogger(__name__)
 
-FOLDER = "uploads"
 # Progress is made durable and recorded at least this often while a body streams, and at
 # least every COMMIT_BYTES: what a kill -9 can cost, at most.
 COMMIT_SECONDS = 1.0
@@ -129,119 +128,16 @@ def check_preconditions(if_match: str | None, if_none_match: bool, current: Prer
         raise Problem(412, f"The precondition failed: the current ETag is {current.etag}.")
 
 
-def segment_path(root: Path, upload_id: uuid.UUID, generation: int) -> Path:
-    return root / FOLDER / f"{upload_id}.{generation}.part"
-
-
-def _segments(root: Path, upload_id: uuid.UUID) -> list[Path]:
-    return list((root / FOLDER).glob(f"{upload_id}.*.part"))
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _discard_segments(root: Path, upload_id: uuid.UUID) -> None:
-    for path in _segments(root, upload_id):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
-def _assemble(root: Path, upload: Upload, pieces: list[Piece]) -> str:
-    """The upload's recorded pieces as one new blob, renamed into blobs/; the segments go.
-
-    Later segments are copied onto the first with copy_file_range (in the kernel; on NFS 4.2 on
-    the server), only their recorded sizes; the file is then cut at the upload's length, which
-    drops whatever a refused checksum or a zombie left past it."""
-    position = 0
-    for piece in pieces:
-        if piece.start != position:
-            raise RuntimeError(f"upload {upload.id}: pieces leave a hole at {position} (next at {piece.start})")
-        position += piece.size
-    if position != upload.length:
-        raise RuntimeError(f"upload {upload.id}: pieces end at {position}, not at {upload.length}")
-    first = segment_path(root, upload.id, pieces[0].generation)
-    with open(first, "r+b", buffering=0) as target:
-        for piece in pieces[1:]:
-            if piece.generation == pieces[0].generation:
-                continue
-            with open(segment_path(root, upload.id, piece.generation), "rb", buffering=0) as source:
-                copied = 0
-                while copied < piece.size:
-                    done = os.copy_file_range(
-                        source.fileno(), target.fileno(), piece.size - copied, copied, piece.start + copied
-                    )
-                    if done == 0:
-                        raise RuntimeError(f"upload {upload.id}: segment {piece.generation} is shorter than recorded")
-                    copied += done
-        os.ftruncate(target.fileno(), upload.length)
-        os.fsync(target.fileno())
-    token = uuid.uuid4().hex
-    name = f"{token[:2]}/{token}.ogg"
-    destination = Path(blobs.blob_path(root, name))
-    destination.parent.mkdir(exist_ok=True)
-    os.rename(first, destination)
-    _fsync_folder(destination.parent)
-    _discard_segments(root, upload.id)
-    return name
-
-
-def _hash_file(path: str, algorithms: frozenset[str]) -> dict[str, bytes]:
-    hashers = {name: hashlib.new(name) for name in algorithms | {"sha256"}}
-    with open(path, "rb", buffering=0) as file:
-        while piece := file.read(blobs.WRITE_PIECE):
-            for hasher in hashers.values():
-                hasher.update(piece)
-    return {name: hasher.digest() for name, hasher in hashers.items()}
-
-
-class _Segment:
-    """One generation's segment file, opened for positional writes; methods run on DISK."""
-
-    def __init__(self, path: Path, start: int) -> None:
-        self.path = path
-        self.start = start  # the upload offset of the file's first byte
-        self.fd = -1
-
-    def open(self) -> None:
-        existed = self.path.exists()
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        if not existed:
-            # The new name must survive a crash too, not only the bytes in it.
-            _fsync_folder(self.path.parent)
-
-    def write(self, piece: memoryview, offset: int, hashers: dict[str, Any] | None) -> None:
-        done = 0
-        while done < len(piece):
-            done += os.pwrite(self.fd, piece[done:], offset - self.start + done)
-        if hashers is not None:
-            for hasher in hashers.values():
-                hasher.update(piece)
-
-    def sync(self) -> None:
-        os.fdatasync(self.fd)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
 async def _on_disk(call: Callable[..., Any], *args: Any) -> Any:
     try:
-        return await asyncio.get_running_loop().run_in_executor(blobs.DISK, call, *args)
+        return await asyncio.get_running_loop().run_in_executor(DISK, call, *args)
     except OSError as error:
-        raise blobs._storage_problem(error) from error
+        raise _storage_problem(error) from error
 
 
 @dataclass
 class Engine:
-    settings: Settings
-    pool: asyncpg.Pool | None = None
+    app: web.Application
     owner: str = field(default_factory=owner_name)
     # The backend pid of this process's listening connection (the broadcaster's): a lease
     # stamped with it is taken at once when this process dies.
@@ -250,19 +146,19 @@ class Engine:
     hashers: dict[uuid.UUID, _Hashers] = field(default_factory=dict)
 
     @property
-    def root(self) -> Path:
-        return self.settings.blob_dir
+    def settings(self) -> Settings:
+        return self.app[SETTINGS_KEY]
+
+    @property
+    def storage(self) -> FileStorage:
+        return self.app[STORAGE]
 
     @property
     def expiry(self) -> float:
         return self.settings.upload_expiry_seconds
 
     def _connection(self) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection]:
-        assert self.pool is not None
-        return db.connection(self.pool, self.settings.db_timeout_seconds)
-
-    def layout(self) -> None:
-        (self.root / FOLDER).mkdir(parents=True, exist_ok=True)
+        return db.connection(self.app[db.POOL], self.settings.db_timeout_seconds)
 
     # Notices from other replicas (the broadcaster's listening connection hands them here)
 
@@ -298,8 +194,8 @@ class Engine:
             )
         if length == 0:
             raise Problem(400, "The declared length is 0: a prerecording has at least one byte.")
-        free = (await _on_disk(shutil.disk_usage, self.root)).free
-        if free < length:
+        free = await _on_disk(self.storage.free_bytes)
+        if free is not None and free < length:
             raise Problem(507, f"The storage folder has {free} bytes free, fewer than the {length} declared.")
         async with self._connection() as conn:
             return await db.create_upload(
@@ -460,9 +356,8 @@ class Engine:
         async with self._connection() as conn:
             pieces = await db.upload_pieces(conn, upload.id)
         continued = [piece for piece in pieces if piece.generation == segment_generation]
-        segment = _Segment(
-            segment_path(self.root, upload.id, segment_generation),
-            continued[0].start if continued else upload.durable,
+        segment = await self.storage.segment(
+            upload.id, segment_generation, continued[0].start if continued else upload.durable
         )
         kept = self.hashers.pop(upload.id, None)
         hashers = kept if kept is not None and kept.position == upload.durable else None
@@ -477,15 +372,14 @@ class Engine:
         feed = dict(hashers.hashers) if hashers is not None else {}
         if checksum is not None:
             feed["checksum"] = own
-        buffer = bytearray(blobs.WRITE_PIECE)
+        buffer = bytearray(WRITE_PIECE)
         filled = 0
         written = upload.durable  # bytes up to here are in the segment (not yet all synced)
         stop: BaseException | None = None
         last_commit = time.monotonic()
         committed_bytes = upload.durable
-        checked = upload.durable >= len(blobs.OGG_CAPTURE_PATTERN)
+        checked = upload.durable >= len(OGG_CAPTURE_PATTERN)
         head = b""
-        await _on_disk(segment.open)
         try:
 
             async def flush() -> None:
@@ -554,9 +448,9 @@ class Engine:
                         {"Connection": "close"},
                     )
                 if not checked:
-                    head = (head + bytes(view[: len(blobs.OGG_CAPTURE_PATTERN)]))[: len(blobs.OGG_CAPTURE_PATTERN)]
-                    if len(head) == len(blobs.OGG_CAPTURE_PATTERN) or written + filled + len(view) == upload.length:
-                        blobs._check_ogg(head)
+                    head = (head + bytes(view[: len(OGG_CAPTURE_PATTERN)]))[: len(OGG_CAPTURE_PATTERN)]
+                    if len(head) == len(OGG_CAPTURE_PATTERN) or written + filled + len(view) == upload.length:
+                        _check_ogg(head)
                         checked = True
                 while view:
                     taken = min(len(buffer) - filled, len(view))
@@ -605,71 +499,55 @@ class Engine:
     # Finishing
 
     async def _finish(self, upload: Upload) -> dict[str, Any]:
-        """Assemble, hash, verify, and save as PUT does, with the upload's end in the same
-        transaction: exactly one prerecording event, and a fenced writer saves nothing."""
+        """Assemble, hash, and commit as PUT does (commit.commit_blob), with the upload's end
+        in the save's transaction: exactly one prerecording event, and a writer that lost its
+        lease (or an upload cancelled meanwhile) saves nothing."""
         generation = upload.generation
         async with self._connection() as conn:
             upload = await db.begin_finishing(conn, upload.id, generation)
             pieces = await db.upload_pieces(conn, upload.id)
-        name = await _on_disk(_assemble, self.root, upload, pieces)
+        name = await self.storage.assemble(upload.id, upload.length, pieces)
         claims = _claims(upload)
-        kept = self.hashers.pop(upload.id, None)
         algorithms = frozenset(claim.algorithm for claim in claims)
+        kept = self.hashers.pop(upload.id, None)
         if kept is not None and kept.position == upload.length and algorithms <= kept.hashers.keys():
             computed = {algorithm: hasher.digest() for algorithm, hasher in kept.hashers.items()}
         else:
-            computed = await _on_disk(_hash_file, blobs.blob_path(self.root, name), algorithms)
-        try:
+            # Bytes written elsewhere (another replica, an earlier process): read them back.
             try:
-                digests.verify(claims, computed)
-                result = await self._save(upload, name, computed["sha256"])
-            except Problem as refusal:
-                await blobs.remove(self.root, name)
-                result = {"status": refusal.status, "detail": refusal.detail}
-                async with self._connection() as conn:
-                    await db.fail_upload(conn, upload.id, generation, result, self.expiry)
-                raise
-        except CommitUncertain:
-            log.warning("upload %s: blob %s may or may not be recorded; left for the storage check", upload.id, name)
-            raise
-        except BaseException:
-            await asyncio.shield(blobs.remove(self.root, name))
-            raise
-        return result
-
-    async def _save(self, upload: Upload, name: str, sha256: bytes) -> dict[str, Any]:
-        async with self._connection() as conn:
-            # The save runs in a savepoint of this transaction: its event's NOTIFY and the
-            # upload's end commit together, or neither does.
-            transaction = conn.transaction()
-            await transaction.start()
-            try:
-                saved = await db.save_prerecording(
-                    conn,
-                    upload.event,
-                    upload.start,
-                    upload.type,
-                    upload.length,
-                    sha256,
-                    name,
-                    check=lambda current: check_preconditions(upload.if_match, upload.if_none_match, current),
-                )
-                result = {
-                    "status": 201 if saved.created else 204,
-                    "etag": saved.prerecording.etag,
-                    "body": saved.prerecording.to_json() if saved.created else None,
-                }
-                await db.finish_upload(conn, upload.id, upload.generation, result, self.expiry)
+                computed = await self.storage.hash_blob(name, algorithms)
             except BaseException:
-                with contextlib.suppress(*db.DATABASE_DOWN):
-                    await transaction.rollback()
+                await asyncio.shield(self.storage.remove(name))
                 raise
-            try:
-                await transaction.commit()
-            except db.DATABASE_DOWN as error:
-                raise CommitUncertain() from error
-        if saved.replaced_blob is not None:
-            await blobs.retire(self.root, saved.replaced_blob)
+        result: dict[str, Any] = {}
+
+        async def finished(conn: asyncpg.Connection, saved: db.Saved) -> None:
+            result.update(
+                status=201 if saved.created else 204,
+                etag=saved.prerecording.etag,
+                body=saved.prerecording.to_json() if saved.created else None,
+            )
+            await db.finish_upload(conn, upload.id, generation, result, self.expiry)
+
+        try:
+            await commit_blob(
+                self.app,
+                upload.event,
+                upload.start,
+                upload.type,
+                StoredBlob(name, upload.length, computed),
+                claims,
+                check=lambda current: check_preconditions(upload.if_match, upload.if_none_match, current),
+                also=finished,
+            )
+        except Problem as refusal:
+            # Refused at its end (a precondition, a digest): the blob is gone already; the
+            # refusal is what the upload answers from now on.
+            async with self._connection() as conn:
+                await db.fail_upload(
+                    conn, upload.id, generation, {"status": refusal.status, "detail": refusal.detail}, self.expiry
+                )
+            raise
         return result
 
     # Cancelling and expiring
@@ -692,7 +570,7 @@ class Engine:
             await asyncio.sleep(POLL_SECONDS)
             upload = await self.get(upload_id)
         self.hashers.pop(upload_id, None)
-        await _on_disk(_discard_segments, self.root, upload_id)
+        await self.storage.discard_upload(upload_id)
 
     async def sweep(self) -> list[uuid.UUID]:
         """Expire due uploads (their bytes go) and forget old tombstones; every replica runs it."""
@@ -701,7 +579,7 @@ class Engine:
             await db.delete_tombstones(conn, SWEEP_BATCH)
         for upload in expired:
             self.hashers.pop(upload.id, None)
-            await _on_disk(_discard_segments, self.root, upload.id)
+            await self.storage.discard_upload(upload.id)
             log.info(
                 "upload %s expired at offset %d of %d; its bytes were removed", upload.id, upload.durable, upload.length
             )

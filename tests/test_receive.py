@@ -1,19 +1,18 @@
-"""The storage protocol: streamed writes, cut-off uploads, concurrent writers, leftovers."""
+"""Streaming a body into a new blob: memory, cut-off and stalled clients, the pace watchdog."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import json
-import os
 import time
 import tracemalloc
 
 import pytest
 
-from prerec import blobs
 from prerec.app import create_app
+from prerec.storage.fs import FileStorage
+from prerec.storage.receive import _Progress
 from tests.conftest import EVENT, blob_files, ogg, put_head, tmp_files, wait_for
 
 KEY = f"/prerecordings/{EVENT}/2024-01-01T00:00:00"
@@ -103,14 +102,14 @@ async def test_an_upload_trickling_in_is_never_swept(aiohttp_client, settings, d
 
     swept: list = []
     sweeping = True
+    other_replica = FileStorage(settings.blob_dir)
 
-    def other_replica() -> None:
+    async def sweep() -> None:
         while sweeping:
-            swept.extend(blobs.sweep(settings.blob_dir, settings.tmp_max_age_seconds))
-            time.sleep(0.05)
+            swept.extend(await other_replica.sweep(settings.tmp_max_age_seconds))
+            await asyncio.sleep(0.05)
 
-    loop = asyncio.get_running_loop()
-    sweeper = loop.run_in_executor(None, other_replica)
+    sweeper = asyncio.create_task(sweep())
     try:
         response = await client.put(KEY, data=trickle(), headers=OGG)
     finally:
@@ -180,7 +179,7 @@ def test_time_spent_waiting_on_our_disk_is_not_counted_against_the_client() -> N
             return self.now
 
     clock = Clock()
-    progress = blobs._Progress(clock)  # type: ignore[arg-type]
+    progress = _Progress(clock)  # type: ignore[arg-type]
     start = progress.clock()
     clock.now += 2
     with progress.waiting_on_disk():
@@ -188,55 +187,6 @@ def test_time_spent_waiting_on_our_disk_is_not_counted_against_the_client() -> N
         assert progress.clock() == start + 2  # the watchdog looking in during the wait
     clock.now += 1
     assert progress.clock() == start + 3
-
-
-async def test_concurrent_puts_to_one_key_leave_one_whole_body(client, settings) -> None:
-    bodies = [ogg(200_000 + i * 1000, bytes([i + 1])) for i in range(20)]
-    responses = await asyncio.gather(*(client.put(KEY, data=body, headers=OGG) for body in bodies))
-    assert sorted(r.status for r in responses) == [201] + [204] * 19
-
-    served = await (await client.get(KEY)).read()
-    assert served in bodies
-    response = await client.head(KEY)
-    assert response.headers["ETag"] == f'"{hashlib.sha256(served).hexdigest()}"'
-    files = blob_files(settings)
-    assert len(files) == 1 and files[0].read_bytes() == served
-    assert tmp_files(settings) == []
-
-
-async def test_reader_keeps_its_blob_after_a_replace(client, settings) -> None:
-    old = ogg(8 * 1024 * 1024, b"o")
-    await client.put(KEY, data=old, headers=OGG)
-    name = blob_files(settings)[0].relative_to(settings.blob_dir / "blobs").as_posix()
-    with blobs.open_blob(settings.blob_dir, name) as opened:
-        await client.put(KEY, data=ogg(100, b"n"), headers=OGG)
-        assert not (settings.blob_dir / "blobs" / name).exists()
-        blobs.sweep(settings.blob_dir, 0)  # even once the grace period is over
-        assert opened.read() == old
-
-
-def test_sweep_removes_only_stale_temporary_and_retired_files(tmp_path) -> None:
-    blobs.layout(tmp_path)
-    stale = tmp_path / "tmp" / "stale.part"
-    fresh = tmp_path / "tmp" / "fresh.part"
-    retired = tmp_path / "trash" / "old.ogg"
-    for path in (stale, fresh, retired):
-        path.write_bytes(b"x")
-    an_hour_ago = time.time() - 3601
-    os.utime(stale, (an_hour_ago, an_hour_ago))
-    os.utime(retired, (an_hour_ago, an_hour_ago))
-    assert sorted(blobs.sweep(tmp_path, 3600)) == sorted([stale, retired])
-    assert not stale.exists() and not retired.exists() and fresh.exists()
-
-
-async def test_a_replaced_blob_stays_readable_for_the_grace_period(client, settings) -> None:
-    """Another replica may still be sending it (on NFS an unlink would cut that reader)."""
-    await client.put(KEY, data=ogg(1000, b"o"), headers=OGG)
-    await client.put(KEY, data=ogg(1000, b"n"), headers=OGG)
-    await client.delete(KEY)
-    trash = sorted((settings.blob_dir / "trash").iterdir())
-    assert sorted(path.read_bytes() for path in trash) == [ogg(1000, b"n"), ogg(1000, b"o")]
-    assert blobs.sweep(settings.blob_dir, 3600) == []
 
 
 async def test_memory_goes_back_after_a_burst_of_concurrent_uploads(tmp_path, storage_env, replicas) -> None:

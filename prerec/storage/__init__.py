@@ -1,0 +1,98 @@
+"""Where the audio is kept: the interface every storage backend offers, and its values.
+
+Backends sit side by side behind it (fs.py: a folder, which several replicas may share).
+receive.py streams a request body into any of them and responses.py sends a blob back, so
+handlers never know which backend they talk to.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from dataclasses import dataclass
+from typing import IO, Protocol
+
+from aiohttp import web
+
+from prerec.storage.fs import FileStorage
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    name: str
+    size: int
+    # hashlib name -> digest; always "sha256", plus whatever the caller asked for.
+    digests: dict[str, bytes]
+
+    @property
+    def sha256(self) -> bytes:
+        return self.digests["sha256"]
+
+
+class Staged(Protocol):
+    """One new blob, written once: pieces in, then finished under a fresh name or discarded."""
+
+    def submit(self, piece: memoryview, offset: int) -> concurrent.futures.Future[None]:
+        """Write a piece at its place in the blob; pieces may land in any order.
+
+        The piece's buffer may be reused once the future is done. A concurrent future, not an
+        asyncio one: cancelling the upload must not detach the work still using the buffer.
+        A storage failure comes out of it as the Problem to answer.
+        """
+        ...
+
+    def touch(self) -> concurrent.futures.Future[None]:
+        """Show every replica's sweeper that this blob is still being written. Not awaited by
+        the caller: a hung store must not keep it from cutting off a slow client."""
+        ...
+
+    async def finish(self) -> str:
+        """Make the blob durable under a fresh name, and return the name."""
+        ...
+
+    async def discard(self) -> None:
+        """Leave nothing behind: once the work in flight is done, remove what was written, and
+        the finished blob too when finish() completed despite a cancellation."""
+        ...
+
+
+class Storage(Protocol):
+    async def start(self) -> None:
+        """Get ready to serve (the folder backend lays out its folders)."""
+        ...
+
+    async def ready(self) -> str | None:
+        """What keeps the store from taking uploads now (for /ready), or None."""
+        ...
+
+    def free_bytes(self) -> int | None:
+        """Room left for uploads, None when unknown."""
+        ...
+
+    async def stage(self) -> Staged:
+        """Begin a new blob (a PUT's body)."""
+        ...
+
+    def open(self, name: str) -> IO[bytes]:
+        """A blob, opened for sending; FileNotFoundError when it is gone."""
+        ...
+
+    def exists(self, name: str) -> bool: ...
+
+    async def retire(self, name: str) -> None:
+        """Take a replaced or deleted blob out of service; it is removed after a grace period,
+        as a download of it may still be under way on another replica."""
+        ...
+
+    async def remove(self, name: str) -> None:
+        """Remove at once a blob that was never served (its commit failed)."""
+        ...
+
+    async def sweep(self, max_age_seconds: float) -> list[str]:
+        """Remove what crashed uploads left and retired blobs past the grace period; return
+        what was removed."""
+        ...
+
+
+# What the app keeps its blobs in. Typed as the folder backend while it is the only one: the
+# storage check still walks its folder (design step 4 puts that behind the interface too).
+STORAGE = web.AppKey("storage", FileStorage)

@@ -1,0 +1,417 @@
+"""The folder backend: audio files on disk, and the write protocol that keeps each one whole.
+
+Layout under the storage folder (which several replicas may share):
+    tmp/<random>.part       uploads in progress
+    blobs/<xx>/<random>.ogg finished blobs, each written once and never modified
+    trash/<random>.ogg      replaced or deleted blobs, kept a while for readers still sending them
+    uploads/<id>.<gen>.part resumable uploads' segments (see Segment)
+
+A blob is never overwritten in place. An upload streams into a new temporary file while its
+SHA-256 is computed, is fsynced, renamed to a fresh blob name and its folder fsynced; only then
+does the database point the key at it (db.save_prerecording), and only after that commit is
+the blob it replaced unlinked. A crash at any point leaves the old row with its old file, or
+the new row with its new file; what is left over is an unreferenced file, which the running
+service retires once it is past the grace period (storage_check.sweep_orphans).
+
+A replaced blob is not unlinked at once but moved to trash/ and removed after a grace period:
+on a local disk an open file survives unlink, but on NFS another client's unlink makes a
+reader's handle stale, and a download in progress on another replica would be cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import ctypes
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from prerec.model import Piece
+from prerec.problems import Problem
+
+log = logging.getLogger(__name__)
+
+FOLDERS = ("tmp", "blobs", "trash", "uploads")
+
+
+def blob_path(root: Path, name: str) -> str:
+    # A plain string join: this runs for every HEAD and GET, and pathlib's objects cost more
+    # than the stat or open they lead to.
+    return os.path.join(root, "blobs", name)
+
+
+def _storage_problem(error: OSError) -> Problem:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return Problem(507, "The storage folder is full; the upload was not stored.")
+    return Problem(
+        503, f"The storage folder cannot be written ({os.strerror(error.errno or 0)}).", {"Retry-After": "5"}
+    )
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# How much written data may wait in the page cache before its writeback is started.
+WRITEBACK_STEP = 8 * 1024 * 1024
+
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _sync_file_range = _libc.sync_file_range
+    _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+except (OSError, AttributeError):  # not Linux
+    _sync_file_range = None
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Have the kernel start writing a range to disk now, without waiting for it.
+
+    Otherwise a whole upload sits dirty in the page cache (the background threshold is a tenth
+    of memory) and the fsync before the rename writes all of it while the client waits; this
+    way the disk works while the body is still arriving. Python's os module has no
+    sync_file_range, hence ctypes; where it is missing this is a no-op and fsync does it all.
+    """
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+
+
+# Blob file work runs on threads of its own: fsyncs can take seconds, and must not queue up
+# the default executor that asyncpg's name lookups and everything else share.
+DISK = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="blob-io")
+
+
+async def _on_disk(call, *args):  # type: ignore[no-untyped-def]
+    try:
+        return await asyncio.get_running_loop().run_in_executor(DISK, call, *args)
+    except OSError as error:
+        raise _storage_problem(error) from error
+
+
+def _or_problem(call, *args):  # type: ignore[no-untyped-def]
+    # In the thread, so that the future handed back already carries the answer to give.
+    try:
+        return call(*args)
+    except OSError as error:
+        raise _storage_problem(error) from error
+
+
+@dataclass
+class StagedFile:
+    """One upload's temporary file; its blocking work runs on DISK threads."""
+
+    root: Path
+    tmp: Path = field(init=False)
+    file: IO[bytes] | None = field(init=False, default=None)
+    # Writes still running (or queued), and the commit once asked for: discard() waits for them.
+    writes: list[concurrent.futures.Future[None]] = field(init=False, default_factory=list)
+    committing: concurrent.futures.Future[str] | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.tmp = self.root / "tmp" / f"{uuid.uuid4().hex}.part"
+
+    def open(self) -> None:
+        self.file = open(self.tmp, "xb", buffering=0)
+
+    def submit(self, piece: memoryview, offset: int) -> concurrent.futures.Future[None]:
+        self.writes = [write for write in self.writes if not write.done()]
+        write = DISK.submit(_or_problem, self.write_at, piece, offset)
+        self.writes.append(write)
+        return write
+
+    def write_at(self, piece: memoryview, offset: int) -> None:
+        """Write a piece at its place in the file; pieces may land in any order."""
+        assert self.file is not None
+        fd = self.file.fileno()
+        done = 0
+        while done < len(piece):
+            done += os.pwrite(fd, piece[done:], offset + done)
+        end = offset + len(piece)
+        if end // WRITEBACK_STEP != offset // WRITEBACK_STEP:
+            step = end // WRITEBACK_STEP * WRITEBACK_STEP
+            _start_writeback(fd, step - WRITEBACK_STEP, WRITEBACK_STEP)
+
+    def touch(self) -> concurrent.futures.Future[None]:
+        return DISK.submit(self._touch)
+
+    def _touch(self) -> None:
+        # By path, not descriptor: once committed or discarded the name is gone and this is a
+        # no-op, where a descriptor closed meanwhile could already number another file.
+        try:
+            os.utime(self.tmp)
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            log.warning("could not refresh temporary file %s: %s", self.tmp.name, error)
+
+    async def finish(self) -> str:
+        self.committing = DISK.submit(self.commit)
+        try:
+            return await asyncio.wrap_future(self.committing)
+        except OSError as error:
+            raise _storage_problem(error) from error
+
+    def commit(self) -> str:
+        """fsync, then rename into place under a fresh name, then fsync the folder."""
+        assert self.file is not None
+        os.fsync(self.file.fileno())
+        self.file.close()
+        self.file = None
+        token = uuid.uuid4().hex
+        name = f"{token[:2]}/{token}.ogg"
+        target = Path(blob_path(self.root, name))
+        target.parent.mkdir(exist_ok=True)
+        os.rename(self.tmp, target)
+        _fsync_folder(target.parent)
+        return name
+
+    async def discard(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(DISK, self._discard)
+
+    def _discard(self) -> None:
+        # Work already handed to a thread cannot be cancelled: wait for it before the file is
+        # closed and removed under it. A commit that completed despite our cancellation
+        # renamed the file into blobs/: remove that too.
+        committing = self.committing
+        concurrent.futures.wait([*self.writes, *([committing] if committing is not None else [])])
+        try:
+            if self.file is not None:
+                self.file.close()
+                self.file = None
+            self.tmp.unlink(missing_ok=True)
+        except OSError as error:
+            # Cleaning up must not hide the error that made us clean up; sweep() retries.
+            log.warning("could not remove temporary file %s: %s", self.tmp.name, error)
+        if committing is not None and not committing.cancelled() and committing.exception() is None:
+            with contextlib.suppress(OSError):
+                os.unlink(blob_path(self.root, committing.result()))
+
+
+def _probe(tmp: Path) -> None:
+    # A real write: os.access() says yes to root whatever the mount allows.
+    with tempfile.NamedTemporaryFile(dir=tmp, prefix="ready-", suffix=".probe") as probe:
+        probe.write(b"ok")
+        probe.flush()
+        os.fsync(probe.fileno())
+
+
+def _untouched_since(paths: Iterable[Path], cutoff: float) -> list[Path]:
+    found = []
+    for path in paths:
+        try:
+            if path.stat().st_mtime < cutoff:
+                found.append(path)
+        except FileNotFoundError:  # removed meanwhile (by another replica, say)
+            continue
+    return found
+
+
+class Segment:
+    """One lease generation's segment file of a resumable upload; methods run on DISK.
+
+    Written at explicit positions, never with O_APPEND (not atomic across NFS clients). A
+    segment is continued only by the generation that made it or one that took over after a
+    clean release; any other takeover starts its own, so a zombie's late writes never land in
+    bytes another writer's segment holds. Only bytes below a segment's recorded size (its
+    Piece) are ever assembled."""
+
+    def __init__(self, path: Path, start: int) -> None:
+        self.path = path
+        self.start = start  # the upload offset of the file's first byte
+        self.fd = -1
+
+    def open(self) -> None:
+        existed = self.path.exists()
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if not existed:
+            # The new name must survive a crash too, not only the bytes in it.
+            _fsync_folder(self.path.parent)
+
+    def write(self, piece: memoryview, offset: int, hashers: dict[str, Any]) -> None:
+        """Write the piece at its upload offset, and feed it to the hashers (in order)."""
+        done = 0
+        while done < len(piece):
+            done += os.pwrite(self.fd, piece[done:], offset - self.start + done)
+        for hasher in hashers.values():
+            hasher.update(piece)
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _hash_file(path: str, algorithms: frozenset[str]) -> dict[str, bytes]:
+    hashers = {name: hashlib.new(name) for name in algorithms | {"sha256"}}
+    with open(path, "rb", buffering=0) as file:
+        while piece := file.read(1024 * 1024):
+            for hasher in hashers.values():
+                hasher.update(piece)
+    return {name: hasher.digest() for name, hasher in hashers.items()}
+
+
+@dataclass(frozen=True)
+class FileStorage:
+    """Blobs in a folder (see the module's note on the layout and the write protocol)."""
+
+    root: Path
+
+    async def start(self) -> None:
+        for folder in FOLDERS:
+            (self.root / folder).mkdir(parents=True, exist_ok=True)
+
+    async def ready(self) -> str | None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(DISK, _probe, self.root / "tmp")
+        except OSError as error:
+            return f"the storage folder is not writable ({error.strerror})"
+        return None
+
+    def free_bytes(self) -> int | None:
+        try:
+            return shutil.disk_usage(self.root).free
+        except OSError:
+            return None
+
+    def blob_path(self, name: str) -> str:
+        return blob_path(self.root, name)
+
+    async def stage(self) -> StagedFile:
+        staged = StagedFile(self.root)
+        await _on_disk(staged.open)
+        return staged
+
+    def open(self, name: str) -> IO[bytes]:
+        # Opening an existing local file takes microseconds; doing it on the loop saves the
+        # thread-pool round trip that makes FileResponse slow for small files.
+        return open(blob_path(self.root, name), "rb")
+
+    def exists(self, name: str) -> bool:
+        # A stat on the loop, like open(): microseconds on a local disk.
+        return os.path.exists(blob_path(self.root, name))
+
+    def _retire(self, name: str) -> None:
+        target = self.root / "trash" / Path(name).name
+        os.rename(blob_path(self.root, name), target)
+        # The grace period counts from now, not from when the blob was written.
+        os.utime(target)
+
+    async def retire(self, name: str) -> None:
+        """Take a blob out of service (see the module's note on trash/); gone already is fine."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(DISK, self._retire, name)
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            log.warning("could not retire blob %s: %s", name, error)
+
+    async def remove(self, name: str) -> None:
+        """Unlink a blob that was never served (its upload failed before commit)."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(DISK, os.unlink, blob_path(self.root, name))
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            log.warning("could not remove blob %s: %s", name, error)
+
+    def stale_tmp(self, cutoff: float) -> list[Path]:
+        """Temporary files untouched since `cutoff` (a timestamp): uploads cut off by a crash."""
+        return _untouched_since((self.root / "tmp").glob("*.part"), cutoff)
+
+    async def sweep(self, max_age_seconds: float) -> list[str]:
+        """Remove temporary files untouched for max_age_seconds (uploads cut off by a crash) and
+        retired blobs past the same grace period; their paths under the folder.
+
+        Age is the file's mtime, which every write refreshes (and retiring sets), so an upload
+        still arriving, on this replica or another sharing the folder, is never touched.
+        """
+        return await asyncio.get_running_loop().run_in_executor(DISK, self._sweep, max_age_seconds)
+
+    def _sweep(self, max_age_seconds: float) -> list[str]:
+        cutoff = time.time() - max_age_seconds
+        removed = []
+        for path in [*self.stale_tmp(cutoff), *_untouched_since((self.root / "trash").glob("*"), cutoff)]:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path.relative_to(self.root).as_posix())
+        return removed
+
+    # Resumable uploads
+
+    def segment_path(self, upload_id: uuid.UUID, generation: int) -> Path:
+        return self.root / "uploads" / f"{upload_id}.{generation}.part"
+
+    async def segment(self, upload_id: uuid.UUID, generation: int, start: int) -> Segment:
+        """The generation's segment, opened for writing; `start` is its first byte's offset."""
+        segment = Segment(self.segment_path(upload_id, generation), start)
+        await _on_disk(segment.open)
+        return segment
+
+    async def assemble(self, upload_id: uuid.UUID, length: int, pieces: list[Piece]) -> str:
+        """The recorded pieces as one new blob under a fresh name; the segments go."""
+        return await _on_disk(self._assemble, upload_id, length, pieces)
+
+    def _assemble(self, upload_id: uuid.UUID, length: int, pieces: list[Piece]) -> str:
+        # Later segments are copied onto the first with copy_file_range (in the kernel; on NFS
+        # 4.2 on the server), their recorded sizes only; the file is then cut at the length,
+        # which drops whatever a refused checksum or a zombie left past it.
+        position = 0
+        for piece in pieces:
+            if piece.start != position:
+                raise RuntimeError(f"upload {upload_id}: its pieces leave a hole at {position}")
+            position += piece.size
+        if position != length:
+            raise RuntimeError(f"upload {upload_id}: its pieces end at {position}, not at {length}")
+        first = self.segment_path(upload_id, pieces[0].generation)
+        with open(first, "r+b", buffering=0) as target:
+            for piece in pieces[1:]:
+                with open(self.segment_path(upload_id, piece.generation), "rb", buffering=0) as source:
+                    copied = 0
+                    while copied < piece.size:
+                        done = os.copy_file_range(
+                            source.fileno(), target.fileno(), piece.size - copied, copied, piece.start + copied
+                        )
+                        if done == 0:
+                            raise RuntimeError(f"upload {upload_id}: a segment is shorter than recorded")
+                        copied += done
+            os.ftruncate(target.fileno(), length)
+            os.fsync(target.fileno())
+        token = uuid.uuid4().hex
+        name = f"{token[:2]}/{token}.ogg"
+        destination = Path(blob_path(self.root, name))
+        destination.parent.mkdir(exist_ok=True)
+        os.rename(first, destination)
+        _fsync_folder(destination.parent)
+        self._discard_upload(upload_id)
+        return name
+
+    async def hash_blob(self, name: str, algorithms: frozenset[str]) -> dict[str, bytes]:
+        """A blob's SHA-256 and other digests, read back (an upload resumed on another replica)."""
+        return await _on_disk(_hash_file, blob_path(self.root, name), algorithms)
+
+    async def discard_upload(self, upload_id: uuid.UUID) -> None:
+        """Remove every segment of an upload (cancelled, expired, refused at its end)."""
+        await _on_disk(self._discard_upload, upload_id)
+
+    def _discard_upload(self, upload_id: uuid.UUID) -> None:
+        for path in (self.root / "uploads").glob(f"{upload_id}.*.part"):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()

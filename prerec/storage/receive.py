@@ -1,0 +1,310 @@
+"""Streaming a request body into a new blob, whatever the backend.
+
+The body is read as it arrives, refused early when it is too large or not Ogg, cut off when
+its client stalls or drips, hashed in order on a thread of its own, and handed in pieces to
+the backend's staged writer (Staged), several pieces in flight, in a few reused buffers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import ctypes
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from aiohttp import StreamReader
+from aiohttp.http_exceptions import HttpProcessingError
+
+from prerec.problems import Problem
+from prerec.storage import Staged, Storage, StoredBlob
+
+OGG_CAPTURE_PATTERN = b"OggS"
+# Pieces of an upload being hashed and written at once, at most.
+PIPELINE_DEPTH = 4
+# Writes go to a worker thread in pieces of this size: large enough that the thread hop and
+# the hashing call are amortised (64 KiB pieces measured clearly slower), small enough that
+# an upload holds only a couple of them in memory.
+WRITE_PIECE = 1024 * 1024
+
+
+async def _read(body: StreamReader) -> bytes:
+    """The next bytes of a request body; a client that breaks off is a 400, not a crash."""
+    try:
+        return await body.readany()
+    except _TooSlow as error:
+        raise Problem(408, str(error), {"Connection": "close"}) from None
+    except (ConnectionError, HttpProcessingError) as error:
+        raise Problem(400, "The upload was cut off or malformed before its end; nothing was stored.") from error
+
+
+class _TooSlow(TimeoutError):
+    """A timeout, not a connection error: after our 408 aiohttp reads on to drain the body
+    (lingering), meets this exception on it, and stops quietly only for a timeout; any other
+    error there is logged as "Unhandled exception" with a traceback."""
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How slow an upload may be, and how its temporary file stays visibly alive."""
+
+    # Fewer than min_rate bytes a second, averaged over the last `window` seconds, cuts the
+    # upload off; with min_rate 0 only a body that brings nothing for a whole window is.
+    window: float
+    min_rate: float
+    # The sweeper (of any replica sharing the folder) removes temporary files untouched this long.
+    tmp_max_age: float
+
+    @property
+    def touch_every(self) -> float:
+        """How often a live upload refreshes its file's mtime.
+
+        A tenth of the sweeper's age limit (at most a minute): the nine tenths left absorb a
+        disk thread that is slow to run the touch, an NFS client's attribute cache (up to a
+        minute by default) showing another replica an old mtime, and clocks that differ
+        between replicas and the file server.
+        """
+        return min(self.tmp_max_age / 10, 60.0)
+
+
+class _Progress:
+    """What the watchdog reads: bytes received, on a clock that stops while the upload waits
+    for our own disk (that wait holds the client back; it is not the client's slowness)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.received = 0
+        self._paused = 0.0
+        self._waiting_since: float | None = None
+
+    def clock(self) -> float:
+        now = self.loop.time()
+        waiting = 0.0 if self._waiting_since is None else now - self._waiting_since
+        return now - self._paused - waiting
+
+    @contextlib.contextmanager
+    def waiting_on_disk(self) -> Iterator[None]:
+        self._waiting_since = self.loop.time()
+        try:
+            yield
+        finally:
+            self._paused += self.loop.time() - self._waiting_since
+            self._waiting_since = None
+
+
+async def _watch(body: StreamReader, progress: _Progress, pace: Pace, staged: Staged) -> None:
+    """End a body that brings too little over the last window (a stalled, vanished or dripping
+    client), and keep the temporary file's mtime fresh meanwhile.
+
+    One watchdog per upload instead of a timeout around every read: reads come thousands of
+    times a second, and a timer each would cost more than the check. Received bytes are
+    sampled each tick; the oldest sample kept is the one a window back.
+
+    The file is written only once a whole piece is buffered (WRITE_PIECE), so an upload
+    trickling in below that would otherwise look abandoned to the sweeper; it is touched
+    whatever arrives, as it belongs to a live upload for as long as this watchdog runs (a
+    stalled one is cut by the rate rule, a crashed process stops touching).
+    """
+    loop = asyncio.get_running_loop()
+    tick = min(pace.window / 4, pace.touch_every, 1.0)
+    samples: collections.deque[tuple[float, int]] = collections.deque([(progress.clock(), 0)])
+    touched = loop.time()
+    touching: concurrent.futures.Future[None] | None = None
+    while True:
+        await asyncio.sleep(tick)
+        if loop.time() - touched >= pace.touch_every and (touching is None or touching.done()):
+            # Not awaited: a hung disk must not keep the watchdog from cutting a slow client.
+            touching = staged.touch()
+            touched = loop.time()
+        now = progress.clock()
+        samples.append((now, progress.received))
+        while len(samples) > 1 and now - samples[1][0] >= pace.window:
+            samples.popleft()
+        since, received_then = samples[0]
+        elapsed = now - since
+        if elapsed < pace.window:
+            continue
+        arrived = progress.received - received_then
+        if arrived == 0:
+            body.set_exception(
+                _TooSlow(f"No body bytes arrived for {pace.window:g} seconds; the upload was abandoned.")
+            )
+            return
+        if arrived < pace.min_rate * elapsed:
+            body.set_exception(
+                _TooSlow(
+                    f"Only {arrived} body bytes arrived in the last {elapsed:.0f} seconds, below the minimum "
+                    f"of {pace.min_rate:g} bytes per second; the upload was abandoned."
+                )
+            )
+            return
+
+
+try:
+    _malloc_trim = ctypes.CDLL(None).malloc_trim
+    _malloc_trim.argtypes = (ctypes.c_size_t,)
+except (OSError, AttributeError):  # not glibc
+    _malloc_trim = None
+
+
+class _Pipeline:
+    """Hands pieces of an upload to threads, several pieces in flight.
+
+    A few reused buffers: one fills on the loop while earlier ones are hashed and written, so
+    a write that blocks on a busy disk does not stop the body from being read.
+    Writes are positional (any order, on the backend's threads); hash updates must stay in
+    order, so they go through one thread of this upload's own. No buffer is allocated per
+    piece, so memory stays flat (allocating a fresh megabyte per piece let the allocator's
+    heap grow by a hundred megabytes on 1 GiB uploads).
+
+    When the last upload in progress closes its pipeline, the heap is trimmed: the body pieces
+    aiohttp reads (mostly under the mmap threshold) come from the main heap, and after a burst
+    of 200 concurrent 1 MiB uploads its freed memory, scattered, stayed resident (90-130 MB
+    idle, 53 MB trimmed). malloc_trim, unlike the automatic trim, also hands back free pages
+    inside the heap; it takes milliseconds, in a thread.
+    """
+
+    in_progress = 0  # pipelines not yet closed, in this process
+
+    def __init__(self, staged: Staged, algorithms: frozenset[str]) -> None:
+        self.staged = staged
+        self.hashers = {name: hashlib.new(name) for name in algorithms | {"sha256"}}
+        # Buffers are added only while all are busy (a small upload, or a disk that keeps up,
+        # needs one or two), up to PIPELINE_DEPTH.
+        self.buffers = [bytearray(WRITE_PIECE)]
+        # The thread work on each buffer (not asyncio wrappers, which cancellation detaches).
+        self.busy: list[list[concurrent.futures.Future[None]]] = [[]]
+        self.sent: collections.deque[int] = collections.deque()  # buffers in flight, oldest first
+        self.hashing = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-hash")
+        self.filling = 0
+        self.filled = 0
+        self.offset = 0
+        self.closed = False
+        _Pipeline.in_progress += 1
+
+    def hash(self, piece: bytes | bytearray | memoryview) -> None:
+        for hasher in self.hashers.values():
+            hasher.update(piece)
+
+    def add(self, chunk: memoryview) -> bool:
+        """Copy what fits into the current buffer; True when it is full. `taken` says how
+        much of the chunk was used."""
+        taken = min(WRITE_PIECE - self.filled, len(chunk))
+        self.buffers[self.filling][self.filled : self.filled + taken] = chunk[:taken]
+        self.filled += taken
+        self.taken = taken
+        return self.filled == WRITE_PIECE
+
+    async def flush(self) -> None:
+        """Send the filled buffer off, then find a free one to fill next."""
+        if self.filled:
+            piece = memoryview(self.buffers[self.filling])[: self.filled]
+            self.busy[self.filling] = [
+                self.hashing.submit(self.hash, piece),
+                self.staged.submit(piece, self.offset),
+            ]
+            self.sent.append(self.filling)
+            self.offset += self.filled
+            self.filled = 0
+        while self.sent and all(future.done() for future in self.busy[self.sent[0]]):
+            await self._wait(self.busy[self.sent.popleft()])  # done: raises its error, if any
+        if len(self.sent) < len(self.buffers):
+            self.filling = next(i for i in range(len(self.buffers)) if i not in self.sent)
+        elif len(self.buffers) < PIPELINE_DEPTH:
+            self.buffers.append(bytearray(WRITE_PIECE))
+            self.busy.append([])
+            self.filling = len(self.buffers) - 1
+        else:
+            self.filling = self.sent.popleft()
+            await self._wait(self.busy[self.filling])
+
+    async def finish(self) -> None:
+        await self.flush()
+        for futures in self.busy:
+            await self._wait(futures)
+
+    @staticmethod
+    async def _wait(futures: list[concurrent.futures.Future[None]]) -> None:
+        # A storage failure comes out of a write as the Problem to answer (Staged.submit).
+        for future in futures:
+            await asyncio.wrap_future(future)
+
+    def digests(self) -> dict[str, bytes]:
+        return {name: hasher.digest() for name, hasher in self.hashers.items()}
+
+    def close(self) -> None:
+        """On the loop, once per pipeline (the count of those in progress is not locked)."""
+        if self.closed:
+            return
+        self.closed = True
+        _Pipeline.in_progress -= 1
+        if _Pipeline.in_progress == 0 and _malloc_trim is not None:
+            # On this upload's own hashing thread, after the pieces it still has queued.
+            self.hashing.submit(_malloc_trim, 0)
+        self.hashing.shutdown(wait=False)
+
+
+async def receive(
+    storage: Storage,
+    body: StreamReader,
+    max_bytes: int,
+    pace: Pace,
+    algorithms: frozenset[str] = frozenset(),
+) -> StoredBlob:
+    """Stream a request body into a new blob; the caller records it or removes it.
+
+    The body is hashed with SHA-256 (the ETag) and any other hashlib `algorithms` asked for.
+    """
+    loop = asyncio.get_running_loop()
+    staged = await storage.stage()
+    pipeline = _Pipeline(staged, algorithms)
+    size = 0
+    checked = False
+    progress = _Progress(loop)
+    watchdog = asyncio.create_task(_watch(body, progress, pace, staged))
+    try:
+        while chunk := await _read(body):
+            size += len(chunk)
+            progress.received = size
+            if size > max_bytes:
+                raise Problem(
+                    413, f"The upload is larger than the limit of {max_bytes} bytes.", {"Connection": "close"}
+                )
+            if not checked and size >= len(OGG_CAPTURE_PATTERN):
+                # Refuse a non-Ogg body at its first bytes instead of storing all of it.
+                head = bytes(pipeline.buffers[pipeline.filling][: pipeline.filled]) + chunk[:4]
+                _check_ogg(head[: len(OGG_CAPTURE_PATTERN)])
+                checked = True
+            view = memoryview(chunk)
+            while view:
+                if pipeline.add(view):
+                    with progress.waiting_on_disk():
+                        await pipeline.flush()
+                view = view[pipeline.taken :]
+        if size == 0:
+            raise Problem(400, "The upload is empty: send the Ogg audio as the request body.")
+        if size < len(OGG_CAPTURE_PATTERN):
+            _check_ogg(bytes(pipeline.buffers[pipeline.filling][: pipeline.filled]))
+        watchdog.cancel()
+        await pipeline.finish()
+        name = await staged.finish()
+    except BaseException:
+        # Shielded: a second cancellation must not leave the cleanup half done.
+        await asyncio.shield(staged.discard())
+        raise
+    finally:
+        watchdog.cancel()
+        pipeline.close()
+    return StoredBlob(name, size, pipeline.digests())
+
+
+def _check_ogg(head: bytes) -> None:
+    if not head.startswith(OGG_CAPTURE_PATTERN):
+        raise Problem(
+            400,
+            "The upload is not Ogg audio: it does not start with the capture pattern 'OggS'.",
+            {"Connection": "close"},
+        )
