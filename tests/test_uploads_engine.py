@@ -23,6 +23,7 @@ from aiohttp.test_utils import TestClient
 
 from prerec import db
 from prerec.config import Settings
+from prerec.uploads import engine
 from tests.conftest import EVENT, Replica, free_port, wait_for
 
 START = "2026-12-01T20:00"
@@ -118,7 +119,6 @@ async def test_a_cut_patch_counts_every_byte_that_arrived_then_resumes(
     half = len(data) // 2 + 12345  # not on a buffer boundary
     writer.write(patch_head(location, 0, len(data)) + data[:half])
     await writer.drain()
-    await asyncio.sleep(0.2)
     writer.close()  # cut mid-body
     # Everything that reached the process counts, once the server has seen the cut.
 
@@ -279,8 +279,11 @@ async def test_resume_on_another_replica_after_kill_9(
         await wait_for(recorded)
         first.kill()  # holding the lease, mid-body
         writer.close()
-        # The other replica takes over at once (the holder's database session is gone).
+        # The other replica takes over at once: the holder's database session is gone, so
+        # neither its lease's expiry nor the wait for a live holder applies.
+        began = time.monotonic()
         offset = await offset_of(session, second.url, location)
+        assert time.monotonic() - began < engine.TAKEOVER_SECONDS
         assert 0 < offset <= sent
         async with session.patch(
             f"{second.url}{location}", data=data[offset:], headers={**PATCH, "Upload-Offset": str(offset)}

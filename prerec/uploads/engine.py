@@ -222,16 +222,26 @@ class Engine:
         return upload
 
     async def settled(self, upload_id: uuid.UUID) -> Upload:
-        """The upload once a live holder on another request let go (≤ TAKEOVER_SECONDS), so
-        the offset reported is the one the next append must use."""
+        """The upload once a holder on another request let go (≤ TAKEOVER_SECONDS), so the
+        offset reported is the one the next append must use (the draft's §Concurrency; tusd
+        locks on HEAD too). Never forced: a holder that does not answer keeps its bytes, and
+        the offset reported is the durable one, which is never wrong, only perhaps behind."""
         upload = await self.get(upload_id)
         deadline = time.monotonic() + TAKEOVER_SECONDS
-        asked = False
-        while upload.state == "receiving" and upload.lease_owner is not None and time.monotonic() < deadline:
-            if not asked:
-                async with self._connection() as conn:
+        asked: int | None = None
+        while upload.state == "receiving" and upload.lease_owner is not None:
+            async with self._connection() as conn:
+                # A dead holder's lease (its database session gone, or expired) is taken and
+                # let go at once: nothing of it is left to wait for.
+                taken = await db.acquire_lease(conn, upload_id, self.owner, self.listener_pid())
+                if taken is not None:
+                    await db.release_lease(conn, upload_id, taken.generation, clean=True)
+                    return await db.get_upload(conn, upload_id) or taken
+                if asked != upload.generation:
                     await db.request_release(conn, upload_id, upload.generation)
-                asked = True
+                    asked = upload.generation
+            if time.monotonic() >= deadline:
+                break
             await asyncio.sleep(POLL_SECONDS)
             upload = await self.get(upload_id)
         return upload
@@ -434,7 +444,7 @@ class Engine:
                     continue
                 except (ConnectionError, HttpProcessingError, _Stopped) as error:
                     stop = error
-                    break
+                    chunk = _buffered(body)
                 idle = 0.0
                 if not chunk:
                     break
@@ -594,6 +604,18 @@ class Engine:
             except Exception as error:  # one failed round must not end the sweeping for good
                 log.warning("could not sweep expired uploads: %r", error)
             await asyncio.sleep(min(self.expiry / 10, 60.0))
+
+
+def _buffered(body: StreamReader) -> bytes:
+    """What aiohttp had received of a body before it was cut or stopped.
+
+    Its reader raises the error before handing over what it still buffers; those bytes reached
+    this process and count (a client resuming from the offset need not send them again). No
+    public call returns them once the error is set, hence the private one."""
+    try:
+        return body._read_nowait(-1) if body._buffer else b""
+    except Exception:  # the private API changed: lose these bytes, never the upload
+        return b""
 
 
 def ended(upload: Upload) -> None:
