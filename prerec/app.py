@@ -162,6 +162,7 @@ async def serve(app: web.Application, settings: Settings, reuse_port: bool = Fal
     log.info("shutting down: no new connections, ending event streams, finishing uploads")
     app[SHUTTING_DOWN].set()
     listener.close()
+    app[ENGINE].stop_writers()
     app[BROADCASTER].end_streams("the server is shutting down")
     deadline = loop.time() + settings.shutdown_timeout_seconds
     # Uploads that began on a keep-alive connection just before the flag was set may join

@@ -296,3 +296,38 @@ async def test_resume_on_another_replica_after_kill_9(
 
 
 _ = web
+
+
+async def test_shutdown_stops_a_patch_keeps_its_bytes_and_sends_it_elsewhere(
+    replicas: list[Replica], storage_env: dict[str, str], tmp_path: Path, database_url: str
+) -> None:
+    env = {**storage_env, "PREREC_SHUTDOWN_TIMEOUT_SECONDS": "60"}
+    first = Replica(env, free_port(), tmp_path / "first.log")
+    second = Replica(env, free_port(), tmp_path / "second.log")
+    replicas.extend([first, second])
+    first.wait_ready()
+    second.wait_ready()
+    data = audio(300_000)
+    async with aiohttp.ClientSession() as session:
+        location = await create(session, first.url, len(data))
+        reader, writer = await asyncio.open_connection("127.0.0.1", first.port)
+        writer.write(patch_head(location, 0, len(data)) + data[:120_000])
+        await writer.drain()
+
+        async def held() -> bool:
+            return (await row(database_url, location))["lease_owner"] is not None
+
+        await wait_for(held)
+        first.process.terminate()
+        # Answered at once, not at the shutdown timeout: the client resumes elsewhere.
+        status, rest = await read_answer(reader)
+        assert status == 503 and "retry-after: 1" in rest.lower()
+        writer.close()
+        assert first.process.wait(10) == 0
+        assert await offset_of(session, second.url, location) == 120_000
+        async with session.patch(
+            f"{second.url}{location}", data=data[120_000:], headers={**PATCH, "Upload-Offset": "120000"}
+        ) as response:
+            assert response.status == 204, await response.text()
+        async with session.get(f"{second.url}/prerecordings/{EVENT}/{START}") as response:
+            assert await response.read() == data

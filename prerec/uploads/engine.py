@@ -173,6 +173,12 @@ class Engine:
             # As the stall watchdog does: the reader's next read raises, and it stops there.
             writer.body.set_exception(_Stopped(notice.verb))
 
+    def stop_writers(self) -> None:
+        """At shutdown: every body in flight stops, what arrived is recorded, and the client is
+        told to resume elsewhere at once rather than cut at the shutdown timeout."""
+        for writer in self.writers.values():
+            writer.body.set_exception(_Stopped("shutdown"))
+
     # Creation and reading
 
     async def create(
@@ -649,6 +655,13 @@ def _answer(stop: BaseException, checksum: bool = False) -> Problem:
     if isinstance(stop, Problem):
         return stop
     if isinstance(stop, _Stopped):
+        if stop.verb == "shutdown":
+            return Problem(
+                503,
+                "This replica is shutting down; the bytes that arrived were kept: resume on another from the "
+                "offset it reports.",
+                {"Retry-After": "1", "Connection": "close"},
+            )
         if stop.verb == "cancel":
             return Problem(410, "The upload was cancelled while this request was under way.", {"Connection": "close"})
         return Problem(400, "Another request took this upload over; this one stopped.", {"Connection": "close"})
