@@ -303,7 +303,14 @@ class Engine:
                 ended(upload)
                 if upload.durable != offset:
                     raise _mismatch(upload, offset)
-        upload = await self._acquire(upload_id)
+        try:
+            upload = await self._acquire(upload_id)
+        except Problem as problem:
+            # Finished by another request while this one waited for the lease (a client that
+            # retried the last PATCH): that answer, not a 410.
+            if problem.status == 410 and (replay := _replay(await self.get(upload_id), offset)) is not None:
+                return replay
+            raise
         generation = upload.generation
         self.writers[upload_id] = _Writer(generation, body)
         # In a task of its own: a server that cancels its handler when the client leaves

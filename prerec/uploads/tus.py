@@ -15,6 +15,7 @@ import functools
 import hashlib
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import hdrs, web
@@ -239,8 +240,12 @@ async def create(request: web.Request) -> web.Response:
 async def head(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     upload = await engine.settled(_id(request))
-    if upload.state not in ("receiving", "finishing", "finished"):
-        raise Problem(410, f"The upload {upload.id} has ended ({upload.state}).")
+    if upload.state not in ("receiving", "finishing", "finished") or (
+        upload.state == "receiving" and upload.expires_at <= datetime.now(UTC)
+    ):
+        # Expired but not swept yet is expired all the same: it can no longer be resumed.
+        state = "expired" if upload.state == "receiving" else upload.state
+        raise Problem(410, f"The upload {upload.id} has ended ({state}).")
     headers = {**_upload_headers(upload), "Upload-Length": str(upload.length)}
     if upload.metadata:
         headers["Upload-Metadata"] = format_metadata(upload.metadata)
