@@ -362,3 +362,23 @@ def test_preconditions_at_the_end_are_decided_on_what_is_stored() -> None:
         with pytest.raises(Problem) as raised:
             check_preconditions(if_match, if_none_match, current)
         assert raised.value.status == 412
+
+
+@pytest.mark.parametrize("matches", [True, False])
+async def test_a_digest_given_at_creation_is_verified_at_the_end(
+    client: TestClient, settings: Settings, matches: bool
+) -> None:
+    data = audio(3000)
+    claimed = hashlib.sha256(data if matches else b"something else").digest()
+    location = await create(client, len(data), **{"Repr-Digest": f"sha-256=:{base64.b64encode(claimed).decode()}:"})
+    await client.patch(location, data=data[:1000], headers={**PATCH, "Upload-Offset": "0"})
+    response = await client.patch(location, data=data[1000:], headers={**PATCH, "Upload-Offset": "1000"})
+    if matches:
+        assert response.status == 204
+        assert await stored(client) == data
+    else:
+        assert response.status == 400
+        assert "digest does not match" in (await response.json())["detail"]
+        assert (await client.get(f"/prerecordings/{EVENT}/{START}")).status == 404
+        assert blob_files(settings) == [] and segments(settings) == []
+        assert (await client.head(location)).status == 410

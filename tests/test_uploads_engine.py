@@ -292,6 +292,8 @@ async def test_resume_on_another_replica_after_kill_9(
             assert response.status == 204, await response.text()
         async with session.get(f"{second.url}/prerecordings/{EVENT}/{START}") as response:
             assert hashlib.sha256(await response.read()).digest() == hashlib.sha256(data).digest()
+            # Hashed by reading the first replica's bytes back: the stored digest is the file's.
+            assert response.headers["ETag"] == f'"{hashlib.sha256(data).hexdigest()}"'
     assert await created_events(database_url) == 1
     assert list((Path(storage_env["PREREC_STORAGE_DIR"]) / "uploads").glob("*")) == []
 

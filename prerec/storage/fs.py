@@ -259,12 +259,19 @@ class Segment:
             self.fd = -1
 
 
-def _hash_file(path: str, algorithms: frozenset[str]) -> dict[str, bytes]:
+def _hash_ranges(ranges: list[tuple[Path, int]], algorithms: frozenset[str]) -> dict[str, bytes]:
+    """SHA-256 and the other digests over the first `size` bytes of each file, in order."""
     hashers = {name: hashlib.new(name) for name in algorithms | {"sha256"}}
-    with open(path, "rb", buffering=0) as file:
-        while piece := file.read(1024 * 1024):
-            for hasher in hashers.values():
-                hasher.update(piece)
+    for path, size in ranges:
+        with open(path, "rb", buffering=0) as file:
+            left = size
+            while left > 0:
+                piece = file.read(min(left, 1024 * 1024))
+                if not piece:
+                    raise RuntimeError(f"{path.name} is shorter than the {size} bytes recorded")
+                for hasher in hashers.values():
+                    hasher.update(piece)
+                left -= len(piece)
     return {name: hasher.digest() for name, hasher in hashers.items()}
 
 
@@ -403,9 +410,13 @@ class FileStorage:
         self._discard_upload(upload_id)
         return name
 
-    async def hash_blob(self, name: str, algorithms: frozenset[str]) -> dict[str, bytes]:
-        """A blob's SHA-256 and other digests, read back (an upload resumed on another replica)."""
-        return await _on_disk(_hash_file, blob_path(self.root, name), algorithms)
+    async def hash_upload(
+        self, upload_id: uuid.UUID, pieces: list[Piece], algorithms: frozenset[str]
+    ) -> dict[str, bytes]:
+        """The digests of an upload's recorded bytes, read back from its segments (for bytes
+        that another process wrote, whose running hash is not here)."""
+        ranges = [(self.segment_path(upload_id, piece.generation), piece.size) for piece in pieces]
+        return await _on_disk(_hash_ranges, ranges, algorithms)
 
     async def discard_upload(self, upload_id: uuid.UUID) -> None:
         """Remove every segment of an upload (cancelled, expired, refused at its end)."""

@@ -22,10 +22,10 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 from aiohttp import StreamReader, web
@@ -41,6 +41,7 @@ from prerec.storage.fs import DISK, FileStorage, _storage_problem
 from prerec.storage.receive import OGG_CAPTURE_PATTERN, WRITE_PIECE, _check_ogg
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Progress is made durable and recorded at least this often while a body streams, and at
 # least every COMMIT_BYTES: what a kill -9 can cost, at most.
@@ -522,26 +523,26 @@ class Engine:
     # Finishing
 
     async def _finish(self, upload: Upload) -> dict[str, Any]:
-        """Assemble, hash, and commit as PUT does (commit.commit_blob), with the upload's end
+        """Hash, assemble, and commit as PUT does (commit.commit_blob), with the upload's end
         in the save's transaction: exactly one prerecording event, and a writer that lost its
         lease (or an upload cancelled meanwhile) saves nothing."""
         generation = upload.generation
         async with self._connection() as conn:
-            upload = await db.begin_finishing(conn, upload.id, generation)
             pieces = await db.upload_pieces(conn, upload.id)
-        name = await self.storage.assemble(upload.id, upload.length, pieces)
         claims = _claims(upload)
         algorithms = frozenset(claim.algorithm for claim in claims)
         kept = self.hashers.pop(upload.id, None)
         if kept is not None and kept.position == upload.length and algorithms <= kept.hashers.keys():
             computed = {algorithm: hasher.digest() for algorithm, hasher in kept.hashers.items()}
         else:
-            # Bytes written elsewhere (another replica, an earlier process): read them back.
-            try:
-                computed = await self.storage.hash_blob(name, algorithms)
-            except BaseException:
-                await asyncio.shield(self.storage.remove(name))
-                raise
+            # Bytes written elsewhere (another replica, an earlier process): read them back,
+            # while still receiving, so the lease can be renewed through a long read.
+            computed = await self._renewing(
+                upload.id, generation, self.storage.hash_upload(upload.id, pieces, algorithms)
+            )
+        async with self._connection() as conn:
+            upload = await db.begin_finishing(conn, upload.id, generation)
+        name = await self.storage.assemble(upload.id, upload.length, pieces)
         result: dict[str, Any] = {}
 
         async def finished(conn: asyncpg.Connection, saved: db.Saved) -> None:
@@ -572,6 +573,20 @@ class Engine:
                 )
             raise
         return result
+
+    async def _renewing(self, upload_id: uuid.UUID, generation: int, work: Awaitable[T]) -> T:
+        """Await `work` while renewing the lease every RENEW_SECONDS (Fenced stops it)."""
+        task = asyncio.ensure_future(work)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=RENEW_SECONDS)
+                if done:
+                    return task.result()
+                async with self._connection() as conn:
+                    await db.renew_lease(conn, upload_id, generation)
+        finally:
+            if not task.done():
+                task.cancel()
 
     # Cancelling and expiring
 
