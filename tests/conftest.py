@@ -10,7 +10,10 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import json
 import os
+import re
+import resource
 import socket
 import subprocess
 import sys
@@ -19,6 +22,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import psutil
@@ -159,9 +163,9 @@ def free_port() -> int:
 
 
 class Replica:
-    """A real `python -m prerec` process."""
+    """A real `python -m prerec` process; `files`: its soft and hard limits on open files."""
 
-    def __init__(self, env: dict[str, str], port: int, log: Path) -> None:
+    def __init__(self, env: dict[str, str], port: int, log: Path, files: tuple[int, int] | None = None) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
@@ -172,6 +176,7 @@ class Replica:
             cwd=ROOT,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
+            preexec_fn=None if files is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, files),
         )
 
     def wait_ready(self, timeout: float = 30.0) -> None:
@@ -208,6 +213,17 @@ class Replica:
                 return True
         return False
 
+    def exited(self, timeout: float) -> int | None:
+        """Its exit code, once it has exited within `timeout`; None if it still runs."""
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        """Its JSON log lines (PREREC_LOG_FORMAT=json, the default), parsed."""
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
+
     def stop(self, timeout: float = 30.0) -> int:
         if self.process.poll() is None:
             self.process.terminate()
@@ -241,10 +257,32 @@ def storage_env(tmp_path: Path, database_url: str) -> dict[str, str]:
     }
 
 
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format (0 when absent)."""
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        match = re.fullmatch(rf"{re.escape(name)}(?:\{{(.*)\}})? (\S+)", line)
+        if match is None:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
+        if all(found.get(key) == value for key, value in labels.items()):
+            return float(match.group(2))
+    return 0.0
+
+
+async def tables(url: str) -> set[str]:
+    """The tables of a database's public schema."""
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+    finally:
+        await conn.close()
+    return {row["tablename"] for row in rows}
+
+
 async def read_events(response, count: int, timeout: float = 10.0) -> list[tuple[int, dict]]:  # type: ignore[no-untyped-def]
     """Read `count` SSE messages (id and parsed data) from an open aiohttp response."""
-    import json
-
     events: list[tuple[int, dict]] = []
     event_id: int | None = None
     data: list[str] = []

@@ -6,11 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import re
 import resource
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,34 +15,14 @@ import pytest
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
 from prerec.connections import MAX_REQUEST_LINE, Throttled, default_max_connections, parse_error
-from tests.conftest import ROOT, Replica, free_port
-
-
-class LimitedReplica(Replica):
-    """A replica started with these soft and hard limits on its open files."""
-
-    def __init__(self, env: dict[str, str], port: int, log: Path, files: tuple[int, int]) -> None:
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = log
-        self._log_file = open(log, "wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "prerec"],
-            env={**os.environ, **env, "PREREC_PORT": str(port), "PREREC_HOST": "127.0.0.1"},
-            cwd=ROOT,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, files),
-        )
+from tests.conftest import Replica, free_port
 
 
 @pytest.fixture
 def started(replicas: list[Replica], storage_env: dict[str, str], tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
     def start(files: tuple[int, int] | None = None, **settings: str) -> Replica:
         env = {**storage_env, **{f"PREREC_{name.upper()}": value for name, value in settings.items()}}
-        log = tmp_path / f"replica-{len(replicas)}.log"
-        port = free_port()
-        replica = Replica(env, port, log) if files is None else LimitedReplica(env, port, log, files)
+        replica = Replica(env, free_port(), tmp_path / f"replica-{len(replicas)}.log", files)
         replicas.append(replica)
         replica.wait_ready()
         return replica
@@ -83,10 +60,6 @@ async def exchange(port: int, data: bytes) -> bytes:
         return b"".join(chunks)
     finally:
         writer.close()
-
-
-def log_lines(replica: Replica) -> list[dict]:  # type: ignore[type-arg]
-    return [json.loads(line) for line in replica.log.read_text().splitlines() if line.startswith("{")]
 
 
 KEY = "/prerecordings/0f339cb0-7ab4-43fe-852d-75708232f76c/2024-01-01T00:00"
@@ -221,7 +194,7 @@ def test_accept_failures_are_logged_once_per_interval(started) -> None:
     text = replica.log.read_text()
     assert "Traceback" not in text
     # By the message's start: the test's own folder name (in the start lines) holds "accept" too.
-    assert [line["message"] for line in log_lines(replica) if line["message"].startswith("cannot accept")] == [
+    assert [line["message"] for line in replica.log_lines() if line["message"].startswith("cannot accept")] == [
         "cannot accept connections: [Errno 24] Too many open files"
     ]
 
@@ -248,7 +221,7 @@ def test_malformed_requests_get_one_line_and_a_precise_status(started) -> None:
         assert problem["status"] == status and detail in problem["detail"]
     text = replica.log.read_text()
     assert "Traceback" not in text
-    warnings = [line for line in log_lines(replica) if line["level"] == "WARNING"]
+    warnings = [line for line in replica.log_lines() if line["level"] == "WARNING"]
     assert [line["message"].split(" answered ")[1][:3] for line in warnings] == ["431", "414", "431", "400", "400"]
 
 

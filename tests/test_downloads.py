@@ -6,8 +6,7 @@ import asyncio
 import logging
 import socket
 
-from tests.conftest import EVENT, ogg, wait_for
-from tests.test_telemetry import sample
+from tests.conftest import EVENT, ogg, sample, wait_for
 
 KEY = f"/prerecordings/{EVENT}/2024-01-01T00:00"
 ROUTE = "/prerecordings/{event}/{start}"

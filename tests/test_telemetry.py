@@ -15,24 +15,10 @@ import pytest
 from prerec.__main__ import without_password
 from prerec.app import create_app
 from prerec.telemetry import configure_logging
-from tests.conftest import EVENT, Replica, blob_files, free_port, ogg, put_head, read_events, wait_for
+from tests.conftest import EVENT, Replica, blob_files, free_port, ogg, put_head, read_events, sample, wait_for
 
 KEY = f"/prerecordings/{EVENT}/2024-01-01T00:00"
 OGG = {"Content-Type": "audio/ogg"}
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text format (0 when absent)."""
-    for line in text.splitlines():
-        if not line.startswith(name):
-            continue
-        match = re.fullmatch(rf"{re.escape(name)}(?:\{{(.*)\}})? (\S+)", line)
-        if match is None:
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
-        if all(found.get(key) == value for key, value in labels.items()):
-            return float(match.group(2))
-    return 0.0
 
 
 async def test_metrics_count_requests_bytes_and_events(client) -> None:
@@ -254,14 +240,6 @@ def test_database_url_is_shown_without_its_password(url: str, shown: str) -> Non
     assert without_password(url) == shown
 
 
-def started_lines(replica: Replica) -> list[str]:
-    messages = []
-    for line in replica.log.read_text().splitlines():
-        if line.startswith("{"):
-            messages.append(json.loads(line)["message"])
-    return messages
-
-
 def test_first_lines_say_where_the_data_lives_never_the_password(tmp_path, storage_env, replicas) -> None:
     url = urllib.parse.urlsplit(storage_env["PREREC_DATABASE_URL"])
     # The embedded server trusts local connections, so a password is accepted and ignored.
@@ -270,7 +248,7 @@ def test_first_lines_say_where_the_data_lives_never_the_password(tmp_path, stora
     replicas.append(replica)
     replica.wait_ready()
     assert replica.stop() == 0
-    messages = started_lines(replica)
+    messages = [line["message"] for line in replica.log_lines()]
     assert f"storage folder: {tmp_path / 'storage'}" in messages
     assert f"database: {without_password(with_password)}" in messages
     assert "pw-that-must-not-show" not in replica.log.read_text()
@@ -282,7 +260,7 @@ def test_first_lines_say_that_an_embedded_postgresql_was_started(tmp_path, repli
     replicas.append(replica)
     replica.wait_ready(timeout=60)
     assert replica.stop() == 0  # SIGTERM: the embedded server is stopped with us
-    messages = started_lines(replica)
+    messages = [line["message"] for line in replica.log_lines()]
     pgdata = tmp_path / "data" / "postgres"
     assert any(m.startswith("started an embedded PostgreSQL") and str(pgdata) in m for m in messages), messages
     assert f"storage folder: {tmp_path / 'data' / 'blobs'}" in messages

@@ -13,9 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-import asyncpg
-
-from tests.conftest import ROOT, empty_database, free_port, ogg
+from tests.conftest import ROOT, empty_database, free_port, ogg, tables
 
 SOURCES = ("pyproject.toml", "README.md", "alembic.ini", "prerec", "migrations")
 
@@ -62,15 +60,6 @@ def fresh_venv_with(wheel: Path, where: Path) -> Path:
     ).stdout.strip()
     Path(site_packages, "borrowed-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return python
-
-
-async def tables(url: str) -> set[str]:
-    conn = await asyncpg.connect(url)
-    try:
-        rows = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
-    finally:
-        await conn.close()
-    return {row["tablename"] for row in rows}
 
 
 def test_an_installed_wheel_migrates_and_serves(pg_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
