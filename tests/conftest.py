@@ -14,6 +14,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -154,6 +155,33 @@ async def wait_for(condition, timeout: float = 10.0, interval: float = 0.02):  #
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+async def chromium_dom(url: str, tmp_path: Path, budget_ms: int) -> str:
+    """The DOM of the page at `url` once headless Chromium has run it for `budget_ms` of
+    virtual time (timers and network waits included)."""
+    assert CHROMIUM is not None
+    chromium = await asyncio.create_subprocess_exec(
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+        f"--virtual-time-budget={budget_ms}",
+        "--dump-dom",
+        url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    return (await asyncio.wait_for(chromium.communicate(), 120))[0].decode()
 
 
 def free_port() -> int:

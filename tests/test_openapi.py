@@ -25,7 +25,7 @@ from prerec.openapi import SPEC
 from prerec.problems import Problem
 from prerec.schemas import CANONICAL_START_PATTERN, START_PATTERN
 from tests import contract
-from tests.conftest import EVENT, ROOT, Replica, free_port, ogg
+from tests.conftest import CHROMIUM, EVENT, ROOT, Replica, chromium_dom, free_port, ogg
 
 
 async def test_spec_is_valid_openapi_31(client) -> None:
@@ -243,7 +243,6 @@ def test_schemathesis_finds_no_fault(tmp_path, storage_env, replicas) -> None:
     assert int(generated.group(1)) >= 1000 and generated.group(1) == generated.group(2), generated.group(0)
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 NPM = shutil.which("npm")
 
 
@@ -274,24 +273,7 @@ async def test_reference_page_renders_every_operation_in_chromium(
     page_settings = dataclasses.replace(settings, scalar_js_url=str(asset_server.make_url("/standalone.js")))
     client = await aiohttp_client(create_app(page_settings, database_url))
 
-    chromium = await asyncio.create_subprocess_exec(
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'chromium'}",
-        "--virtual-time-budget=20000",
-        "--dump-dom",
-        str(client.make_url("/openapi")),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    dom = (await asyncio.wait_for(chromium.communicate(), 120))[0].decode()
+    dom = await chromium_dom(str(client.make_url("/openapi")), tmp_path, 20_000)
     summaries = {op["summary"] for item in SPEC["paths"].values() for op in item.values()}
     missing = sorted(summary for summary in summaries if html.escape(summary, quote=False) not in dom)
     assert not missing, f"the rendered page does not list: {missing}"
