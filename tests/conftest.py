@@ -30,6 +30,7 @@ import psutil
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from multidict import CIMultiDict
 
 from prerec import embedded
 from prerec.__main__ import migrate
@@ -51,6 +52,18 @@ def put_head(path: str, length: int, *extra: str, content_type: str = "audio/ogg
     """The request line and headers of a raw PUT, for tests that control every byte sent."""
     lines = [f"PUT {path} HTTP/1.1", "Host: x", f"Content-Type: {content_type}", f"Content-Length: {length}", *extra]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, CIMultiDict[str], bytes]:
+    """One HTTP/1.1 answer off a raw connection: its status, its headers and its body (as long
+    as its Content-Length says)."""
+    status_line, *fields = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")[:-2]
+    headers: CIMultiDict[str] = CIMultiDict()
+    for field in fields:
+        name, _, value = field.partition(":")
+        headers.add(name, value.strip(" \t"))
+    body = await reader.readexactly(int(headers.get("Content-Length", "0")))
+    return int(status_line.split()[1]), headers, body
 
 
 def with_database(url: str, name: str) -> str:

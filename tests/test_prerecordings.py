@@ -19,7 +19,7 @@ from prerec.app import create_app
 from prerec.prerecordings import ListQuery, parse_list_query
 from prerec.problems import Problem
 from tests import contract
-from tests.conftest import EVENT, Replica, blob_files, free_port, ogg, put_head, tmp_files
+from tests.conftest import EVENT, Replica, blob_files, free_port, ogg, put_head, read_answer, tmp_files
 
 BASE = f"/prerecordings/{EVENT}"
 OGG = {"Content-Type": "audio/ogg"}
@@ -273,17 +273,6 @@ async def test_a_content_coding_is_refused_before_100_continue(client) -> None:
     writer.close()
 
 
-async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict]:
-    """The status and problem JSON of one raw HTTP/1.1 answer."""
-    status = int((await reader.readline()).split()[1])
-    length = 0
-    while (line := await reader.readline()) != b"\r\n":
-        name, _, value = line.decode().partition(":")
-        if name.lower() == "content-length":
-            length = int(value)
-    return status, json.loads(await reader.readexactly(length))
-
-
 def chunked_put(path: str, transfer_encoding: str, body: bytes, *extra: str) -> bytes:
     lines = [f"PUT {path} HTTP/1.1", "Host: x", "Content-Type: audio/ogg", f"Transfer-Encoding: {transfer_encoding}"]
     head = "\r\n".join([*lines, *extra]) + "\r\n\r\n"
@@ -307,7 +296,8 @@ async def test_an_unknown_transfer_coding_is_501_and_stores_nothing(tmp_path, st
         # The "coded" body starts like Ogg, so nothing but the coding check stands in its way.
         writer.write(chunked_put(path, transfer_encoding, ogg(1000), *extra))
         await writer.drain()
-        status, problem = await asyncio.wait_for(read_answer(reader), 5)
+        status, _, body = await asyncio.wait_for(read_answer(reader), 5)
+        problem = json.loads(body)
         assert status == 501, (transfer_encoding, extra, problem)
         assert transfer_encoding.split(",")[0] in problem["detail"]
         writer.close()
