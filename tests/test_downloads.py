@@ -1,4 +1,5 @@
-"""Downloads as players make them, including the ones they give up on half way."""
+"""Downloads as players make them, including the ones they give up on half way (and what the
+access log and the metrics say of those)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,11 @@ async def test_a_client_leaving_mid_download_is_counted_as_aborted_and_harms_not
     assert await aborted_downloads(client) == 1
     [access] = [record for record in caplog.records if getattr(record, "request_id", None) == "leaver-1"]
     assert access.name == "prerec.access" and access.aborted is True  # type: ignore[attr-defined]
+    assert access.status == 200  # type: ignore[attr-defined]
+    # What went out, not the declared length: at least what the player read, far from all of it.
+    assert len(received) <= access.bytes < SIZE / 2  # type: ignore[attr-defined]
+    metrics = await (await client.get("/metrics")).text()
+    assert 0 < sample(metrics, "prerec_downloaded_bytes_total") < SIZE / 2
     assert [record for record in caplog.records if record.exc_info or record.levelno >= logging.ERROR] == []
 
     # The server is as healthy as before: it serves the whole file to the next player.
