@@ -15,7 +15,7 @@ import pytest
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
 from prerec.connections import MAX_REQUEST_LINE, Throttled, default_max_connections, parse_error
-from tests.conftest import Replica, free_port
+from tests.conftest import Replica, free_port, ogg, put_head, read_answer
 
 
 @pytest.fixture
@@ -165,6 +165,40 @@ def test_an_idle_keep_alive_connection_is_closed_after_the_keep_alive_timeout(st
             assert await closed_by_server(reader)
 
     asyncio.run(client())
+
+
+def test_at_the_cap_an_idle_connection_makes_room_and_with_none_idle_a_new_one_gets_503(started) -> None:
+    replica = started(max_connections="2")
+
+    async def clients() -> None:
+        # Two uploads under way: the "100 Continue" says each is in its handler, so busy.
+        uploads = []
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", replica.port)
+            writer.write(put_head(KEY, 1000, "Expect: 100-continue"))
+            assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 100")
+            uploads.append((reader, writer))
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", replica.port)
+        async with asyncio.timeout(5):
+            status, headers, body = await read_answer(reader)
+            assert status == 503 and headers["Retry-After"] == "1"
+            assert json.loads(body)["detail"] == "Too many open connections."
+            assert await closed_by_server(reader)
+        writer.close()
+
+        # One upload ends; its connection stays open, idle, and is the one closed for the next.
+        (done, done_writer), (_, busy_writer) = uploads
+        done_writer.write(ogg(1000))
+        async with asyncio.timeout(5):
+            assert (await read_answer(done))[0] == 201
+            assert (await get_ping(replica.port)).startswith(b"HTTP/1.1 204")
+            assert await closed_by_server(done)
+        done_writer.close()
+        busy_writer.close()
+
+    asyncio.run(clients())
+    assert "2 connections open, all busy: new connections are refused" in replica.log.read_text()
 
 
 def test_the_open_file_limit_is_raised_to_the_hard_one_and_sets_the_default_cap(started) -> None:
