@@ -185,13 +185,19 @@ async def test_text_lines_name_status_bytes_duration_and_request_id(client, sett
     [blob] = blob_files(settings)
     blob.write_bytes(ogg(10))  # torn: the handler logs an error about it
     configure_logging("INFO", "text")
+    written: list[str] = []
+
+    def both_access_lines() -> bool:
+        written.extend(capsys.readouterr().err.splitlines())
+        return sum(" prerec.access: " in line for line in written) == 2
+
     try:
         await client.get("/ping", headers={"X-Request-ID": "abc"})
         await client.get(KEY, headers={"X-Request-ID": "torn-2"})
-        await asyncio.sleep(0.05)  # access lines are written as the request's task ends
+        await wait_for(both_access_lines)  # written as the request's task ends, maybe after the answer
     finally:
         logging.getLogger().handlers.clear()
-    lines = capsys.readouterr().err.splitlines()
+    lines = written
     assert any(re.search(r"prerec\.access: GET /ping 204 \d+B \d+\.\dms req=abc$", line) for line in lines), lines
     assert any(re.search(r" 503 \d+B \d+\.\dms req=torn-2$", line) for line in lines), lines
     [error] = [line for line in lines if " ERROR " in line]
