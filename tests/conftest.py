@@ -322,22 +322,30 @@ async def tables(url: str) -> set[str]:
     return {row["tablename"] for row in rows}
 
 
+async def read_message(response) -> dict[str, str] | None:  # type: ignore[no-untyped-def]
+    """The next message of an event stream (an open aiohttp response) as its fields, comments
+    skipped and data lines joined; None once the stream has ended."""
+    fields: dict[str, str] = {}
+    while line := (await response.content.readline()).decode():
+        line = line.rstrip("\r\n")
+        if not line:
+            if fields:
+                return fields
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            fields[name] = f"{fields[name]}\n{value}" if name == "data" and name in fields else value
+    return None
+
+
 async def read_events(response, count: int, timeout: float = 10.0) -> list[tuple[int, dict]]:  # type: ignore[no-untyped-def]
-    """Read `count` SSE messages (id and parsed data) from an open aiohttp response."""
+    """Read `count` SSE messages with data (id and parsed data) from an open aiohttp response."""
     events: list[tuple[int, dict]] = []
-    event_id: int | None = None
-    data: list[str] = []
     async with asyncio.timeout(timeout):
         while len(events) < count:
-            line = (await response.content.readline()).decode()
-            if line == "":
+            message = await read_message(response)
+            if message is None:
                 raise AssertionError(f"stream ended after {len(events)} events")
-            line = line.rstrip("\r\n")
-            if line.startswith("id: "):
-                event_id = int(line[4:])
-            elif line.startswith("data: "):
-                data.append(line[6:])
-            elif line == "" and data:
-                events.append((event_id, json.loads("\n".join(data))))  # type: ignore[arg-type]
-                event_id, data = None, []
+            if "data" in message:
+                events.append((int(message["id"]) if "id" in message else None, json.loads(message["data"])))  # type: ignore[arg-type]
     return events
