@@ -196,7 +196,7 @@ class Connection(web.RequestHandler):
             self._guard.idle(self)
 
     def _time_head(self) -> None:
-        self._head_timer = self._loop.call_later(self._guard.header_timeout, self._head_too_slow)
+        self._head_timer = asyncio.get_running_loop().call_later(self._guard.header_timeout, self._head_too_slow)
 
     def _head_too_slow(self) -> None:
         self._head_timer = None
