@@ -115,13 +115,26 @@ async def fresh_database(template_url: str) -> AsyncIterator[str]:
     try:
         yield with_database(template_url, name)
     finally:
-        conn = await asyncpg.connect(admin)
-        try:
-            # FORCE (PostgreSQL >= 13): a replica the test killed, or an app whose client is
-            # torn down after this fixture, may still hold connections to it.
-            await conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
-        finally:
-            await conn.close()
+        await _drop_database(admin, name)
+
+
+async def _drop_database(admin: str, name: str) -> None:
+    conn = await asyncpg.connect(admin)
+    try:
+        # FORCE (PostgreSQL >= 13): a replica the test killed, or an app whose client is
+        # torn down after this fixture, may still hold connections to it.
+        await conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def blank_database_url(pg_server) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """A new database with no schema at all, as on a first deploy; dropped after the test."""
+    name = f"blank_{os.getpid()}_{next(_numbers)}"
+    url = empty_database(pg_server, name)
+    yield url
+    asyncio.run(_drop_database(pg_server.get_uri(), name))
 
 
 @pytest.fixture

@@ -9,11 +9,11 @@ from alembic import command
 from alembic.script import ScriptDirectory
 
 from prerec.__main__ import _alembic
-from tests.conftest import empty_database, tables
+from tests.conftest import tables
 
 
-def test_stairway(pg_server) -> None:  # type: ignore[no-untyped-def]
-    url = empty_database(pg_server, "stairway")
+def test_stairway(blank_database_url: str) -> None:
+    url = blank_database_url
     config = _alembic(url)
     revisions = list(reversed(list(ScriptDirectory.from_config(config).walk_revisions())))
     assert len(revisions) >= 2
@@ -28,13 +28,13 @@ def test_stairway(pg_server) -> None:  # type: ignore[no-untyped-def]
     assert asyncio.run(tables(url)) == {"alembic_version"}
 
 
-def test_two_replicas_migrating_at_once_both_succeed_with_one_schema(pg_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_two_replicas_migrating_at_once_both_succeed_with_one_schema(blank_database_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import os
     import subprocess
 
     from tests.conftest import ROOT
 
-    url = empty_database(pg_server, "concurrent")
+    url = blank_database_url
     env = {**os.environ, "PREREC_DATABASE_URL": url, "PREREC_DATA_DIR": str(tmp_path)}
     subprocess.run(["make", "--no-print-directory", "install"], cwd=ROOT, env=env, check=True, capture_output=True)
     runs = [
