@@ -228,9 +228,10 @@ def test_accept_failures_are_logged_once_per_interval(started) -> None:
     text = replica.log.read_text()
     assert "Traceback" not in text
     # By the message's start: the test's own folder name (in the start lines) holds "accept" too.
-    assert [line["message"] for line in replica.log_lines() if line["message"].startswith("cannot accept")] == [
-        "cannot accept connections: [Errno 24] Too many open files"
-    ]
+    lines = [line["message"] for line in replica.log_lines() if line["message"].startswith("cannot accept")]
+    # One line; if the flood outlasted the interval, one summary of the lines left out may follow.
+    assert lines[0] == "cannot accept connections: [Errno 24] Too many open files"
+    assert len(lines) <= 2 and all("more like it in" in line for line in lines[1:]), lines
 
 
 # Malformed requests
