@@ -10,7 +10,6 @@ PREREC_MAX_CONNECTIONS a new connection closes the connection idle the longest.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import resource
 import time
@@ -20,7 +19,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
 
 from prerec.config import Settings
-from prerec.problems import problem_response
+from prerec.problems import problem_json, problem_response
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +41,7 @@ LOG_INTERVAL_SECONDS = 10.0
 
 # Sent, then closed, to a connection over the cap when no idle one can make room: the client
 # sees why instead of a bare reset.
-_BUSY_BODY = json.dumps(
-    {"type": "about:blank", "title": "Service Unavailable", "status": 503, "detail": "Too many open connections."}
-).encode()
+_BUSY_BODY = problem_json(503, "Too many open connections.").encode()
 _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/problem+json\r\nRetry-After: 1\r\n"
     b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
@@ -199,7 +196,7 @@ class Connection(web.RequestHandler):
             self._guard.idle(self)
 
     def _time_head(self) -> None:
-        self._head_timer = self._loop.call_later(self._guard.header_timeout, self._head_too_slow)
+        self._head_timer = asyncio.get_running_loop().call_later(self._guard.header_timeout, self._head_too_slow)
 
     def _head_too_slow(self) -> None:
         self._head_timer = None

@@ -35,10 +35,16 @@ class DatabaseUnavailable(Problem):
         super().__init__(503, detail, {"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
+def title(status: int) -> str:
+    return EXTRA_TITLES[status] if status in EXTRA_TITLES else HTTPStatus(status).phrase
+
+
+def problem_json(status: int, detail: str) -> str:
+    return json.dumps({"type": "about:blank", "title": title(status), "status": status, "detail": detail})
+
+
 def problem_response(status: int, detail: str, headers: Mapping[str, str] | None = None) -> web.Response:
-    title = EXTRA_TITLES[status] if status in EXTRA_TITLES else HTTPStatus(status).phrase
-    body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
-    response = web.Response(status=status, reason=title, text=json.dumps(body), headers=headers)
+    response = web.Response(status=status, reason=title(status), text=problem_json(status, detail), headers=headers)
     response.content_type = PROBLEM_JSON
     if response.headers.get("Connection", "").lower() == "close":
         # aiohttp keeps the connection open whatever the header says (and reads on into the

@@ -189,8 +189,8 @@ def watch(request: web.Request) -> Exchange:
     its task ends: once aiohttp has sent the response (or the client broke it off), so the
     duration covers the transfer and the bytes are those that went out, whoever sent them.
 
-    The one entry for every answer: telemetry_middleware calls it, and so must a response made
-    where middlewares do not run (an Expect handler's refusal), then pass it to answer().
+    telemetry_middleware calls it for every request (an Expect refusal too: the upload handler
+    raises it, inside the middlewares).
     """
     offered = request.headers.get(REQUEST_ID, "")
     request_id = offered if _REQUEST_ID_OK.fullmatch(offered) else f"{_ID_PREFIX}{next(_id_counter):08x}"

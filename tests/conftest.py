@@ -10,7 +10,11 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import json
 import os
+import re
+import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,12 +23,14 @@ import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import psutil
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from multidict import CIMultiDict
 
 from prerec import embedded
 from prerec.__main__ import migrate
@@ -46,6 +52,18 @@ def put_head(path: str, length: int, *extra: str, content_type: str = "audio/ogg
     """The request line and headers of a raw PUT, for tests that control every byte sent."""
     lines = [f"PUT {path} HTTP/1.1", "Host: x", f"Content-Type: {content_type}", f"Content-Length: {length}", *extra]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, CIMultiDict[str], bytes]:
+    """One HTTP/1.1 answer off a raw connection: its status, its headers and its body (as long
+    as its Content-Length says)."""
+    status_line, *fields = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")[:-2]
+    headers: CIMultiDict[str] = CIMultiDict()
+    for field in fields:
+        name, _, value = field.partition(":")
+        headers.add(name, value.strip(" \t"))
+    body = await reader.readexactly(int(headers.get("Content-Length", "0")))
+    return int(status_line.split()[1]), headers, body
 
 
 def with_database(url: str, name: str) -> str:
@@ -97,13 +115,26 @@ async def fresh_database(template_url: str) -> AsyncIterator[str]:
     try:
         yield with_database(template_url, name)
     finally:
-        conn = await asyncpg.connect(admin)
-        try:
-            # FORCE (PostgreSQL >= 13): a replica the test killed, or an app whose client is
-            # torn down after this fixture, may still hold connections to it.
-            await conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
-        finally:
-            await conn.close()
+        await _drop_database(admin, name)
+
+
+async def _drop_database(admin: str, name: str) -> None:
+    conn = await asyncpg.connect(admin)
+    try:
+        # FORCE (PostgreSQL >= 13): a replica the test killed, or an app whose client is
+        # torn down after this fixture, may still hold connections to it.
+        await conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def blank_database_url(pg_server) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """A new database with no schema at all, as on a first deploy; dropped after the test."""
+    name = f"blank_{os.getpid()}_{next(_numbers)}"
+    url = empty_database(pg_server, name)
+    yield url
+    asyncio.run(_drop_database(pg_server.get_uri(), name))
 
 
 @pytest.fixture
@@ -152,6 +183,33 @@ async def wait_for(condition, timeout: float = 10.0, interval: float = 0.02):  #
         await asyncio.sleep(interval)
 
 
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+async def chromium_dom(url: str, tmp_path: Path, budget_ms: int) -> str:
+    """The DOM of the page at `url` once headless Chromium has run it for `budget_ms` of
+    virtual time (timers and network waits included)."""
+    assert CHROMIUM is not None
+    chromium = await asyncio.create_subprocess_exec(
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+        f"--virtual-time-budget={budget_ms}",
+        "--dump-dom",
+        url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    return (await asyncio.wait_for(chromium.communicate(), 120))[0].decode()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -159,9 +217,9 @@ def free_port() -> int:
 
 
 class Replica:
-    """A real `python -m prerec` process."""
+    """A real `python -m prerec` process; `files`: its soft and hard limits on open files."""
 
-    def __init__(self, env: dict[str, str], port: int, log: Path) -> None:
+    def __init__(self, env: dict[str, str], port: int, log: Path, files: tuple[int, int] | None = None) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
@@ -172,6 +230,7 @@ class Replica:
             cwd=ROOT,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
+            preexec_fn=None if files is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, files),
         )
 
     def wait_ready(self, timeout: float = 30.0) -> None:
@@ -208,6 +267,17 @@ class Replica:
                 return True
         return False
 
+    def exited(self, timeout: float) -> int | None:
+        """Its exit code, once it has exited within `timeout`; None if it still runs."""
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        """Its JSON log lines (PREREC_LOG_FORMAT=json, the default), parsed."""
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
+
     def stop(self, timeout: float = 30.0) -> int:
         if self.process.poll() is None:
             self.process.terminate()
@@ -241,24 +311,54 @@ def storage_env(tmp_path: Path, database_url: str) -> dict[str, str]:
     }
 
 
-async def read_events(response, count: int, timeout: float = 10.0) -> list[tuple[int, dict]]:  # type: ignore[no-untyped-def]
-    """Read `count` SSE messages (id and parsed data) from an open aiohttp response."""
-    import json
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format (0 when absent)."""
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        match = re.fullmatch(rf"{re.escape(name)}(?:\{{(.*)\}})? (\S+)", line)
+        if match is None:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
+        if all(found.get(key) == value for key, value in labels.items()):
+            return float(match.group(2))
+    return 0.0
 
+
+async def tables(url: str) -> set[str]:
+    """The tables of a database's public schema."""
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+    finally:
+        await conn.close()
+    return {row["tablename"] for row in rows}
+
+
+async def read_message(response) -> dict[str, str] | None:  # type: ignore[no-untyped-def]
+    """The next message of an event stream (an open aiohttp response) as its fields, comments
+    skipped and data lines joined; None once the stream has ended."""
+    fields: dict[str, str] = {}
+    while line := (await response.content.readline()).decode():
+        line = line.rstrip("\r\n")
+        if not line:
+            if fields:
+                return fields
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            fields[name] = f"{fields[name]}\n{value}" if name == "data" and name in fields else value
+    return None
+
+
+async def read_events(response, count: int, timeout: float = 10.0) -> list[tuple[int, dict]]:  # type: ignore[no-untyped-def]
+    """Read `count` SSE messages with data (id and parsed data) from an open aiohttp response."""
     events: list[tuple[int, dict]] = []
-    event_id: int | None = None
-    data: list[str] = []
     async with asyncio.timeout(timeout):
         while len(events) < count:
-            line = (await response.content.readline()).decode()
-            if line == "":
+            message = await read_message(response)
+            if message is None:
                 raise AssertionError(f"stream ended after {len(events)} events")
-            line = line.rstrip("\r\n")
-            if line.startswith("id: "):
-                event_id = int(line[4:])
-            elif line.startswith("data: "):
-                data.append(line[6:])
-            elif line == "" and data:
-                events.append((event_id, json.loads("\n".join(data))))  # type: ignore[arg-type]
-                event_id, data = None, []
+            if "data" in message:
+                events.append((int(message["id"]) if "id" in message else None, json.loads(message["data"])))  # type: ignore[arg-type]
     return events

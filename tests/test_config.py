@@ -38,6 +38,10 @@ def test_defaults_match_the_contract() -> None:
     assert settings.sse_ping_seconds == 15
     assert settings.tmp_max_age_seconds == 3600
     assert settings.log_level == "INFO"
+    # Idle and slow connections are cut as nginx cuts them (client_header_timeout 60 s,
+    # keepalive_timeout 75 s), and the cap follows the open file limit unless set.
+    assert settings.header_timeout_seconds <= 60 and settings.keepalive_timeout_seconds <= 75
+    assert settings.max_connections is None and settings.cors_origins is None
 
 
 def test_storage_dir_overrides_data_dir() -> None:

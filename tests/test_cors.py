@@ -11,7 +11,6 @@ import dataclasses
 import html
 import json
 import re
-import shutil
 import urllib.parse
 
 import pytest
@@ -22,7 +21,7 @@ from prerec import cors
 from prerec.app import create_app
 from prerec.config import SettingError, Settings
 from prerec.ready import SHUTTING_DOWN
-from tests.conftest import EVENT, ogg, put_head
+from tests.conftest import CHROMIUM, EVENT, chromium_dom, ogg, put_head
 
 PAGE = "http://ui.example.org:8080"
 OTHER = "http://evil.example.org"
@@ -303,8 +302,6 @@ async def test_any_origin(aiohttp_client, settings, database_url) -> None:  # ty
 
 # In a real browser
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
 # What a web UI on another origin does: list, upload create-only (a preflighted PUT with the
 # token), read the ETag, download a range, follow /sse, and read a problem's detail.
 # Each step records what the page could see, or the error the browser gave it.
@@ -384,24 +381,7 @@ async def page_origin(aiohttp_server) -> str:  # type: ignore[no-untyped-def]
 
 
 async def results_in_chromium(page_origin: str, api: str, tmp_path) -> dict:  # type: ignore[no-untyped-def]
-    chromium = await asyncio.create_subprocess_exec(
-        CHROMIUM,  # type: ignore[arg-type]
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'chromium'}",
-        "--virtual-time-budget=30000",
-        "--dump-dom",
-        f"{page_origin}/?{urllib.parse.urlencode({'api': api})}",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    dom = (await asyncio.wait_for(chromium.communicate(), 120))[0].decode()
+    dom = await chromium_dom(f"{page_origin}/?{urllib.parse.urlencode({'api': api})}", tmp_path, 30_000)
     assert "<title>done</title>" in dom, dom
     return json.loads(html.unescape(dom.split('<pre id="results">', 1)[1].split("</pre>", 1)[0]))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import time
 
 import psutil
@@ -46,13 +45,6 @@ async def wait_logged(replica: Replica, text: str) -> None:
     await wait_for(lambda: text in replica.log.read_text())
 
 
-def wait_exit(process: subprocess.Popen[bytes], timeout: float) -> int | None:
-    try:
-        return process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        return None
-
-
 def kill_all(pids) -> None:  # type: ignore[no-untyped-def]
     for pid in pids:
         try:
@@ -73,7 +65,7 @@ async def test_a_killed_worker_is_replaced(tmp_path, workers_env, replicas) -> N
     assert f"worker {victim} exited with -9; starting a new one" in replica.log.read_text()
 
     replica.process.send_signal(signal.SIGTERM)
-    assert await asyncio.to_thread(wait_exit, replica.process, 30) == 0, replica.log.read_text()
+    assert await asyncio.to_thread(replica.exited, 30) == 0, replica.log.read_text()
     assert not any(psutil.pid_exists(pid) for pid in both)
 
 
@@ -123,7 +115,7 @@ async def test_a_worker_that_does_not_stop_is_killed_at_the_deadline(tmp_path, w
         replica.process.send_signal(signal.SIGTERM)
         began = time.monotonic()
         bound = worker_stop_bound(Settings.from_env(workers_env))
-        exit_code = await asyncio.to_thread(wait_exit, replica.process, bound + 10)
+        exit_code = await asyncio.to_thread(replica.exited, bound + 10)
         waited = time.monotonic() - began
     finally:
         kill_all([hung])

@@ -9,41 +9,32 @@ from alembic import command
 from alembic.script import ScriptDirectory
 
 from prerec.__main__ import _alembic
-from tests.conftest import empty_database
+from tests.conftest import tables
 
 
-async def _tables(url: str) -> set[str]:
-    conn = await asyncpg.connect(url)
-    try:
-        rows = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
-    finally:
-        await conn.close()
-    return {row["tablename"] for row in rows}
-
-
-def test_stairway(pg_server) -> None:  # type: ignore[no-untyped-def]
-    url = empty_database(pg_server, "stairway")
+def test_stairway(blank_database_url: str) -> None:
+    url = blank_database_url
     config = _alembic(url)
     revisions = list(reversed(list(ScriptDirectory.from_config(config).walk_revisions())))
     assert len(revisions) >= 2
     for revision in revisions:
         command.upgrade(config, revision.revision)
-        after_upgrade = asyncio.run(_tables(url))
+        after_upgrade = asyncio.run(tables(url))
         command.downgrade(config, revision.down_revision or "base")
         command.upgrade(config, revision.revision)
-        assert asyncio.run(_tables(url)) == after_upgrade
-    assert {"prerecordings", "events", "alembic_version"} <= asyncio.run(_tables(url))
+        assert asyncio.run(tables(url)) == after_upgrade
+    assert {"prerecordings", "events", "alembic_version"} <= asyncio.run(tables(url))
     command.downgrade(config, "base")
-    assert asyncio.run(_tables(url)) == {"alembic_version"}
+    assert asyncio.run(tables(url)) == {"alembic_version"}
 
 
-def test_two_replicas_migrating_at_once_both_succeed_with_one_schema(pg_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_two_replicas_migrating_at_once_both_succeed_with_one_schema(blank_database_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import os
     import subprocess
 
     from tests.conftest import ROOT
 
-    url = empty_database(pg_server, "concurrent")
+    url = blank_database_url
     env = {**os.environ, "PREREC_DATABASE_URL": url, "PREREC_DATA_DIR": str(tmp_path)}
     subprocess.run(["make", "--no-print-directory", "install"], cwd=ROOT, env=env, check=True, capture_output=True)
     runs = [
@@ -70,4 +61,4 @@ def test_two_replicas_migrating_at_once_both_succeed_with_one_schema(pg_server, 
 
     head = ScriptDirectory.from_config(_alembic(url)).get_current_head()
     assert asyncio.run(versions()) == [head]
-    assert {"prerecordings", "events"} <= asyncio.run(_tables(url))
+    assert {"prerecordings", "events"} <= asyncio.run(tables(url))

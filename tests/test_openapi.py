@@ -25,7 +25,7 @@ from prerec.openapi import SPEC
 from prerec.problems import Problem
 from prerec.schemas import CANONICAL_START_PATTERN, START_PATTERN
 from tests import contract
-from tests.conftest import EVENT, ROOT, Replica, free_port, ogg
+from tests.conftest import CHROMIUM, EVENT, ROOT, Replica, chromium_dom, free_port, ogg, read_message
 
 
 async def test_spec_is_valid_openapi_31(client) -> None:
@@ -130,24 +130,6 @@ async def test_answers_match_their_schemas(client) -> None:
         contract.check("PrerecordingList", {**listing, "next": None})
 
 
-async def _sse_messages(response, count: int) -> list[dict]:  # type: ignore[no-untyped-def]
-    """The next `count` messages of an event stream, each as its fields (comments skipped)."""
-    messages: list[dict] = []
-    fields: dict = {}
-    async with asyncio.timeout(10):
-        while len(messages) < count:
-            line = (await response.content.readline()).decode().rstrip("\r\n")
-            if line.startswith(":"):
-                continue
-            if line:
-                name, _, value = line.partition(": ")
-                fields[name] = int(value) if name == "retry" else value
-            elif fields:
-                messages.append(fields)
-                fields = {}
-    return messages
-
-
 async def test_event_stream_messages_match_the_documented_item_schema(client) -> None:
     spec = await (await client.get("/openapi/openapi.json")).json()
     stream_media = spec["paths"]["/sse"]["get"]["responses"]["200"]["content"]["text/event-stream"]
@@ -158,7 +140,10 @@ async def test_event_stream_messages_match_the_documented_item_schema(client) ->
     assert (await client.put(key, data=ogg(100), headers=OGG)).status == 201
     assert (await client.put(key, data=ogg(200), headers=OGG)).status == 204
     assert (await client.delete(key)).status == 204
-    messages = await _sse_messages(stream, 4)
+    async with asyncio.timeout(10):
+        messages = [await read_message(stream) for _ in range(4)]
+    # The item schema types retry as a number of milliseconds.
+    messages = [{name: int(v) if name == "retry" else v for name, v in m.items()} for m in messages]  # type: ignore[union-attr]
     stream.close()
     assert "retry" in messages[0]
     for message in messages:
@@ -243,7 +228,6 @@ def test_schemathesis_finds_no_fault(tmp_path, storage_env, replicas) -> None:
     assert int(generated.group(1)) >= 1000 and generated.group(1) == generated.group(2), generated.group(0)
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 NPM = shutil.which("npm")
 
 
@@ -274,24 +258,7 @@ async def test_reference_page_renders_every_operation_in_chromium(
     page_settings = dataclasses.replace(settings, scalar_js_url=str(asset_server.make_url("/standalone.js")))
     client = await aiohttp_client(create_app(page_settings, database_url))
 
-    chromium = await asyncio.create_subprocess_exec(
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'chromium'}",
-        "--virtual-time-budget=20000",
-        "--dump-dom",
-        str(client.make_url("/openapi")),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    dom = (await asyncio.wait_for(chromium.communicate(), 120))[0].decode()
+    dom = await chromium_dom(str(client.make_url("/openapi")), tmp_path, 20_000)
     summaries = {op["summary"] for item in SPEC["paths"].values() for op in item.values()}
     missing = sorted(summary for summary in summaries if html.escape(summary, quote=False) not in dom)
     assert not missing, f"the rendered page does not list: {missing}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 import time
 
 import aiohttp
@@ -201,7 +200,7 @@ async def test_sigterm_with_the_database_frozen_still_exits(tmp_path, own_server
             replica.process.send_signal(signal.SIGTERM)
             began = time.monotonic()
             bound = worker_stop_bound(Settings.from_env(env))
-            exit_code = await asyncio.to_thread(_wait, replica.process, bound + 10)
+            exit_code = await asyncio.to_thread(replica.exited, bound + 10)
             waited = time.monotonic() - began
         finally:
             _freeze(own_server, signal.SIGCONT)
@@ -209,10 +208,3 @@ async def test_sigterm_with_the_database_frozen_still_exits(tmp_path, own_server
     assert exit_code == 0, log
     assert waited < bound, (waited, bound)
     assert "could not close the database pool" in log and "could not close the listening connection" in log
-
-
-def _wait(process, timeout: float) -> int | None:  # type: ignore[no-untyped-def]
-    try:
-        return process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        return None

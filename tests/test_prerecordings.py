@@ -8,6 +8,8 @@ import dataclasses
 import gzip
 import hashlib
 import json
+import logging
+import socket
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 
@@ -19,7 +21,18 @@ from prerec.app import create_app
 from prerec.prerecordings import ListQuery, parse_list_query
 from prerec.problems import Problem
 from tests import contract
-from tests.conftest import EVENT, Replica, blob_files, free_port, ogg, put_head, tmp_files
+from tests.conftest import (
+    EVENT,
+    Replica,
+    blob_files,
+    free_port,
+    ogg,
+    put_head,
+    read_answer,
+    sample,
+    tmp_files,
+    wait_for,
+)
 
 BASE = f"/prerecordings/{EVENT}"
 OGG = {"Content-Type": "audio/ogg"}
@@ -123,6 +136,57 @@ async def test_delete_removes_row_and_file(client, settings) -> None:
     assert (await client.get(f"{BASE}/2024-01-01T00:00")).status == 404
     assert blob_files(settings) == []
     await assert_problem(await client.delete(f"{BASE}/2024-01-01T00:00"), 404)
+
+
+# A player that leaves half way (seeking elsewhere): far more than the kernel buffers hold
+# between the two ends, so the server is mid-transfer when it goes.
+ABANDONED_SIZE = 16 * 1024 * 1024
+ABANDONED_KEY = f"{BASE}/2024-01-01T00:00"
+
+
+async def aborted_downloads(client) -> float:  # type: ignore[no-untyped-def]
+    metrics = await (await client.get("/metrics")).text()
+    return sample(
+        metrics, "prerec_http_requests_total", route="/prerecordings/{event}/{start}", method="GET", status="aborted"
+    )
+
+
+async def test_a_client_leaving_mid_download_is_counted_as_aborted_and_harms_nothing(client, caplog) -> None:
+    body = ogg(ABANDONED_SIZE, b"\x01\x02\x03")
+    assert (await put(client, "2024-01-01T00:00", body)).status == 201
+
+    caplog.set_level(logging.INFO)
+    player = socket.socket()
+    # A small receive window keeps the server's sendfile far from done when the player leaves.
+    player.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    player.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(player, (client.host, client.port))
+    await loop.sock_sendall(
+        player, f"GET {ABANDONED_KEY} HTTP/1.1\r\nHost: x\r\nX-Request-ID: leaver-1\r\n\r\n".encode()
+    )
+    received = b""
+    while len(received) < 100_000:
+        received += await loop.sock_recv(player, 65536)
+    assert received.startswith(b"HTTP/1.1 200")
+    # Closing with unread data resets the connection, as a player seeking elsewhere does.
+    player.close()
+
+    await wait_for(lambda: aborted_downloads(client))
+    assert await aborted_downloads(client) == 1
+    [access] = [record for record in caplog.records if getattr(record, "request_id", None) == "leaver-1"]
+    assert access.name == "prerec.access" and access.aborted is True  # type: ignore[attr-defined]
+    assert access.status == 200  # type: ignore[attr-defined]
+    # What went out, not the declared length: at least what the player read, far from all of it.
+    assert len(received) <= access.bytes < ABANDONED_SIZE / 2  # type: ignore[attr-defined]
+    metrics = await (await client.get("/metrics")).text()
+    assert 0 < sample(metrics, "prerec_downloaded_bytes_total") < ABANDONED_SIZE / 2
+    assert [record for record in caplog.records if record.exc_info or record.levelno >= logging.ERROR] == []
+
+    # The server is as healthy as before: it serves the whole file to the next player.
+    assert (await client.get("/ready")).status == 200
+    assert await (await client.get(ABANDONED_KEY)).read() == body
+    assert await aborted_downloads(client) == 1
 
 
 # Upload refusals
@@ -273,17 +337,6 @@ async def test_a_content_coding_is_refused_before_100_continue(client) -> None:
     writer.close()
 
 
-async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict]:
-    """The status and problem JSON of one raw HTTP/1.1 answer."""
-    status = int((await reader.readline()).split()[1])
-    length = 0
-    while (line := await reader.readline()) != b"\r\n":
-        name, _, value = line.decode().partition(":")
-        if name.lower() == "content-length":
-            length = int(value)
-    return status, json.loads(await reader.readexactly(length))
-
-
 def chunked_put(path: str, transfer_encoding: str, body: bytes, *extra: str) -> bytes:
     lines = [f"PUT {path} HTTP/1.1", "Host: x", "Content-Type: audio/ogg", f"Transfer-Encoding: {transfer_encoding}"]
     head = "\r\n".join([*lines, *extra]) + "\r\n\r\n"
@@ -307,7 +360,8 @@ async def test_an_unknown_transfer_coding_is_501_and_stores_nothing(tmp_path, st
         # The "coded" body starts like Ogg, so nothing but the coding check stands in its way.
         writer.write(chunked_put(path, transfer_encoding, ogg(1000), *extra))
         await writer.drain()
-        status, problem = await asyncio.wait_for(read_answer(reader), 5)
+        status, _, body = await asyncio.wait_for(read_answer(reader), 5)
+        problem = json.loads(body)
         assert status == 501, (transfer_encoding, extra, problem)
         assert transfer_encoding.split(",")[0] in problem["detail"]
         writer.close()

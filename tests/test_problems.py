@@ -7,7 +7,7 @@ import logging
 from aiohttp import web
 
 from prerec.app import create_app
-from tests.test_telemetry import sample
+from tests.conftest import sample
 
 SECRET = "the connection string is postgresql://admin:hunter2@db"
 

@@ -11,8 +11,7 @@ import pytest
 
 from prerec import db
 from prerec.events import BROADCASTER
-from tests.conftest import EVENT, ogg, read_events, wait_for, with_database
-from tests.test_telemetry import sample
+from tests.conftest import EVENT, ogg, read_events, sample, wait_for, with_database
 
 KEY = f"/prerecordings/{EVENT}/2024-01-01T00:00"
 OGG = {"Content-Type": "audio/ogg"}

@@ -13,8 +13,7 @@ from prerec.model import EVENT_TYPES
 from prerec.problems import Problem
 from prerec.sse import parse_last_event_id, parse_types
 from tests import contract
-from tests.conftest import EVENT, Replica, free_port, ogg, read_events, wait_for
-from tests.test_telemetry import sample
+from tests.conftest import EVENT, Replica, free_port, ogg, read_events, sample, wait_for
 
 KEY = f"/prerecordings/{EVENT}/2024-01-01T00:00"
 OGG = {"Content-Type": "audio/ogg"}
@@ -208,7 +207,6 @@ async def test_a_last_event_id_older_than_the_log_replays_what_is_kept_then_goes
 
     from prerec import db
     from prerec.events import BROADCASTER
-    from tests.conftest import wait_for
 
     def on(day: int) -> str:
         return f"/prerecordings/{EVENT}/2024-01-0{day}T00:00"

@@ -13,9 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-import asyncpg
-
-from tests.conftest import ROOT, empty_database, free_port, ogg
+from tests.conftest import ROOT, free_port, ogg, tables
 
 SOURCES = ("pyproject.toml", "README.md", "alembic.ini", "prerec", "migrations")
 
@@ -64,23 +62,14 @@ def fresh_venv_with(wheel: Path, where: Path) -> Path:
     return python
 
 
-async def tables(url: str) -> set[str]:
-    conn = await asyncpg.connect(url)
-    try:
-        rows = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
-    finally:
-        await conn.close()
-    return {row["tablename"] for row in rows}
-
-
-def test_an_installed_wheel_migrates_and_serves(pg_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_an_installed_wheel_migrates_and_serves(blank_database_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     wheels = tmp_path / "wheels"
     wheel = build_wheel(wheels, tmp_path)
     python = fresh_venv_with(wheel, tmp_path / "venv")
     # Nowhere near the checkout: `python -m` puts the working folder first on the path.
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    url = empty_database(pg_server, "wheel_install")
+    url = blank_database_url
     port = free_port()
     env = {
         **{name: value for name, value in os.environ.items() if name != "PYTHONPATH"},
