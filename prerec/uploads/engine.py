@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import hashlib
 import logging
@@ -396,8 +397,14 @@ class Engine:
         feed = dict(hashers.hashers) if hashers is not None else {}
         if checksum is not None:
             feed["checksum"] = own
-        buffer = bytearray(WRITE_PIECE)
+        # Two buffers: one fills from the body while the other is written and hashed in a
+        # thread, so a disk that blocks does not stop the reading. One write at a time keeps
+        # the hashes in order.
+        buffers = [bytearray(WRITE_PIECE), bytearray(WRITE_PIECE)]
+        current = 0
+        in_flight: concurrent.futures.Future[None] | None = None
         filled = 0
+        sent = upload.durable  # bytes up to here are handed to a write
         written = upload.durable  # bytes up to here are in the segment (not yet all synced)
         stop: BaseException | None = None
         last_commit = time.monotonic()
@@ -406,16 +413,30 @@ class Engine:
         head = b""
         try:
 
-            async def flush() -> None:
-                nonlocal filled, written
+            async def settle() -> None:
+                nonlocal in_flight, written
+                if in_flight is not None:
+                    try:
+                        await asyncio.wrap_future(in_flight)
+                    except OSError as error:
+                        raise _storage_problem(error) from error
+                    in_flight = None
+                    written = sent
+
+            async def flush(wait: bool = False) -> None:
+                nonlocal filled, sent, current, in_flight
                 if filled:
-                    await _on_disk(segment.write, memoryview(buffer)[:filled], written, feed)
-                    written += filled
+                    await settle()
+                    in_flight = DISK.submit(segment.write, memoryview(buffers[current])[:filled], sent, feed)
+                    sent += filled
                     filled = 0
+                    current ^= 1
+                if wait:
+                    await settle()
 
             async def commit() -> None:
                 nonlocal upload, last_commit, committed_bytes
-                await flush()
+                await flush(wait=True)
                 last_commit = time.monotonic()
                 if written == upload.durable:
                     return
@@ -434,7 +455,7 @@ class Engine:
 
             idle = 0.0
             while True:
-                pending = checksum is None and written + filled > upload.durable
+                pending = checksum is None and sent + filled > upload.durable
                 wait = COMMIT_SECONDS if pending else RENEW_SECONDS
                 try:
                     async with asyncio.timeout(wait):
@@ -463,7 +484,7 @@ class Engine:
                 if not chunk:
                     break
                 view = memoryview(chunk)
-                room = upload.length - written - filled
+                room = upload.length - sent - filled
                 if len(view) > room:
                     view = view[:room]
                     stop = Problem(
@@ -473,26 +494,26 @@ class Engine:
                     )
                 if not checked:
                     head = (head + bytes(view[: len(OGG_CAPTURE_PATTERN)]))[: len(OGG_CAPTURE_PATTERN)]
-                    if len(head) == len(OGG_CAPTURE_PATTERN) or written + filled + len(view) == upload.length:
+                    if len(head) == len(OGG_CAPTURE_PATTERN) or sent + filled + len(view) == upload.length:
                         _check_ogg(head)
                         checked = True
                 while view:
-                    taken = min(len(buffer) - filled, len(view))
-                    buffer[filled : filled + taken] = view[:taken]
+                    taken = min(WRITE_PIECE - filled, len(view))
+                    buffers[current][filled : filled + taken] = view[:taken]
                     filled += taken
                     view = view[taken:]
-                    if filled == len(buffer):
+                    if filled == WRITE_PIECE:
                         await flush()
                 if stop is not None:
                     break
                 if checksum is None and (
-                    time.monotonic() - last_commit >= COMMIT_SECONDS or written - committed_bytes >= COMMIT_BYTES
+                    time.monotonic() - last_commit >= COMMIT_SECONDS or sent - committed_bytes >= COMMIT_BYTES
                 ):
                     await commit()
-            if written + filled == upload.durable and stop is None:
+            if sent + filled == upload.durable and stop is None:
                 raise Problem(400, "The PATCH has no body: send the bytes from the offset on.")
             if checksum is not None:
-                await flush()
+                await flush(wait=True)
                 if isinstance(stop, Problem | _Stopped | ConnectionError | HttpProcessingError):
                     # A cut body cannot be verified: none of its bytes count.
                     self._keep(upload.id, saved)
@@ -506,7 +527,15 @@ class Engine:
                     )
             await commit()
         except BaseException:
-            await asyncio.shield(_on_disk(segment.close))
+            # A write still in its thread must end before its file is closed under it.
+            leftover = in_flight
+
+            def close() -> None:
+                if leftover is not None:
+                    concurrent.futures.wait([leftover])
+                segment.close()
+
+            await asyncio.shield(_on_disk(close))
             raise
         await _on_disk(segment.close)
         if hashers is not None:
