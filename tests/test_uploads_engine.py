@@ -334,3 +334,24 @@ async def test_shutdown_stops_a_patch_keeps_its_bytes_and_sends_it_elsewhere(
             assert response.status == 204, await response.text()
         async with session.get(f"{second.url}/prerecordings/{EVENT}/{START}") as response:
             assert await response.read() == data
+
+
+async def test_the_sweeper_removes_old_segments_of_ended_or_unknown_uploads_only(
+    client: TestClient, app: web.Application, settings: Settings
+) -> None:
+    from prerec.uploads.engine import ENGINE
+
+    base = base_of(client)
+    location = await create(client.session, base, 1000)
+    async with client.session.patch(
+        f"{base}{location}", data=audio(400), headers={**PATCH, "Upload-Offset": "0"}
+    ) as response:
+        assert response.status == 204
+    [live] = segments(settings)
+    stray = settings.blob_dir / "uploads" / f"{uuid.uuid4()}.1.part"
+    stray.write_bytes(b"left by a crash")
+    old = time.time() - settings.tmp_max_age_seconds - 10
+    for path in (live, stray):
+        os.utime(path, (old, old))
+    await app[ENGINE].sweep()
+    assert segments(settings) == [live]

@@ -418,6 +418,14 @@ class FileStorage:
         ranges = [(self.segment_path(upload_id, piece.generation), piece.size) for piece in pieces]
         return await _on_disk(_hash_ranges, ranges, algorithms)
 
+    def stale_segments(self, cutoff: float) -> set[uuid.UUID]:
+        """The uploads that have a segment untouched since `cutoff` (a timestamp)."""
+        owners = set()
+        for path in _untouched_since((self.root / "uploads").glob("*.part"), cutoff):
+            with contextlib.suppress(ValueError):
+                owners.add(uuid.UUID(path.name.split(".", 1)[0]))
+        return owners
+
     async def discard_upload(self, upload_id: uuid.UUID) -> None:
         """Remove every segment of an upload (cancelled, expired, refused at its end)."""
         await _on_disk(self._discard_upload, upload_id)

@@ -650,7 +650,21 @@ class Engine:
             log.info(
                 "upload %s expired at offset %d of %d; its bytes were removed", upload.id, upload.durable, upload.length
             )
+        await self._sweep_leftovers()
         return [upload.id for upload in expired]
+
+    async def _sweep_leftovers(self) -> None:
+        """Remove segments no upload in progress owns: a crash between an upload's end being
+        committed and its bytes being removed leaves them. Only old ones (untouched for
+        PREREC_TMP_MAX_AGE_SECONDS), so a segment whose upload is being created is never taken."""
+        cutoff = time.time() - self.settings.tmp_max_age_seconds
+        owners = await _on_disk(self.storage.stale_segments, cutoff)
+        for upload_id in owners:
+            async with self._connection() as conn:
+                upload = await db.get_upload(conn, upload_id)
+            if upload is None or upload.state not in ("receiving", "finishing"):
+                await self.storage.discard_upload(upload_id)
+                log.warning("removed the segments of upload %s, which has ended or is unknown", upload_id)
 
     async def sweep_forever(self) -> None:
         while True:
