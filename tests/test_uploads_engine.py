@@ -23,6 +23,7 @@ from aiohttp.test_utils import TestClient
 
 from prerec import db
 from prerec.config import Settings
+from prerec.model import Piece
 from prerec.uploads import engine
 from tests.conftest import EVENT, Replica, free_port, wait_for
 
@@ -355,3 +356,35 @@ async def test_the_sweeper_removes_old_segments_of_ended_or_unknown_uploads_only
         os.utime(path, (old, old))
     await app[ENGINE].sweep()
     assert segments(settings) == [live]
+
+
+async def test_an_upload_complete_but_unfinished_is_finished_by_the_next_head(
+    client: TestClient, settings: Settings, database_url: str
+) -> None:
+    """Its writer recorded the last byte and died before finishing: a tus client seeing
+    offset == length never sends another request, so asking for the offset must finish it."""
+    data = audio(5000)
+    base = base_of(client)
+    location = await create(client.session, base, len(data))
+    upload_id = uuid.UUID(location.rsplit("/", 1)[1])
+    writer = await asyncpg.connect(database_url)
+    held = await db.acquire_lease(writer, upload_id, "elsewhere/1/dead", writer.get_server_pid())
+    assert held is not None and held.segment_generation is not None
+    segment = settings.blob_dir / "uploads" / f"{upload_id}.{held.segment_generation}.part"
+    segment.write_bytes(data)
+    await db.advance(
+        writer,
+        upload_id,
+        held.generation,
+        0,
+        len(data),
+        86400,
+        pieces=[Piece(0, len(data), held.segment_generation)],
+    )
+    await writer.close()  # dies before finishing
+    assert await offset_of(client.session, base, location) == len(data)
+    async with client.session.get(f"{base}/prerecordings/{EVENT}/{START}") as response:
+        assert response.status == 200
+        assert await response.read() == data
+    assert await created_events(database_url) == 1
+    assert segments(settings) == []

@@ -53,6 +53,8 @@ TAKEOVER_SECONDS = 2.0
 POLL_SECONDS = 0.05
 # An idle holder (a body that brings nothing for a while) renews its lease this often.
 RENEW_SECONDS = 3.0
+# A HEAD waits this long at most for another request's finishing (assembly and commit) to end.
+FINISH_WAIT_SECONDS = 30.0
 SWEEP_BATCH = 100
 
 
@@ -233,26 +235,44 @@ class Engine:
         """The upload once a holder on another request let go (≤ TAKEOVER_SECONDS), so the
         offset reported is the one the next append must use (the draft's §Concurrency; tusd
         locks on HEAD too). Never forced: a holder that does not answer keeps its bytes, and
-        the offset reported is the durable one, which is never wrong, only perhaps behind."""
+        the offset reported is the durable one, which is never wrong, only perhaps behind.
+
+        An upload complete but not finished (its finisher died) is finished here: a client that
+        sees offset == length takes the upload as done and never sends another byte."""
         upload = await self.get(upload_id)
         deadline = time.monotonic() + TAKEOVER_SECONDS
+        finishing_deadline = time.monotonic() + FINISH_WAIT_SECONDS
         asked: int | None = None
-        while upload.state == "receiving" and upload.lease_owner is not None:
+        while upload.state in ("receiving", "finishing"):
+            complete = upload.durable == upload.length
+            if upload.lease_owner is None and not complete:
+                return upload
             async with self._connection() as conn:
-                # A dead holder's lease (its database session gone, or expired) is taken and
-                # let go at once: nothing of it is left to wait for.
+                # A free or dead holder's lease is taken at once: nothing of it to wait for.
                 taken = await db.acquire_lease(conn, upload_id, self.owner, self.listener_pid())
-                if taken is not None:
-                    await db.release_lease(conn, upload_id, taken.generation, clean=True)
-                    return await db.get_upload(conn, upload_id) or taken
-                if asked != upload.generation:
+                if taken is None and upload.state == "receiving" and asked != upload.generation:
                     await db.request_release(conn, upload_id, upload.generation)
                     asked = upload.generation
-            if time.monotonic() >= deadline:
+            if taken is not None:
+                return await self._settle_taken(taken)
+            waiting = finishing_deadline if upload.state == "finishing" else deadline
+            if time.monotonic() >= waiting:
                 break
             await asyncio.sleep(POLL_SECONDS)
             upload = await self.get(upload_id)
         return upload
+
+    async def _settle_taken(self, taken: Upload) -> Upload:
+        clean = True
+        try:
+            if taken.durable == taken.length:
+                clean = False
+                with contextlib.suppress(Problem, db.Fenced):
+                    await self._finish(taken)
+        finally:
+            async with self._connection() as conn:
+                await db.release_lease(conn, taken.id, taken.generation, clean)
+        return await self.get(taken.id)
 
     # Appending
 

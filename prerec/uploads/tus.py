@@ -246,6 +246,9 @@ async def head(request: web.Request) -> web.Response:
         # Expired but not swept yet is expired all the same: it can no longer be resumed.
         state = "expired" if upload.state == "receiving" else upload.state
         raise Problem(410, f"The upload {upload.id} has ended ({state}).")
+    if upload.state == "finishing":
+        # Not "offset == length" yet: a client takes that as done, and the finish may still fail.
+        raise Problem(503, "The upload is being finished; ask again shortly.", {"Retry-After": "1"})
     headers = {**_upload_headers(upload), "Upload-Length": str(upload.length)}
     if upload.metadata:
         headers["Upload-Metadata"] = format_metadata(upload.metadata)
