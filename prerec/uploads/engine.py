@@ -38,7 +38,7 @@ from prerec.config import SETTINGS_KEY, Settings
 from prerec.model import Piece, Prerecording, Upload
 from prerec.problems import Problem
 from prerec.storage import STORAGE, StoredBlob
-from prerec.storage.fs import DISK, FileStorage, _storage_problem
+from prerec.storage.fs import DISK, FileStorage, _on_disk, _storage_problem
 from prerec.storage.receive import OGG_CAPTURE_PATTERN, WRITE_PIECE, _check_ogg
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,8 @@ def owner_name() -> str:
 
 class _Stopped(Exception):
     """Set on a request body to make its reader stop: another writer asked for the lease
-    ("release") or the upload was cancelled ("cancel")."""
+    ("release"), the upload was cancelled ("cancel"), or this process is shutting down
+    ("shutdown"). The reader records what arrived, then answers."""
 
     def __init__(self, verb: str) -> None:
         super().__init__(verb)
@@ -130,13 +131,6 @@ def check_preconditions(if_match: str | None, if_none_match: bool, current: Prer
     tags = [tag.strip() for tag in if_match.split(",")]
     if "*" not in tags and current.etag not in tags:
         raise Problem(412, f"The precondition failed: the current ETag is {current.etag}.")
-
-
-async def _on_disk(call: Callable[..., Any], *args: Any) -> Any:
-    try:
-        return await asyncio.get_running_loop().run_in_executor(DISK, call, *args)
-    except OSError as error:
-        raise _storage_problem(error) from error
 
 
 @dataclass
