@@ -291,6 +291,11 @@ async def all_prerecordings(conn: asyncpg.Connection) -> list[Prerecording]:
     return [_prerecording(row) for row in await conn.fetch(f"SELECT {_COLUMNS} FROM prerecordings")]
 
 
+async def referenced_blobs(conn: asyncpg.Connection) -> set[str]:
+    """The blob every row points at: all the orphan sweep needs, without the rest of the rows."""
+    return {row["blob"] for row in await conn.fetch("SELECT blob FROM prerecordings")}
+
+
 async def events_after(conn: asyncpg.Connection, after_id: int, limit: int = 500) -> list[Event]:
     rows = await conn.fetch(
         "SELECT id, type, data::text AS data, created_at FROM events WHERE id > $1 ORDER BY id LIMIT $2",

@@ -91,15 +91,7 @@ class _Changed(Exception):
     """The row changed since it was checked: it is no longer ours to repair."""
 
 
-async def _files_and_rows(
-    conn: asyncpg.Connection, storage: FileStorage
-) -> tuple[dict[str, os.stat_result], list[Prerecording]]:
-    # Files first, rows second: a blob renamed in after the listing cannot look orphaned.
-    files = await asyncio.to_thread(_blob_files, storage)
-    return files, await db.all_prerecordings(conn)
-
-
-def _orphans(files: dict[str, os.stat_result], rows: list[Prerecording], cutoff: float) -> tuple[list[str], list[str]]:
+def _orphans(files: dict[str, os.stat_result], referenced: set[str], cutoff: float) -> tuple[list[str], list[str]]:
     """Blob files no row points at: those untouched since `cutoff`, and the younger ones.
 
     A young one may be an upload between its rename into blobs/ and its commit, on any
@@ -109,7 +101,6 @@ def _orphans(files: dict[str, os.stat_result], rows: list[Prerecording], cutoff:
     with a database that cannot answer the query that lists the rows either.) So only an old
     one is known to be left over.
     """
-    referenced = {row.blob for row in rows}
     old: list[str] = []
     young: list[str] = []
     for name, stat in sorted(files.items()):
@@ -123,8 +114,11 @@ async def check(url: str, storage: FileStorage, grace_seconds: float, apply: boo
     cutoff = time.time() - grace_seconds
     conn = await asyncpg.connect(url)
     try:
-        files, rows = await _files_and_rows(conn, storage)
-        report.orphans, report.young_orphans = _orphans(files, rows, cutoff)
+        # Files first, rows second (here and in sweep_orphans): a blob renamed in after the
+        # listing cannot look orphaned.
+        files = await asyncio.to_thread(_blob_files, storage)
+        rows = await db.all_prerecordings(conn)
+        report.orphans, report.young_orphans = _orphans(files, {row.blob for row in rows}, cutoff)
         for row in rows:
             size = _size_now(storage, row.blob)
             if size == row.size:
@@ -185,13 +179,15 @@ async def sweep_orphans(pool: asyncpg.Pool, storage: FileStorage, grace_seconds:
     database cannot be asked: without it, every blob would look unreferenced.
     """
     cutoff = time.time() - grace_seconds
+    # Listed before a pooled connection is taken: no connection is held through a folder scan.
+    files = await asyncio.to_thread(_blob_files, storage)
     try:
         async with db.connection(pool, timeout) as conn:
-            files, rows = await _files_and_rows(conn, storage)
+            referenced = await db.referenced_blobs(conn)
     except DatabaseUnavailable:
         log.warning("orphan sweep skipped: the database is not available")
         return []
-    old, _ = _orphans(files, rows, cutoff)
+    old, _ = _orphans(files, referenced, cutoff)
     if len(old) > len(files) * MOST_ORPHANED:
         log.error(
             "orphan sweep skipped: %d of %d blobs are unreferenced, which looks like a wrong database; "
