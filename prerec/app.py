@@ -20,6 +20,7 @@ from prerec.routes import add_routes
 from prerec.storage import STORAGE
 from prerec.storage.fs import FileStorage
 from prerec.telemetry import METRICS, Metrics, telemetry_middleware
+from prerec.uploads.engine import ENGINE, Engine
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,13 @@ def create_app(settings: Settings, database_url: str) -> web.Application:
     app[STORAGE] = FileStorage(settings.blob_dir)
     app[METRICS] = Metrics(app[STORAGE])
     app[CACHE] = MetadataCache()
+    app[ENGINE] = Engine(app)
     # The database first: the storage sweeper asks it which blobs are orphans, and must stop
     # before the pool closes.
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_storage)
     app.cleanup_ctx.append(_broadcaster)
+    app.cleanup_ctx.append(_uploads)
     app.on_shutdown.append(_end_streams)
     add_routes(app)
     cors.install(app, settings.cors_origins)
@@ -114,11 +117,22 @@ async def _broadcaster(app: web.Application) -> AsyncIterator[None]:
         settings.events_retention_seconds,
         app[CACHE],
         on_reconnect=app[METRICS].listener_reconnects.inc,
+        upload_owner=app[ENGINE].owner,
+        on_upload_notice=app[ENGINE].notice,
     )
     await broadcaster.start()
     app[BROADCASTER] = broadcaster
     yield
     await broadcaster.close()
+
+
+async def _uploads(app: web.Application) -> AsyncIterator[None]:
+    engine = app[ENGINE]
+    broadcaster = app[BROADCASTER]
+    engine.listener_pid = lambda: broadcaster.listener_pid
+    sweeper = asyncio.create_task(engine.sweep_forever())
+    yield
+    await tasks.stop(sweeper, app[SETTINGS_KEY].db_timeout_seconds, "the upload sweeper")
 
 
 async def _end_streams(app: web.Application) -> None:
@@ -148,6 +162,7 @@ async def serve(app: web.Application, settings: Settings, reuse_port: bool = Fal
     log.info("shutting down: no new connections, ending event streams, finishing uploads")
     app[SHUTTING_DOWN].set()
     listener.close()
+    app[ENGINE].stop_writers()
     app[BROADCASTER].end_streams("the server is shutting down")
     deadline = loop.time() + settings.shutdown_timeout_seconds
     # Uploads that began on a keep-alive connection just before the flag was set may join

@@ -271,6 +271,14 @@ SETTINGS: tuple[Setting, ...] = (
         "(or is answered 503 when none is idle). Unset: (open file limit - 64) / 2, at most 10000; the soft "
         "open file limit is raised to the hard one at start.",
     ),
+    Setting(
+        "upload_expiry_seconds",
+        "PREREC_UPLOAD_EXPIRY_SECONDS",
+        "86400",
+        _positive_float,
+        "A resumable upload that makes no progress this long expires: its bytes are removed and its URL "
+        "answers 410 (404 once this long has passed again). An ended upload's final answer is kept as long.",
+    ),
 )
 
 
@@ -300,6 +308,7 @@ class Settings:
     header_timeout_seconds: float
     keepalive_timeout_seconds: float
     max_connections: int | None
+    upload_expiry_seconds: float
 
     @property
     def blob_dir(self) -> Path:

@@ -83,8 +83,14 @@ class Broadcaster:
         retention_seconds: float,
         cache: MetadataCache,
         on_reconnect: Callable[[], None] = lambda: None,
+        upload_owner: str | None = None,
+        on_upload_notice: Callable[[str], None] | None = None,
     ) -> None:
         self.url = url
+        # Requests to this process as an upload's lease holder come on the same connection,
+        # whose backend pid stamps the leases (see db.acquire_lease).
+        self.upload_owner = upload_owner
+        self.on_upload_notice = on_upload_notice
         self.on_reconnect = on_reconnect
         self.cache = cache
         self.pool = pool
@@ -137,8 +143,18 @@ class Broadcaster:
     async def _connect(self) -> None:
         conn = await asyncpg.connect(self.url, timeout=self.timeout)
         await conn.add_listener(db.NOTIFY_CHANNEL, self._notified)
+        if self.on_upload_notice is not None:
+            await conn.add_listener(db.UPLOADS_CHANNEL, self._upload_notified)
         conn.add_termination_listener(self._terminated)
         self._listener = conn
+        if self.upload_owner is not None:
+            # The leases this process holds name the old connection's backend, which other
+            # replicas would now take for a dead holder's.
+            try:
+                async with db.connection(self.pool, self.timeout) as pooled:
+                    await db.restamp_leases(pooled, self.upload_owner, conn.get_server_pid())
+            except Exception as error:
+                log.warning("could not restamp this process's upload leases: %r", error)
         self.connected.set()
         self.cache.enable()
         # Whatever was committed while no one listened is in the log: read on from last_id.
@@ -146,6 +162,17 @@ class Broadcaster:
 
     def _notified(self, conn: object, pid: int, channel: str, payload: str) -> None:
         self._wake.set()
+
+    def _upload_notified(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        assert self.on_upload_notice is not None
+        self.on_upload_notice(payload)
+
+    @property
+    def listener_pid(self) -> int | None:
+        """The backend pid of the listening connection, while it is up."""
+        if self._listener is None or not self.connected.is_set():
+            return None
+        return self._listener.get_server_pid()
 
     def _terminated(self, conn: object) -> None:
         if conn is self._listener and not self._closing:

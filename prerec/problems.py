@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
 RETRY_AFTER_SECONDS = 5
+# Statuses outside the IANA registry that a protocol here answers with.
+EXTRA_TITLES = {460: "Checksum Mismatch"}  # tus 1.0.0's checksum extension
 
 
 class Problem(Exception):
@@ -33,12 +35,16 @@ class DatabaseUnavailable(Problem):
         super().__init__(503, detail, {"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
+def title(status: int) -> str:
+    return EXTRA_TITLES[status] if status in EXTRA_TITLES else HTTPStatus(status).phrase
+
+
 def problem_json(status: int, detail: str) -> str:
-    return json.dumps({"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail})
+    return json.dumps({"type": "about:blank", "title": title(status), "status": status, "detail": detail})
 
 
 def problem_response(status: int, detail: str, headers: Mapping[str, str] | None = None) -> web.Response:
-    response = web.Response(status=status, text=problem_json(status, detail), headers=headers)
+    response = web.Response(status=status, reason=title(status), text=problem_json(status, detail), headers=headers)
     response.content_type = PROBLEM_JSON
     if response.headers.get("Connection", "").lower() == "close":
         # aiohttp keeps the connection open whatever the header says (and reads on into the

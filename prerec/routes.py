@@ -3,6 +3,7 @@
 from aiohttp import web
 
 from prerec import openapi, ping, prerecordings, ready, sse, telemetry
+from prerec.uploads import tus
 
 
 def add_routes(app: web.Application) -> None:
@@ -15,6 +16,7 @@ def add_routes(app: web.Application) -> None:
         "/prerecordings/{event}/{start}", prerecordings.upload, expect_handler=prerecordings.upload_expect
     )
     app.router.add_delete("/prerecordings/{event}/{start}", prerecordings.delete)
+    tus.add_routes(app)
     app.router.add_get("/sse", sse.stream, allow_head=False)
     app.router.add_get("/openapi", openapi.page)
     app.router.add_get("/openapi/openapi.json", openapi.spec)

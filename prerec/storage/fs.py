@@ -4,6 +4,7 @@ Layout under the storage folder (which several replicas may share):
     tmp/<random>.part       uploads in progress
     blobs/<xx>/<random>.ogg finished blobs, each written once and never modified
     trash/<random>.ogg      replaced or deleted blobs, kept a while for readers still sending them
+    uploads/<id>.<gen>.part resumable uploads' segments (see Segment)
 
 A blob is never overwritten in place. An upload streams into a new temporary file while its
 SHA-256 is computed, is fsynced, renamed to a fresh blob name and its folder fsynced; only then
@@ -24,6 +25,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import errno
+import hashlib
 import logging
 import os
 import shutil
@@ -33,13 +35,14 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
+from prerec.model import Piece
 from prerec.problems import Problem
 
 log = logging.getLogger(__name__)
 
-FOLDERS = ("tmp", "blobs", "trash")
+FOLDERS = ("tmp", "blobs", "trash", "uploads")
 
 
 def blob_path(root: Path, name: str) -> str:
@@ -218,6 +221,60 @@ def _untouched_since(paths: Iterable[Path], cutoff: float) -> list[Path]:
     return found
 
 
+class Segment:
+    """One lease generation's segment file of a resumable upload; methods run on DISK.
+
+    Written at explicit positions, never with O_APPEND (not atomic across NFS clients). A
+    segment is continued only by the generation that made it or one that took over after a
+    clean release; any other takeover starts its own, so a zombie's late writes never land in
+    bytes another writer's segment holds. Only bytes below a segment's recorded size (its
+    Piece) are ever assembled."""
+
+    def __init__(self, path: Path, start: int) -> None:
+        self.path = path
+        self.start = start  # the upload offset of the file's first byte
+        self.fd = -1
+
+    def open(self) -> None:
+        existed = self.path.exists()
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if not existed:
+            # The new name must survive a crash too, not only the bytes in it.
+            _fsync_folder(self.path.parent)
+
+    def write(self, piece: memoryview, offset: int, hashers: dict[str, Any]) -> None:
+        """Write the piece at its upload offset, and feed it to the hashers (in order)."""
+        done = 0
+        while done < len(piece):
+            done += os.pwrite(self.fd, piece[done:], offset - self.start + done)
+        for hasher in hashers.values():
+            hasher.update(piece)
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _hash_ranges(ranges: list[tuple[Path, int]], algorithms: frozenset[str]) -> dict[str, bytes]:
+    """SHA-256 and the other digests over the first `size` bytes of each file, in order."""
+    hashers = {name: hashlib.new(name) for name in algorithms | {"sha256"}}
+    for path, size in ranges:
+        with open(path, "rb", buffering=0) as file:
+            left = size
+            while left > 0:
+                piece = file.read(min(left, 1024 * 1024))
+                if not piece:
+                    raise RuntimeError(f"{path.name} is shorter than the {size} bytes recorded")
+                for hasher in hashers.values():
+                    hasher.update(piece)
+                left -= len(piece)
+    return {name: hasher.digest() for name, hasher in hashers.items()}
+
+
 @dataclass(frozen=True)
 class FileStorage:
     """Blobs in a folder (see the module's note on the layout and the write protocol)."""
@@ -303,3 +360,77 @@ class FileStorage:
                 path.unlink()
                 removed.append(path.relative_to(self.root).as_posix())
         return removed
+
+    # Resumable uploads
+
+    def segment_path(self, upload_id: uuid.UUID, generation: int) -> Path:
+        return self.root / "uploads" / f"{upload_id}.{generation}.part"
+
+    async def segment(self, upload_id: uuid.UUID, generation: int, start: int) -> Segment:
+        """The generation's segment, opened for writing; `start` is its first byte's offset."""
+        segment = Segment(self.segment_path(upload_id, generation), start)
+        await _on_disk(segment.open)
+        return segment
+
+    async def assemble(self, upload_id: uuid.UUID, length: int, pieces: list[Piece]) -> str:
+        """The recorded pieces as one new blob under a fresh name; the segments go."""
+        return await _on_disk(self._assemble, upload_id, length, pieces)
+
+    def _assemble(self, upload_id: uuid.UUID, length: int, pieces: list[Piece]) -> str:
+        # Later segments are copied onto the first with copy_file_range (in the kernel; on NFS
+        # 4.2 on the server), their recorded sizes only; the file is then cut at the length,
+        # which drops whatever a refused checksum or a zombie left past it.
+        position = 0
+        for piece in pieces:
+            if piece.start != position:
+                raise RuntimeError(f"upload {upload_id}: its pieces leave a hole at {position}")
+            position += piece.size
+        if position != length:
+            raise RuntimeError(f"upload {upload_id}: its pieces end at {position}, not at {length}")
+        first = self.segment_path(upload_id, pieces[0].generation)
+        with open(first, "r+b", buffering=0) as target:
+            for piece in pieces[1:]:
+                with open(self.segment_path(upload_id, piece.generation), "rb", buffering=0) as source:
+                    copied = 0
+                    while copied < piece.size:
+                        done = os.copy_file_range(
+                            source.fileno(), target.fileno(), piece.size - copied, copied, piece.start + copied
+                        )
+                        if done == 0:
+                            raise RuntimeError(f"upload {upload_id}: a segment is shorter than recorded")
+                        copied += done
+            os.ftruncate(target.fileno(), length)
+            os.fsync(target.fileno())
+        token = uuid.uuid4().hex
+        name = f"{token[:2]}/{token}.ogg"
+        destination = Path(blob_path(self.root, name))
+        destination.parent.mkdir(exist_ok=True)
+        os.rename(first, destination)
+        _fsync_folder(destination.parent)
+        self._discard_upload(upload_id)
+        return name
+
+    async def hash_upload(
+        self, upload_id: uuid.UUID, pieces: list[Piece], algorithms: frozenset[str]
+    ) -> dict[str, bytes]:
+        """The digests of an upload's recorded bytes, read back from its segments (for bytes
+        that another process wrote, whose running hash is not here)."""
+        ranges = [(self.segment_path(upload_id, piece.generation), piece.size) for piece in pieces]
+        return await _on_disk(_hash_ranges, ranges, algorithms)
+
+    def stale_segments(self, cutoff: float) -> set[uuid.UUID]:
+        """The uploads that have a segment untouched since `cutoff` (a timestamp)."""
+        owners = set()
+        for path in _untouched_since((self.root / "uploads").glob("*.part"), cutoff):
+            with contextlib.suppress(ValueError):
+                owners.add(uuid.UUID(path.name.split(".", 1)[0]))
+        return owners
+
+    async def discard_upload(self, upload_id: uuid.UUID) -> None:
+        """Remove every segment of an upload (cancelled, expired, refused at its end)."""
+        await _on_disk(self._discard_upload, upload_id)
+
+    def _discard_upload(self, upload_id: uuid.UUID) -> None:
+        for path in (self.root / "uploads").glob(f"{upload_id}.*.part"):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()

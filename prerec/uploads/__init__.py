@@ -1,0 +1,1 @@
+"""Resumable uploads: one engine (engine.py) and its protocol front ends (tus.py)."""

@@ -1,0 +1,390 @@
+"""The upload engine under cuts, races, cancels, expiry and the death of a replica.
+
+Real server, real sockets (a raw socket sends part of a body and stops or closes), real
+database; the replica test runs two `python -m prerec` processes on one database and folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import hashlib
+import os
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from prerec import db
+from prerec.config import Settings
+from prerec.model import Piece
+from prerec.uploads import engine
+from tests.conftest import EVENT, Replica, free_port, wait_for
+
+START = "2026-12-01T20:00"
+TUS = {"Tus-Resumable": "1.0.0"}
+PATCH = {**TUS, "Content-Type": "application/offset+octet-stream"}
+
+
+def metadata() -> str:
+    pairs = {"event": EVENT, "start": START, "filetype": "audio/ogg"}
+    return ",".join(f"{key} {base64.b64encode(value.encode()).decode()}" for key, value in pairs.items())
+
+
+def audio(size: int) -> bytes:
+    return b"OggS" + os.urandom(size - 4)
+
+
+def patch_head(path: str, offset: int, length: int) -> bytes:
+    lines = [
+        f"PATCH {path} HTTP/1.1",
+        "Host: x",
+        "Tus-Resumable: 1.0.0",
+        "Content-Type: application/offset+octet-stream",
+        f"Upload-Offset: {offset}",
+        f"Content-Length: {length}",
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def create(session: aiohttp.ClientSession, base: str, length: int) -> str:
+    async with session.post(
+        f"{base}/uploads", headers={**TUS, "Upload-Length": str(length), "Upload-Metadata": metadata()}
+    ) as response:
+        assert response.status == 201, await response.text()
+        return response.headers["Location"]
+
+
+async def offset_of(session: aiohttp.ClientSession, base: str, location: str) -> int:
+    async with session.head(f"{base}{location}") as response:
+        assert response.status == 200, response.status
+        return int(response.headers["Upload-Offset"])
+
+
+async def row(database_url: str, location: str) -> asyncpg.Record:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await conn.fetchrow(
+            "SELECT durable, state, lease_owner, generation FROM uploads WHERE id = $1",
+            uuid.UUID(location.rsplit("/", 1)[1]),
+        )
+    finally:
+        await conn.close()
+
+
+async def created_events(database_url: str) -> int:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await conn.fetchval("SELECT count(*) FROM events WHERE type = 'prerecording-created'")
+    finally:
+        await conn.close()
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, str]:
+    """Status and the rest of a raw HTTP answer (the server closes after it)."""
+    raw = await asyncio.wait_for(reader.read(), 10)
+    status_line, _, rest = raw.decode(errors="replace").partition("\r\n")
+    return int(status_line.split(" ")[1]), rest
+
+
+def segments(settings: Settings) -> list[Path]:
+    return sorted((settings.blob_dir / "uploads").glob("*"))
+
+
+def base_of(client: TestClient) -> str:
+    return str(client.make_url("")).rstrip("/")
+
+
+async def send_slowly(writer: asyncio.StreamWriter, data: bytes, pieces: int, pause: float) -> None:
+    step = len(data) // pieces
+    for index in range(pieces):
+        end = len(data) if index == pieces - 1 else (index + 1) * step
+        writer.write(data[index * step : end])
+        await writer.drain()
+        await asyncio.sleep(pause)
+
+
+async def test_a_cut_patch_counts_every_byte_that_arrived_then_resumes(
+    client: TestClient, settings: Settings, database_url: str
+) -> None:
+    data = audio(3 * 1024 * 1024 + 5)
+    base = base_of(client)
+    location = await create(client.session, base, len(data))
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    half = len(data) // 2 + 12345  # not on a buffer boundary
+    writer.write(patch_head(location, 0, len(data)) + data[:half])
+    await writer.drain()
+    writer.close()  # cut mid-body
+    # Everything that reached the process counts, once the server has seen the cut.
+
+    async def arrived() -> bool:
+        return await offset_of(client.session, base, location) == half
+
+    await wait_for(arrived, timeout=10)
+    async with client.session.patch(
+        f"{base}{location}", data=data[half:], headers={**PATCH, "Upload-Offset": str(half)}
+    ) as response:
+        assert response.status == 204, await response.text()
+    async with client.session.get(f"{base}/prerecordings/{EVENT}/{START}") as response:
+        assert response.status == 200
+        assert hashlib.sha256(await response.read()).digest() == hashlib.sha256(data).digest()
+    assert await created_events(database_url) == 1
+    assert segments(settings) == []
+
+
+async def test_a_second_patch_takes_over_from_a_live_holder(client: TestClient, database_url: str) -> None:
+    data = audio(200_000)
+    base = base_of(client)
+    location = await create(client.session, base, len(data))
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(patch_head(location, 0, len(data)) + data[:50_000])
+    await writer.drain()
+
+    async def held() -> bool:
+        return (await row(database_url, location))["lease_owner"] is not None
+
+    await wait_for(held)
+    # The first request still holds the lease and 50 000 bytes not yet recorded. A HEAD asks it
+    # to let go; the holder makes them durable, records them and stops.
+    began = time.monotonic()
+    assert await offset_of(client.session, base, location) == 50_000
+    took = time.monotonic() - began
+    status, rest = await read_answer(reader)
+    assert status == 400 and "took this upload over" in rest
+    assert took < 2.0, f"the holder let go only after {took:.2f} s, so the lease was forced, not released"
+    # The first request's later bytes change nothing: it no longer holds the upload.
+    writer.write(data[50_000:60_000])
+    writer.close()
+    async with client.session.patch(
+        f"{base}{location}", data=data[50_000:], headers={**PATCH, "Upload-Offset": "50000"}
+    ) as response:
+        assert response.status == 204, await response.text()
+    async with client.session.get(f"{base}/prerecordings/{EVENT}/{START}") as response:
+        assert await response.read() == data
+    assert await created_events(database_url) == 1
+
+
+async def test_a_holder_that_does_not_answer_is_forced_and_fenced(client: TestClient, database_url: str) -> None:
+    """A zombie: it holds the lease on a live connection and never answers the request to let
+    go. The next PATCH forces the lease after the wait, and the zombie can move nothing."""
+    data = audio(10_000)
+    base = base_of(client)
+    location = await create(client.session, base, len(data))
+    upload_id = uuid.UUID(location.rsplit("/", 1)[1])
+    zombie = await asyncpg.connect(database_url)
+    try:
+        held = await db.acquire_lease(zombie, upload_id, "elsewhere/1/zombie", zombie.get_server_pid())
+        assert held is not None
+        began = time.monotonic()
+        async with client.session.patch(
+            f"{base}{location}", data=data, headers={**PATCH, "Upload-Offset": "0"}
+        ) as response:
+            assert response.status == 204, await response.text()
+        # Never an endless 423: taken within the wait, not at the lease's 10 s expiry.
+        assert time.monotonic() - began < db.LEASE_SECONDS
+        with pytest.raises(db.Fenced):
+            await db.advance(zombie, upload_id, held.generation, 0, 5000, 86400)
+    finally:
+        await zombie.close()
+    async with client.session.get(f"{base}/prerecordings/{EVENT}/{START}") as response:
+        assert await response.read() == data
+
+
+async def test_cancel_stops_a_patch_in_flight_and_removes_the_bytes(
+    client: TestClient, settings: Settings, database_url: str
+) -> None:
+    data = audio(100_000)
+    base = base_of(client)
+    location = await create(client.session, base, len(data))
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(patch_head(location, 0, len(data)) + data[:30_000])
+    await writer.drain()
+
+    async def held() -> bool:
+        return (await row(database_url, location))["lease_owner"] is not None
+
+    await wait_for(held)
+    async with client.session.delete(f"{base}{location}", headers=TUS) as response:
+        assert response.status == 204
+    status, _ = await read_answer(reader)
+    assert status == 410
+    writer.close()
+    assert segments(settings) == []
+    assert (await row(database_url, location))["state"] == "cancelled"
+    async with client.session.head(f"{base}{location}") as response:
+        assert response.status == 410
+
+
+@pytest.fixture
+def short_expiry(settings: Settings) -> Settings:
+    return dataclasses.replace(settings, upload_expiry_seconds=1.0)
+
+
+async def test_an_upload_without_progress_expires_and_its_bytes_go(
+    short_expiry: Settings, database_url: str, aiohttp_client
+) -> None:  # type: ignore[no-untyped-def]
+    from prerec.app import create_app
+
+    client = await aiohttp_client(create_app(short_expiry, database_url))
+    base = base_of(client)
+    location = await create(client.session, base, 1000)
+    async with client.session.patch(
+        f"{base}{location}", data=audio(400), headers={**PATCH, "Upload-Offset": "0"}
+    ) as response:
+        assert response.status == 204
+    assert segments(short_expiry) != []
+
+    async def gone() -> bool:
+        async with client.session.head(f"{base}{location}") as response:
+            return response.status == 410
+
+    await wait_for(gone, timeout=10)
+    # The sweeper (every replica runs one) removes the bytes.
+    await wait_for(lambda: segments(short_expiry) == [], timeout=10)
+    async with client.session.patch(
+        f"{base}{location}", data=audio(600), headers={**PATCH, "Upload-Offset": "400"}
+    ) as response:
+        assert response.status == 410
+
+    async def forgotten() -> bool:
+        async with client.session.head(f"{base}{location}") as response:
+            return response.status == 404
+
+    await wait_for(forgotten, timeout=10)
+
+
+async def test_resume_on_another_replica_after_kill_9(
+    replicas: list[Replica], storage_env: dict[str, str], tmp_path: Path, database_url: str
+) -> None:
+    first = Replica(storage_env, free_port(), tmp_path / "first.log")
+    second = Replica(storage_env, free_port(), tmp_path / "second.log")
+    replicas.extend([first, second])
+    first.wait_ready()
+    second.wait_ready()
+    data = audio(2 * 1024 * 1024 + 7)
+    async with aiohttp.ClientSession() as session:
+        location = await create(session, first.url, len(data))
+        reader, writer = await asyncio.open_connection("127.0.0.1", first.port)
+        writer.write(patch_head(location, 0, len(data)))
+        sent = len(data) * 2 // 3
+        await send_slowly(writer, data[:sent], pieces=6, pause=0.3)
+
+        async def recorded() -> bool:
+            return (await row(database_url, location))["durable"] > 0
+
+        await wait_for(recorded)
+        first.kill()  # holding the lease, mid-body
+        writer.close()
+        # The other replica takes over at once: the holder's database session is gone, so
+        # neither its lease's expiry nor the wait for a live holder applies.
+        began = time.monotonic()
+        offset = await offset_of(session, second.url, location)
+        assert time.monotonic() - began < engine.TAKEOVER_SECONDS
+        assert 0 < offset <= sent
+        async with session.patch(
+            f"{second.url}{location}", data=data[offset:], headers={**PATCH, "Upload-Offset": str(offset)}
+        ) as response:
+            assert response.status == 204, await response.text()
+        async with session.get(f"{second.url}/prerecordings/{EVENT}/{START}") as response:
+            assert hashlib.sha256(await response.read()).digest() == hashlib.sha256(data).digest()
+            # Hashed by reading the first replica's bytes back: the stored digest is the file's.
+            assert response.headers["ETag"] == f'"{hashlib.sha256(data).hexdigest()}"'
+    assert await created_events(database_url) == 1
+    assert list((Path(storage_env["PREREC_STORAGE_DIR"]) / "uploads").glob("*")) == []
+
+
+_ = web
+
+
+async def test_shutdown_stops_a_patch_keeps_its_bytes_and_sends_it_elsewhere(
+    replicas: list[Replica], storage_env: dict[str, str], tmp_path: Path, database_url: str
+) -> None:
+    env = {**storage_env, "PREREC_SHUTDOWN_TIMEOUT_SECONDS": "60"}
+    first = Replica(env, free_port(), tmp_path / "first.log")
+    second = Replica(env, free_port(), tmp_path / "second.log")
+    replicas.extend([first, second])
+    first.wait_ready()
+    second.wait_ready()
+    data = audio(300_000)
+    async with aiohttp.ClientSession() as session:
+        location = await create(session, first.url, len(data))
+        reader, writer = await asyncio.open_connection("127.0.0.1", first.port)
+        writer.write(patch_head(location, 0, len(data)) + data[:120_000])
+        await writer.drain()
+
+        async def held() -> bool:
+            return (await row(database_url, location))["lease_owner"] is not None
+
+        await wait_for(held)
+        first.process.terminate()
+        # Answered at once, not at the shutdown timeout: the client resumes elsewhere.
+        status, rest = await read_answer(reader)
+        assert status == 503 and "retry-after: 1" in rest.lower()
+        writer.close()
+        assert first.process.wait(10) == 0
+        assert await offset_of(session, second.url, location) == 120_000
+        async with session.patch(
+            f"{second.url}{location}", data=data[120_000:], headers={**PATCH, "Upload-Offset": "120000"}
+        ) as response:
+            assert response.status == 204, await response.text()
+        async with session.get(f"{second.url}/prerecordings/{EVENT}/{START}") as response:
+            assert await response.read() == data
+
+
+async def test_the_sweeper_removes_old_segments_of_ended_or_unknown_uploads_only(
+    client: TestClient, app: web.Application, settings: Settings
+) -> None:
+    from prerec.uploads.engine import ENGINE
+
+    base = base_of(client)
+    location = await create(client.session, base, 1000)
+    async with client.session.patch(
+        f"{base}{location}", data=audio(400), headers={**PATCH, "Upload-Offset": "0"}
+    ) as response:
+        assert response.status == 204
+    [live] = segments(settings)
+    stray = settings.blob_dir / "uploads" / f"{uuid.uuid4()}.1.part"
+    stray.write_bytes(b"left by a crash")
+    old = time.time() - settings.tmp_max_age_seconds - 10
+    for path in (live, stray):
+        os.utime(path, (old, old))
+    await app[ENGINE].sweep()
+    assert segments(settings) == [live]
+
+
+async def test_an_upload_complete_but_unfinished_is_finished_by_the_next_head(
+    client: TestClient, settings: Settings, database_url: str
+) -> None:
+    """Its writer recorded the last byte and died before finishing: a tus client seeing
+    offset == length never sends another request, so asking for the offset must finish it."""
+    data = audio(5000)
+    base = base_of(client)
+    location = await create(client.session, base, len(data))
+    upload_id = uuid.UUID(location.rsplit("/", 1)[1])
+    writer = await asyncpg.connect(database_url)
+    held = await db.acquire_lease(writer, upload_id, "elsewhere/1/dead", writer.get_server_pid())
+    assert held is not None and held.segment_generation is not None
+    segment = settings.blob_dir / "uploads" / f"{upload_id}.{held.segment_generation}.part"
+    segment.write_bytes(data)
+    await db.advance(
+        writer,
+        upload_id,
+        held.generation,
+        0,
+        len(data),
+        86400,
+        pieces=[Piece(0, len(data), held.segment_generation)],
+    )
+    await writer.close()  # dies before finishing
+    assert await offset_of(client.session, base, location) == len(data)
+    async with client.session.get(f"{base}/prerecordings/{EVENT}/{START}") as response:
+        assert response.status == 200
+        assert await response.read() == data
+    assert await created_events(database_url) == 1
+    assert segments(settings) == []
