@@ -51,7 +51,7 @@ def blob_path(root: Path, name: str) -> str:
     return os.path.join(root, "blobs", name)
 
 
-def _storage_problem(error: OSError) -> Problem:
+def storage_problem(error: OSError) -> Problem:
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         return Problem(507, "The storage folder is full; the upload was not stored.")
     return Problem(
@@ -96,11 +96,11 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
 DISK = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="blob-io")
 
 
-async def _on_disk(call, *args):  # type: ignore[no-untyped-def]
+async def on_disk(call, *args):  # type: ignore[no-untyped-def]
     try:
         return await asyncio.get_running_loop().run_in_executor(DISK, call, *args)
     except OSError as error:
-        raise _storage_problem(error) from error
+        raise storage_problem(error) from error
 
 
 def _or_problem(call, *args):  # type: ignore[no-untyped-def]
@@ -108,7 +108,7 @@ def _or_problem(call, *args):  # type: ignore[no-untyped-def]
     try:
         return call(*args)
     except OSError as error:
-        raise _storage_problem(error) from error
+        raise storage_problem(error) from error
 
 
 @dataclass
@@ -164,7 +164,7 @@ class StagedFile:
         try:
             return await asyncio.wrap_future(self.committing)
         except OSError as error:
-            raise _storage_problem(error) from error
+            raise storage_problem(error) from error
 
     def commit(self) -> str:
         """fsync, then rename into place under a fresh name, then fsync the folder."""
@@ -303,7 +303,7 @@ class FileStorage:
 
     async def stage(self) -> StagedFile:
         staged = StagedFile(self.root)
-        await _on_disk(staged.open)
+        await on_disk(staged.open)
         return staged
 
     def open(self, name: str) -> IO[bytes]:
@@ -369,12 +369,12 @@ class FileStorage:
     async def segment(self, upload_id: uuid.UUID, generation: int, start: int) -> Segment:
         """The generation's segment, opened for writing; `start` is its first byte's offset."""
         segment = Segment(self.segment_path(upload_id, generation), start)
-        await _on_disk(segment.open)
+        await on_disk(segment.open)
         return segment
 
     async def assemble(self, upload_id: uuid.UUID, length: int, pieces: list[Piece]) -> str:
         """The recorded pieces as one new blob under a fresh name; the segments go."""
-        return await _on_disk(self._assemble, upload_id, length, pieces)
+        return await on_disk(self._assemble, upload_id, length, pieces)
 
     def _assemble(self, upload_id: uuid.UUID, length: int, pieces: list[Piece]) -> str:
         # Later segments are copied onto the first with copy_file_range (in the kernel; on NFS
@@ -416,7 +416,7 @@ class FileStorage:
         """The digests of an upload's recorded bytes, read back from its segments (for bytes
         that another process wrote, whose running hash is not here)."""
         ranges = [(self.segment_path(upload_id, piece.generation), piece.size) for piece in pieces]
-        return await _on_disk(_hash_ranges, ranges, algorithms)
+        return await on_disk(_hash_ranges, ranges, algorithms)
 
     def stale_segments(self, cutoff: float) -> set[uuid.UUID]:
         """The uploads that have a segment untouched since `cutoff` (a timestamp)."""
@@ -428,7 +428,7 @@ class FileStorage:
 
     async def discard_upload(self, upload_id: uuid.UUID) -> None:
         """Remove every segment of an upload (cancelled, expired, refused at its end)."""
-        await _on_disk(self._discard_upload, upload_id)
+        await on_disk(self._discard_upload, upload_id)
 
     def _discard_upload(self, upload_id: uuid.UUID) -> None:
         for path in (self.root / "uploads").glob(f"{upload_id}.*.part"):

@@ -276,7 +276,7 @@ async def receive(
             if not checked and size >= len(OGG_CAPTURE_PATTERN):
                 # Refuse a non-Ogg body at its first bytes instead of storing all of it.
                 head = bytes(pipeline.buffers[pipeline.filling][: pipeline.filled]) + chunk[:4]
-                _check_ogg(head[: len(OGG_CAPTURE_PATTERN)])
+                check_ogg(head[: len(OGG_CAPTURE_PATTERN)])
                 checked = True
             view = memoryview(chunk)
             while view:
@@ -287,7 +287,7 @@ async def receive(
         if size == 0:
             raise Problem(400, "The upload is empty: send the Ogg audio as the request body.")
         if size < len(OGG_CAPTURE_PATTERN):
-            _check_ogg(bytes(pipeline.buffers[pipeline.filling][: pipeline.filled]))
+            check_ogg(bytes(pipeline.buffers[pipeline.filling][: pipeline.filled]))
         watchdog.cancel()
         await pipeline.finish()
         name = await staged.finish()
@@ -301,7 +301,7 @@ async def receive(
     return StoredBlob(name, size, pipeline.digests())
 
 
-def _check_ogg(head: bytes) -> None:
+def check_ogg(head: bytes) -> None:
     if not head.startswith(OGG_CAPTURE_PATTERN):
         raise Problem(
             400,

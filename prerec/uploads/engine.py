@@ -38,8 +38,8 @@ from prerec.config import SETTINGS_KEY, Settings
 from prerec.model import Piece, Prerecording, Upload
 from prerec.problems import Problem
 from prerec.storage import STORAGE, StoredBlob
-from prerec.storage.fs import DISK, FileStorage, _on_disk, _storage_problem
-from prerec.storage.receive import OGG_CAPTURE_PATTERN, WRITE_PIECE, _check_ogg
+from prerec.storage.fs import DISK, FileStorage, on_disk, storage_problem
+from prerec.storage.receive import OGG_CAPTURE_PATTERN, WRITE_PIECE, check_ogg
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -198,7 +198,7 @@ class Engine:
             )
         if length == 0:
             raise Problem(400, "The declared length is 0: a prerecording has at least one byte.")
-        free = await _on_disk(self.storage.free_bytes)
+        free = await on_disk(self.storage.free_bytes)
         if free is not None and free < length:
             raise Problem(507, f"The storage folder has {free} bytes free, fewer than the {length} declared.")
         async with self._connection() as conn:
@@ -433,7 +433,7 @@ class Engine:
                     try:
                         await asyncio.wrap_future(in_flight)
                     except OSError as error:
-                        raise _storage_problem(error) from error
+                        raise storage_problem(error) from error
                     in_flight = None
                     written = sent
 
@@ -454,7 +454,7 @@ class Engine:
                 last_commit = time.monotonic()
                 if written == upload.durable:
                     return
-                await _on_disk(segment.sync)
+                await on_disk(segment.sync)
                 async with self._connection() as conn:
                     upload = await db.advance(
                         conn,
@@ -509,7 +509,7 @@ class Engine:
                 if not checked:
                     head = (head + bytes(view[: len(OGG_CAPTURE_PATTERN)]))[: len(OGG_CAPTURE_PATTERN)]
                     if len(head) == len(OGG_CAPTURE_PATTERN) or sent + filled + len(view) == upload.length:
-                        _check_ogg(head)
+                        check_ogg(head)
                         checked = True
                 while view:
                     taken = min(WRITE_PIECE - filled, len(view))
@@ -549,9 +549,9 @@ class Engine:
                     concurrent.futures.wait([leftover])
                 segment.close()
 
-            await asyncio.shield(_on_disk(close))
+            await asyncio.shield(on_disk(close))
             raise
-        await _on_disk(segment.close)
+        await on_disk(segment.close)
         if hashers is not None:
             hashers.position = written
             self.hashers[upload.id] = hashers
@@ -672,7 +672,7 @@ class Engine:
         committed and its bytes being removed leaves them. Only old ones (untouched for
         PREREC_TMP_MAX_AGE_SECONDS), so a segment whose upload is being created is never taken."""
         cutoff = time.time() - self.settings.tmp_max_age_seconds
-        owners = await _on_disk(self.storage.stale_segments, cutoff)
+        owners = await on_disk(self.storage.stale_segments, cutoff)
         for upload_id in owners:
             async with self._connection() as conn:
                 upload = await db.get_upload(conn, upload_id)
