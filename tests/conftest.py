@@ -66,6 +66,15 @@ async def read_answer(reader: asyncio.StreamReader) -> tuple[int, CIMultiDict[st
     return int(status_line.split()[1]), headers, body
 
 
+async def created_events(database_url: str) -> int:
+    """How many prerecording-created events the log holds: an upload must make exactly one."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await conn.fetchval("SELECT count(*) FROM events WHERE type = 'prerecording-created'")
+    finally:
+        await conn.close()
+
+
 def with_database(url: str, name: str) -> str:
     parts = urllib.parse.urlsplit(url)
     return urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))

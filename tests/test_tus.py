@@ -13,7 +13,6 @@ import struct
 import uuid
 from pathlib import Path
 
-import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 from tusclient.client import TusClient
@@ -21,7 +20,7 @@ from tusclient.client import TusClient
 from prerec.config import Settings
 from prerec.problems import Problem
 from prerec.uploads import tus
-from tests.conftest import EVENT, blob_files, ogg, wait_for
+from tests.conftest import EVENT, blob_files, created_events, ogg, wait_for
 
 START = "2026-12-01T20:00"
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -49,14 +48,6 @@ async def offset_of(client: TestClient, location: str) -> int:
     response = await client.head(location)
     assert response.status == 200
     return int(response.headers["Upload-Offset"])
-
-
-async def created_events(database_url: str) -> int:
-    conn = await asyncpg.connect(database_url)
-    try:
-        return await conn.fetchval("SELECT count(*) FROM events WHERE type = 'prerecording-created'")
-    finally:
-        await conn.close()
 
 
 async def stored(client: TestClient) -> bytes:

@@ -25,7 +25,7 @@ from prerec import db
 from prerec.config import Settings
 from prerec.model import Piece
 from prerec.uploads import engine
-from tests.conftest import EVENT, Replica, free_port, wait_for
+from tests.conftest import EVENT, Replica, created_events, free_port, wait_for
 
 START = "2026-12-01T20:00"
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -78,15 +78,7 @@ async def row(database_url: str, location: str) -> asyncpg.Record:
         await conn.close()
 
 
-async def created_events(database_url: str) -> int:
-    conn = await asyncpg.connect(database_url)
-    try:
-        return await conn.fetchval("SELECT count(*) FROM events WHERE type = 'prerecording-created'")
-    finally:
-        await conn.close()
-
-
-async def read_answer(reader: asyncio.StreamReader) -> tuple[int, str]:
+async def read_to_close(reader: asyncio.StreamReader) -> tuple[int, str]:
     """Status and the rest of a raw HTTP answer (the server closes after it)."""
     raw = await asyncio.wait_for(reader.read(), 10)
     status_line, _, rest = raw.decode(errors="replace").partition("\r\n")
@@ -155,7 +147,7 @@ async def test_a_second_patch_takes_over_from_a_live_holder(client: TestClient, 
     began = time.monotonic()
     assert await offset_of(client.session, base, location) == 50_000
     took = time.monotonic() - began
-    status, rest = await read_answer(reader)
+    status, rest = await read_to_close(reader)
     assert status == 400 and "took this upload over" in rest
     assert took < 2.0, f"the holder let go only after {took:.2f} s, so the lease was forced, not released"
     # The first request's later bytes change nothing: it no longer holds the upload.
@@ -212,7 +204,7 @@ async def test_cancel_stops_a_patch_in_flight_and_removes_the_bytes(
     await wait_for(held)
     async with client.session.delete(f"{base}{location}", headers=TUS) as response:
         assert response.status == 204
-    status, _ = await read_answer(reader)
+    status, _ = await read_to_close(reader)
     assert status == 410
     writer.close()
     assert segments(settings) == []
@@ -324,7 +316,7 @@ async def test_shutdown_stops_a_patch_keeps_its_bytes_and_sends_it_elsewhere(
         await wait_for(held)
         first.process.terminate()
         # Answered at once, not at the shutdown timeout: the client resumes elsewhere.
-        status, rest = await read_answer(reader)
+        status, rest = await read_to_close(reader)
         assert status == 503 and "retry-after: 1" in rest.lower()
         writer.close()
         assert first.process.wait(10) == 0
