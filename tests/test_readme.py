@@ -132,3 +132,28 @@ def test_a_server_that_did_not_start_fails_the_test(squatter, tmp_path, storage_
     replicas.append(replica)
     with pytest.raises(AssertionError, match="replica exited"):
         replica.wait_ready()
+
+
+def resumable_session(url: str) -> str:
+    """The README's curl session for a resumable upload, aimed at `url`."""
+    section = (ROOT / "README.md").read_text().split("## Resumable uploads", 1)[1].split("\n## ", 1)[0]
+    script = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    assert README_URL in script
+    return script.replace(README_URL, url)
+
+
+def test_resumable_upload_session_works_as_written(server, tmp_path) -> None:
+    import hashlib
+    import urllib.request
+
+    body = ogg(2_500_000, b"\x01\x02\x03\x05")
+    (tmp_path / "prerecording.ogg").write_bytes(body)
+    # `set -e` and a trace: a step that fails stops the session, and the trace says which.
+    session = run("set -ex\n" + resumable_session(server.url), tmp_path)
+    # The first PATCH stood for a cut: the HEAD resumed at its end, not at 0 nor at the size.
+    assert "Upload-Offset: 1000000" in session.stderr, session.stderr[-3000:]
+    key = f"{server.url}/prerecordings/0f339cb0-7ab4-43fe-852d-75708232f76c/2024-01-04T00:00"
+    with urllib.request.urlopen(key) as response:
+        stored = response.read()
+        assert response.headers["ETag"] == f'"{hashlib.sha256(body).hexdigest()}"'
+    assert stored == body
