@@ -1,35 +1,55 @@
 """Schemathesis hooks for the fuzz test (loaded through SCHEMATHESIS_HOOKS).
 
-Two properties of an upload are relations the schema cannot state: the body begins with
-`OggS` (a pattern does not apply to raw bytes), and a digest header is the digest of the body.
-Positive cases get both right, as any real client would send them; negative cases are sent as
+Some properties of an upload are relations the schema cannot state: the file begins with
+`OggS` (a pattern does not apply to raw bytes), a digest header or tus Upload-Checksum is the
+digest of the body, and tus Upload-Metadata holds base64 of a UUID, a start and a media type.
+Positive cases get them right, as any real client would send them; negative cases are sent as
 generated, so the refusals (400) are exercised too.
 """
 
 import base64
 import hashlib
 import re
+import uuid
 
 import http_sf
 import schemathesis
+from schemathesis.core import NOT_SET
 from schemathesis.transport.serialization import Binary
 
 from prerec.digests import DIGEST_HEADERS, SUPPORTED
+from prerec.uploads.tus import CHECKSUM_ALGORITHMS, OFFSET_OCTET_STREAM
 
 
 def _positive(case) -> bool:  # type: ignore[no-untyped-def]
     return case.meta is not None and case.meta.generation.mode.is_positive
 
 
+def _starts_the_file(case) -> bool:  # type: ignore[no-untyped-def]
+    # A PUT and a tus creation send the file from its first byte; a PATCH from Upload-Offset.
+    return case.method != "PATCH" or str((case.headers or {}).get("Upload-Offset")) == "0"
+
+
 def _body(case) -> bytes:  # type: ignore[no-untyped-def]
     value = case.body
     data = value.data if isinstance(value, Binary) else value if isinstance(value, bytes) else str(value).encode()
-    return data if data.startswith(b"OggS") or not _positive(case) else b"OggS" + data
+    if data.startswith(b"OggS") or not _positive(case) or not _starts_the_file(case):
+        return data
+    return b"OggS" + data
 
 
 @schemathesis.serializer("audio/ogg")
 def ogg(ctx, value):  # type: ignore[no-untyped-def]
     return _body(ctx.case)
+
+
+@schemathesis.serializer(OFFSET_OCTET_STREAM)
+def offset_octet_stream(ctx, value):  # type: ignore[no-untyped-def]
+    return _body(ctx.case)
+
+
+def _metadata(**pairs: str) -> str:
+    return ",".join(f"{key} {base64.b64encode(value.encode()).decode()}" for key, value in pairs.items())
 
 
 @schemathesis.hook
@@ -45,9 +65,23 @@ def before_call(ctx, case, **kwargs):  # type: ignore[no-untyped-def]
         value = case.headers.get(parameter.name)
         if pattern and isinstance(value, str) and not re.search(pattern, value):
             del case.headers[parameter.name]
-    if case.method != "PUT":
+    if case.method not in ("PUT", "POST", "PATCH"):
+        return
+    if case.method == "POST":
+        # A fresh key each time, so that If-None-Match: * is not refused for an earlier case's file.
+        case.headers["Upload-Metadata"] = _metadata(
+            event=str(uuid.uuid4()), start="2024-01-01T00:00", filetype="audio/ogg"
+        )
+    if case.body is NOT_SET:
         return
     body = _body(case)
+    if case.method == "POST":
+        # The body is the whole file: the creation completes, and the digests are the file's.
+        case.headers["Upload-Length"] = str(len(body))
+    if "Upload-Checksum" in case.headers:
+        algorithm = case.headers["Upload-Checksum"].split(" ")[0]
+        digest = hashlib.new(CHECKSUM_ALGORITHMS[algorithm], body).digest()
+        case.headers["Upload-Checksum"] = f"{algorithm} {base64.b64encode(digest).decode()}"
     if "Content-MD5" in case.headers:
         case.headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
     for header in DIGEST_HEADERS:
