@@ -638,7 +638,8 @@ SPEC: dict[str, Any] = {
                     },
                     "400": _tus_problem(
                         "A header is malformed or missing, the body is empty, goes past the declared length, "
-                        "was cut off or is not Ogg, or a digest does not match the complete file."
+                        "was cut off, is not Ogg or was stopped by another request taking the upload over, or a "
+                        "digest does not match the complete file."
                     ),
                     "401": _TUS_UNAUTHORIZED,
                     "404": _NO_UPLOAD,
@@ -748,7 +749,10 @@ SPEC: dict[str, Any] = {
             "writeToken": {
                 "type": "http",
                 "scheme": "bearer",
-                "description": "PREREC_WRITE_TOKEN, needed for PUT and DELETE when the operator sets it.",
+                "description": (
+                    "PREREC_WRITE_TOKEN, needed for every write (PUT, DELETE; tus POST, PATCH, DELETE) when the "
+                    "operator sets it."
+                ),
             }
         },
         "parameters": {
