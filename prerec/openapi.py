@@ -7,6 +7,7 @@ no request it allows is refused) and against two client generators (tests/test_c
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 from typing import Any
@@ -15,13 +16,22 @@ from aiohttp import web
 
 from prerec.config import SETTINGS_KEY
 from prerec.model import MAX_BIGINT
-from prerec.schemas import SCHEMAS, SSE_ITEM, ref
+from prerec.schemas import SCHEMAS, SSE_ITEM, UUID_PATTERN, ref
+from prerec.uploads import tus
 
 # Header values in the forms the server reads. Entity tags as aiohttp parses them (it does not
 # refuse a malformed list: it reads it as naming no tag, so the precondition fails with 412).
 _ENTITY_TAGS = r'^(?:\*|(?:W/)?"[!#-~]+"(?: *, *(?:W/)?"[!#-~]+")*)$'
 # An RFC 8941 dictionary of byte sequences, `sha-256=:<base64>:, sha-512=:<base64>:`.
 _BASE64 = r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?"
+
+
+def _base64_of(size: int) -> str:
+    """Padded base64 of exactly `size` bytes."""
+    tail = {0: "", 1: "[A-Za-z0-9+/]{2}==", 2: "[A-Za-z0-9+/]{3}="}[size % 3]
+    return f"[A-Za-z0-9+/]{{{size // 3 * 4}}}{tail}"
+
+
 _DIGEST_MEMBER = rf"[a-z*][a-z0-9_.*-]*=:{_BASE64}:"
 _DIGESTS = rf"^{_DIGEST_MEMBER}(?: *, *{_DIGEST_MEMBER})*$"
 # IMF-fixdate, the form the server sends (model.http_date).
@@ -89,11 +99,126 @@ _IF_NONE_MATCH = _header(
 _IF_UNMODIFIED_SINCE = _header("If-Unmodified-Since", "Only if not modified since this HTTP date.")
 
 
+def _digest_parameters(of: str) -> list[dict[str, Any]]:
+    checked = f"RFC 9530 digests of {of}; sha-256 and sha-512 are checked, others ignored."
+    return [
+        _header(
+            "Content-MD5", f"Base64 MD5 of {of} (RFC 1864).", {"type": "string", "pattern": "^[A-Za-z0-9+/]{22}==$"}
+        ),
+        _header("Repr-Digest", checked, {"type": "string", "pattern": _DIGESTS}),
+        _header("Content-Digest", checked, {"type": "string", "pattern": _DIGESTS}),
+    ]
+
+
 def _query(name: str, description: str, schema: dict[str, Any], **style: Any) -> dict[str, Any]:
     return {"name": name, "in": "query", "required": False, "description": description, "schema": schema, **style}
 
 
 _OGG = {"audio/ogg": {"schema": {"type": "string", "format": "binary", "contentMediaType": "audio/ogg"}}}
+
+
+# tus 1.0.0 (prerec/uploads/tus.py). Every answer of its handlers carries Tus-Resumable; a 503
+# may come from before the handler (shutting down, the connection limit), which does not.
+_TUS_ANSWER = {"description": "The tus version of the answer.", "schema": {"type": "string", "enum": [tus.VERSION]}}
+_TUS_RESUMABLE = {"Tus-Resumable": {**_TUS_ANSWER, "required": True}}
+_UUID = UUID_PATTERN.removeprefix("^").removesuffix("$")
+_UPLOAD_OFFSET = {"description": "Bytes received and made durable.", "schema": {"type": "integer", "minimum": 0}}
+_UPLOAD_EXPIRES = {
+    "description": "When an unfinished upload expires (PREREC_UPLOAD_EXPIRY_SECONDS after its last progress).",
+    "schema": {"type": "string", "pattern": _HTTP_DATE},
+}
+_UPLOAD_STATE = {
+    "Upload-Offset": {**_UPLOAD_OFFSET, "required": True},
+    "Upload-Expires": _UPLOAD_EXPIRES,
+    "Cache-Control": {"required": True, "schema": {"type": "string", "enum": ["no-store"]}},
+}
+_TUS_ETAG = {
+    "ETag": {
+        "description": "Only once the upload is complete: the prerecording's ETag.",
+        "schema": {"type": "string", "pattern": r'^"[0-9a-f]{64}"$'},
+    }
+}
+_ID_PARAMETERS = [
+    {
+        "name": "id",
+        "in": "path",
+        "required": True,
+        "description": "The upload's id, the last part of the creation's Location.",
+        "schema": {"type": "string", "format": "uuid"},
+    },
+]
+_TUS_RESUMABLE_PARAMETER = {
+    "name": "Tus-Resumable",
+    "in": "header",
+    "required": True,
+    "description": "The tus version the client speaks.",
+    "schema": ref("TusVersion"),
+}
+_UPLOAD_CHECKSUM = _header(
+    "Upload-Checksum",
+    "`<algorithm> <base64 digest>` of this request's body; on a mismatch none of its bytes count (460).",
+    {
+        "type": "string",
+        "pattern": "^(?:"
+        + "|".join(
+            f"{name} {_base64_of(hashlib.new(hashed).digest_size)}" for name, hashed in tus.CHECKSUM_ALGORITHMS.items()
+        )
+        + ")$",
+    },
+)
+_OFFSET_OCTET_STREAM = {
+    tus.OFFSET_OCTET_STREAM: {
+        "schema": {"type": "string", "format": "binary", "contentMediaType": tus.OFFSET_OCTET_STREAM}
+    }
+}
+# A pair is `key base64(value)`, or a bare key; keys are ASCII without space or comma.
+_METADATA_PAIR = rf"[!-+.-~-]+(?: {_BASE64})?"
+
+
+def _tus_problem(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    return _problem(description, {**_TUS_RESUMABLE, **(headers or {})})
+
+
+def _tus_unavailable(description: str) -> dict[str, Any]:
+    return _problem(description, {"Tus-Resumable": _TUS_ANSWER, **_RETRY_AFTER})
+
+
+def _bodiless(response: dict[str, Any]) -> dict[str, Any]:
+    """A HEAD's answer: the problem's headers, no body."""
+    return {key: value for key, value in response.items() if key != "content"}
+
+
+_TUS_VERSION = {
+    "Tus-Version": {
+        "required": True,
+        "description": "The tus versions served.",
+        "schema": {"type": "string", "enum": [tus.VERSION]},
+    }
+}
+_TUS_PRECONDITION_FAILED = _tus_problem(
+    "Tus-Resumable is missing or not 1.0.0 (then with Tus-Version); or the creation's If-Match or "
+    "If-None-Match: * failed when the upload was complete.",
+    {"Tus-Version": {**_TUS_VERSION["Tus-Version"], "required": False}},
+)
+_TUS_UNAUTHORIZED = _problem(_UNAUTHORIZED["description"], {**_TUS_RESUMABLE, **_UNAUTHORIZED["headers"]})
+_NO_UPLOAD = _tus_problem("No upload with this id (a malformed id included).")
+_UPLOAD_ENDED = _tus_problem(
+    "The upload has ended: finished and asked at another offset, failed, cancelled or expired."
+)
+_RESUME_HERE = {
+    "Location": {
+        "description": "Set when the upload was created before the body failed: resume it there.",
+        "schema": {"type": "string", "pattern": rf"^/uploads/{_UUID}$"},
+    }
+}
+_STALLED = "The body stalled for PREREC_READ_TIMEOUT_SECONDS; what arrived was kept (without Upload-Checksum)."
+_CHECKSUM_MISMATCH = "The Upload-Checksum does not match the body received; none of its bytes were kept."
+_TAKEN_OVER = "Another request took this upload over; resume from the Upload-Offset given."
+_FULL = "The storage folder is full, or has less room free than the declared length."
+_TUS_SHUTDOWN = (
+    "The database or the storage folder is not available, or this replica is shutting down (the bytes that "
+    "arrived were kept: resume on another replica)."
+)
 
 
 SPEC: dict[str, Any] = {
@@ -252,21 +377,7 @@ SPEC: dict[str, Any] = {
                     _IF_MATCH,
                     _IF_NONE_MATCH,
                     _IF_UNMODIFIED_SINCE,
-                    _header(
-                        "Content-MD5",
-                        "Base64 MD5 of the body (RFC 1864).",
-                        {"type": "string", "pattern": "^[A-Za-z0-9+/]{22}==$"},
-                    ),
-                    _header(
-                        "Repr-Digest",
-                        "RFC 9530 digests of the body; sha-256 and sha-512 are checked, others ignored.",
-                        {"type": "string", "pattern": _DIGESTS},
-                    ),
-                    _header(
-                        "Content-Digest",
-                        "RFC 9530 digests of the body; sha-256 and sha-512 are checked, others ignored.",
-                        {"type": "string", "pattern": _DIGESTS},
-                    ),
+                    *_digest_parameters("the body"),
                     _header(
                         "Expect",
                         "The answer comes before the body is sent if it is a refusal.",
@@ -327,6 +438,238 @@ SPEC: dict[str, Any] = {
                     "404": _NOT_FOUND,
                     "412": _PRECONDITION_FAILED,
                     "503": _UNAVAILABLE,
+                },
+            },
+        },
+        "/uploads": {
+            "options": {
+                "operationId": "uploadOptions",
+                "summary": "What the tus server offers (resumable uploads)",
+                "description": (
+                    "Resumable uploads speak tus 1.0.0 (https://tus.io/protocols/resumable-upload) with the "
+                    "extensions creation, creation-with-upload, termination, expiration and checksum. A finished "
+                    "upload becomes the prerecording its metadata names, stored as a PUT of the whole file "
+                    "would store it (one prerecording-created or -updated event)."
+                ),
+                "responses": {
+                    "204": {
+                        "description": "The version, extensions, size limit and checksum algorithms.",
+                        "headers": {
+                            **_TUS_RESUMABLE,
+                            **_TUS_VERSION,
+                            "Tus-Extension": {
+                                "required": True,
+                                "schema": {"type": "string", "enum": [tus.EXTENSIONS]},
+                            },
+                            "Tus-Max-Size": {
+                                "required": True,
+                                "description": "PREREC_MAX_UPLOAD_BYTES: the largest Upload-Length taken.",
+                                "schema": {"type": "integer", "minimum": 0},
+                            },
+                            "Tus-Checksum-Algorithm": {
+                                "required": True,
+                                "schema": {"type": "string", "enum": [",".join(tus.CHECKSUM_ALGORITHMS)]},
+                            },
+                        },
+                    }
+                },
+            },
+            "post": {
+                "operationId": "createUpload",
+                "security": _WRITE_SECURITY,
+                "summary": "Begin a resumable upload (tus creation), optionally with its first bytes",
+                "description": (
+                    "Upload-Metadata names the prerecording the upload becomes: `event` (a UUID), `start` (as "
+                    "in the path of /prerecordings) and `filetype` (`audio/ogg`, 415 otherwise), each value "
+                    "base64 of UTF-8; other keys are kept and given back by HEAD. The file must start with "
+                    "`OggS`. If-Match, If-None-Match: * and the digest headers (of the whole file) are "
+                    "decided when the upload is complete, as for a PUT. A body "
+                    f"(`Content-Type: {tus.OFFSET_OCTET_STREAM}`) is the file's first bytes (creation-with-"
+                    "upload); when it is the whole file the prerecording is stored before the answer, which "
+                    "then carries its ETag. Upload-Defer-Length and Upload-Concat are refused (400)."
+                ),
+                "parameters": [
+                    _TUS_RESUMABLE_PARAMETER,
+                    {
+                        "name": "Upload-Length",
+                        "in": "header",
+                        "required": True,
+                        "description": "The whole file's size in bytes; at most Tus-Max-Size (413).",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_BIGINT},
+                    },
+                    {
+                        "name": "Upload-Metadata",
+                        "in": "header",
+                        "required": True,
+                        "description": (
+                            "Comma-separated `key base64(value)` pairs; keys given once: `event`, `start` "
+                            "and `filetype` are required."
+                        ),
+                        "schema": {
+                            "type": "string",
+                            "maxLength": tus.MAX_METADATA,
+                            "pattern": rf"^{_METADATA_PAIR}(?: *, *{_METADATA_PAIR})*$",
+                        },
+                    },
+                    _IF_MATCH,
+                    _header(
+                        "If-None-Match",
+                        "`*`: create only, never replace a stored prerecording (412 when the upload completes).",
+                        ref("CreateOnly"),
+                    ),
+                    *_digest_parameters("the whole file"),
+                    _UPLOAD_CHECKSUM,
+                ],
+                "requestBody": {
+                    "required": False,
+                    "description": "The file's first bytes (or all of them), from offset 0.",
+                    "content": _OFFSET_OCTET_STREAM,
+                },
+                "responses": {
+                    "201": {
+                        "description": "Created; with a body, its bytes are counted in Upload-Offset.",
+                        "headers": {
+                            **_TUS_RESUMABLE,
+                            "Location": {
+                                "required": True,
+                                "description": "Where the upload continues: /uploads/{id}.",
+                                "schema": {"type": "string", "pattern": rf"^/uploads/{_UUID}$"},
+                            },
+                            **_UPLOAD_STATE,
+                            **_TUS_ETAG,
+                        },
+                    },
+                    "400": _tus_problem(
+                        "A header is malformed or missing (the detail names it), the length is 0, "
+                        "Upload-Defer-Length or Upload-Concat was sent, the body goes past the length, was cut "
+                        "off or is not Ogg, or a digest does not match the complete file.",
+                        _RESUME_HERE,
+                    ),
+                    "401": _TUS_UNAUTHORIZED,
+                    "408": _tus_problem(_STALLED, _RESUME_HERE),
+                    "409": _tus_problem(
+                        _TAKEN_OVER, {**_RESUME_HERE, "Upload-Offset": {**_UPLOAD_OFFSET, "required": True}}
+                    ),
+                    "410": _tus_problem("The upload was cancelled while its body was under way.", _RESUME_HERE),
+                    "412": _problem(
+                        _TUS_PRECONDITION_FAILED["description"],
+                        {**_TUS_PRECONDITION_FAILED["headers"], **_RESUME_HERE},
+                    ),
+                    "413": _tus_problem("Upload-Length is larger than PREREC_MAX_UPLOAD_BYTES (Tus-Max-Size)."),
+                    "415": _tus_problem(
+                        f"The metadata's filetype is not audio/ogg, or the body's Content-Type is not "
+                        f"{tus.OFFSET_OCTET_STREAM}.",
+                        _RESUME_HERE,
+                    ),
+                    "460": _tus_problem(_CHECKSUM_MISMATCH, _RESUME_HERE),
+                    "503": _tus_unavailable(_TUS_SHUTDOWN),
+                    "507": _tus_problem(_FULL, _RESUME_HERE),
+                },
+            },
+        },
+        "/uploads/{id}": {
+            "head": {
+                "operationId": "getUploadOffset",
+                "summary": "Where a resumable upload stands (its offset)",
+                "description": (
+                    "Waits (briefly) for a request still appending to let go, so the offset is the one to "
+                    "resume from. A complete upload answers Upload-Offset equal to Upload-Length."
+                ),
+                "parameters": _ID_PARAMETERS,
+                "responses": {
+                    "200": {
+                        "description": "The upload's state.",
+                        "headers": {
+                            **_TUS_RESUMABLE,
+                            **_UPLOAD_STATE,
+                            "Upload-Length": {
+                                "required": True,
+                                "description": "The declared size.",
+                                "schema": {"type": "integer", "minimum": 1},
+                            },
+                            "Upload-Metadata": {
+                                "description": "The creation's metadata, as `key base64(value)` pairs.",
+                                "schema": {"type": "string"},
+                            },
+                        },
+                    },
+                    "404": _bodiless(_NO_UPLOAD),
+                    "410": _bodiless(_tus_problem("The upload failed, was cancelled or has expired.")),
+                    "503": _bodiless(
+                        _tus_unavailable(
+                            "The upload is being finished (ask again after Retry-After), or the database is "
+                            "not available."
+                        )
+                    ),
+                },
+            },
+            "patch": {
+                "operationId": "appendToUpload",
+                "security": _WRITE_SECURITY,
+                "summary": "Append bytes to a resumable upload at its offset",
+                "description": (
+                    "The body's bytes are written from Upload-Offset, which must be the upload's offset (409 "
+                    "names the right one). Bytes that arrive count even when the body is cut off, unless "
+                    "Upload-Checksum is given (then all or none). The request that completes the upload "
+                    "stores the prerecording before it answers, with its ETag; sent again at the end, it gets "
+                    "that answer again. The file must start with `OggS`."
+                ),
+                "parameters": [
+                    *_ID_PARAMETERS,
+                    _TUS_RESUMABLE_PARAMETER,
+                    {
+                        "name": "Upload-Offset",
+                        "in": "header",
+                        "required": True,
+                        "description": "Where this body's bytes begin.",
+                        "schema": {"type": "integer", "minimum": 0, "maximum": MAX_BIGINT},
+                    },
+                    _UPLOAD_CHECKSUM,
+                ],
+                "requestBody": {
+                    "required": True,
+                    "description": "The file's bytes from the offset on.",
+                    "content": _OFFSET_OCTET_STREAM,
+                },
+                "responses": {
+                    "204": {
+                        "description": "Appended; on the request that completed the upload, stored too.",
+                        "headers": {**_TUS_RESUMABLE, **_UPLOAD_STATE, **_TUS_ETAG},
+                    },
+                    "400": _tus_problem(
+                        "A header is malformed or missing, the body is empty, goes past the declared length, "
+                        "was cut off, is not Ogg or was stopped by another request taking the upload over, or a "
+                        "digest does not match the complete file."
+                    ),
+                    "401": _TUS_UNAUTHORIZED,
+                    "404": _NO_UPLOAD,
+                    "408": _tus_problem(_STALLED),
+                    "409": _tus_problem(
+                        "Upload-Offset is not the upload's offset, or another request took the upload over: "
+                        "resume from the Upload-Offset given.",
+                        {"Upload-Offset": {**_UPLOAD_OFFSET, "required": True}},
+                    ),
+                    "410": _UPLOAD_ENDED,
+                    "412": _TUS_PRECONDITION_FAILED,
+                    "415": _tus_problem(f"The Content-Type is not {tus.OFFSET_OCTET_STREAM}."),
+                    "460": _tus_problem(_CHECKSUM_MISMATCH),
+                    "503": _tus_unavailable(_TUS_SHUTDOWN),
+                    "507": _tus_problem(_FULL),
+                },
+            },
+            "delete": {
+                "operationId": "cancelUpload",
+                "security": _WRITE_SECURITY,
+                "summary": "Cancel a resumable upload (tus termination)",
+                "description": "A PATCH under way stops; the bytes received are removed.",
+                "parameters": [*_ID_PARAMETERS, _TUS_RESUMABLE_PARAMETER],
+                "responses": {
+                    "204": {"description": "Cancelled.", "headers": _TUS_RESUMABLE},
+                    "401": _TUS_UNAUTHORIZED,
+                    "404": _NO_UPLOAD,
+                    "410": _tus_problem("The upload has already ended (finished, failed, cancelled or expired)."),
+                    "412": _problem("Tus-Resumable is missing or not 1.0.0.", {**_TUS_RESUMABLE, **_TUS_VERSION}),
+                    "503": _tus_unavailable("The database is not available, or this replica is shutting down."),
                 },
             },
         },
@@ -406,7 +749,10 @@ SPEC: dict[str, Any] = {
             "writeToken": {
                 "type": "http",
                 "scheme": "bearer",
-                "description": "PREREC_WRITE_TOKEN, needed for PUT and DELETE when the operator sets it.",
+                "description": (
+                    "PREREC_WRITE_TOKEN, needed for every write (PUT, DELETE; tus POST, PATCH, DELETE) when the "
+                    "operator sets it."
+                ),
             }
         },
         "parameters": {

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from prerec.model import EVENT_TYPES, MAX_BIGINT
+from prerec.uploads.tus import VERSION as TUS_VERSION
 
 # A calendar date that exists: month lengths spelled out, and 29 February only in leap years
 # (divisible by 4, centuries only when divisible by 400), so that the pattern allows exactly the
@@ -74,6 +75,12 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "Order": {"type": "string", "enum": ["asc", "desc"], "default": "asc", "description": "By start."},
     "EventType": {"type": "string", "enum": list(EVENT_TYPES)},
     "Expectation": {"type": "string", "enum": ["100-continue"], "description": "The one Expect value served."},
+    "TusVersion": {"type": "string", "enum": [TUS_VERSION], "description": "The one tus version served."},
+    "CreateOnly": {
+        "type": "string",
+        "enum": ["*"],
+        "description": "If-None-Match on a tus creation: `*`, never replace a stored prerecording.",
+    },
     "Prerecording": _closed(
         "A stored prerecording (the list item, and the 201 answer to an upload).",
         {

@@ -126,6 +126,7 @@ async def test_typescript_client_lists_uploads_and_downloads(server, tmp_path: P
     await run(NODE, "generate.mjs", str(server.make_url("/openapi/openapi.json")), cwd=tmp_path)
     api = (tmp_path / "api.d.ts").read_text()
     assert "limit?: number;" in api and 'Order: "asc" | "desc";' in api, api
+    assert '"/uploads/{id}": {' in api and "appendToUpload:" in api, api
     (tmp_path / "client.ts").write_text(CLIENT_TS)
     (tmp_path / "tsconfig.json").write_text(json.dumps(TSCONFIG))
     await run(str(tmp_path / "node_modules" / ".bin" / "tsc"), "-p", ".", cwd=tmp_path)
@@ -139,9 +140,11 @@ async def test_typescript_client_lists_uploads_and_downloads(server, tmp_path: P
 
 
 PYTHON_CLIENT_CONFIG = """\
-# audio/ogg is a content type the generator does not know; its documented switch treats it as bytes.
+# audio/ogg and tus's application/offset+octet-stream are content types the generator does not
+# know; its documented switch treats them as bytes.
 content_type_overrides:
   audio/ogg: application/octet-stream
+  application/offset+octet-stream: application/octet-stream
 package_name_override: prerec_client
 post_hooks: []
 """
@@ -173,9 +176,13 @@ async def test_python_client_lists_uploads_and_downloads(server, tmp_path: Path,
     list_prerecordings = importlib.import_module(f"{api.__name__}.list_prerecordings")
     upload_prerecording = importlib.import_module(f"{api.__name__}.upload_prerecording")
     download_prerecording = importlib.import_module(f"{api.__name__}.download_prerecording")
+    # The tus operations are generated too (the generator skips, with a warning, what it cannot type).
+    for operation in ("upload_options", "create_upload", "get_upload_offset", "append_to_upload", "cancel_upload"):
+        importlib.import_module(f"{api.__name__}.{operation}")
 
     # Models named after the document's components, none after an operation or a status.
     assert set(models.__all__) == {
+        "CreateOnly",
         "EventType",
         "Expectation",
         "OpenAPIDocument",
@@ -190,6 +197,7 @@ async def test_python_client_lists_uploads_and_downloads(server, tmp_path: Path,
         "PrerecordingUpdatedEvent",
         "Problem",
         "Readiness",
+        "TusVersion",
     }
     hints = typing.get_type_hints(list_prerecordings.sync)
     assert int in typing.get_args(hints["limit"]) and int in typing.get_args(hints["offset"])
