@@ -29,7 +29,7 @@ import asyncpg
 import psutil
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDict
 
 from prerec import embedded
@@ -161,6 +161,27 @@ def settings(tmp_path: Path) -> Settings:
 @pytest.fixture
 def app(settings: Settings, database_url: str) -> web.Application:
     return create_app(settings, database_url)
+
+
+class ProductionLikeServer(TestServer):
+    """aiohttp's TestServer cancels a handler whose client went away; a real server does not
+    (handler_cancellation is off by default since aiohttp 3.9). Tests must meet the server as
+    clients do, so the handlers here run on as they would in production."""
+
+    async def _make_runner(self, handler_cancellation: bool = False, **kwargs: Any) -> web.BaseRunner:
+        return await super()._make_runner(handler_cancellation=False, **kwargs)
+
+
+@pytest.fixture
+def aiohttp_client(aiohttp_client):  # type: ignore[no-untyped-def]
+    """pytest-aiohttp's, with every app served as in production (ProductionLikeServer)."""
+
+    async def make(app_or_server, **kwargs):  # type: ignore[no-untyped-def]
+        if isinstance(app_or_server, web.Application):
+            app_or_server = ProductionLikeServer(app_or_server)
+        return await aiohttp_client(app_or_server, **kwargs)
+
+    return make
 
 
 @pytest.fixture
