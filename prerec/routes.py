@@ -27,6 +27,19 @@ def by_headers(
     return dispatch
 
 
+async def _as_unrouted(request: web.Request) -> web.StreamResponse:
+    """Without the draft's header, POST and OPTIONS at a key answer what they did before the
+    draft had routes there: 405, naming the other methods."""
+    resource = request.match_info.route.resource
+    assert resource is not None
+    allowed = {route.method for route in resource} - {"POST", "OPTIONS"}
+    raise web.HTTPMethodNotAllowed(request.method, sorted(allowed))
+
+
+async def _refuse_expect(request: web.Request) -> None:
+    """No 100 Continue for a request the handler refuses anyway."""
+
+
 def _has_interop(headers: Mapping[str, str]) -> bool:
     # An /uploads/{id} request names its protocol: Upload-Draft-Interop-Version, else tus.
     return ietf.INTEROP in headers
@@ -43,8 +56,12 @@ def add_routes(app: web.Application) -> None:
         by_headers(ietf.is_careful_creation, ietf.create, prerecordings.upload),
         expect_handler=by_headers(ietf.is_careful_creation, ietf.create_expect, prerecordings.upload_expect),
     )
-    app.router.add_post(KEY, ietf.create, expect_handler=ietf.create_expect)
-    app.router.add_route("OPTIONS", KEY, ietf.options)
+    app.router.add_post(
+        KEY,
+        by_headers(_has_interop, ietf.create, _as_unrouted),
+        expect_handler=by_headers(_has_interop, ietf.create_expect, _refuse_expect),
+    )
+    app.router.add_route("OPTIONS", KEY, by_headers(_has_interop, ietf.options, _as_unrouted))
     app.router.add_delete(KEY, prerecordings.delete)
     tus.add_routes(app)
     app.router.add_head(UPLOAD, by_headers(_has_interop, ietf.head, tus.head))
