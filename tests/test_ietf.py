@@ -284,10 +284,10 @@ async def test_tus_js_client_ietf_draft_05_uploads_a_file_whole(  # type: ignore
     result = json.loads(out)
     assert "/uploads/" in result["url"]
     assert result["retried"] == []
-    client_session = server.make_url(KEY)
+    url = server.make_url(KEY)
     import aiohttp
 
-    async with aiohttp.ClientSession() as session, session.get(client_session) as response:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
         assert response.status == 200
         assert hashlib.sha256(await response.read()).hexdigest() == hashlib.sha256(data).hexdigest()
     assert await created_events(database_url) == before + 1

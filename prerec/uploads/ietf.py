@@ -13,6 +13,7 @@ the answer. Every answer, refusals included, echoes the interop version.
 from __future__ import annotations
 
 import functools
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -169,10 +170,10 @@ def _finished(upload: Upload, result: Mapping[str, Any]) -> web.Response:
     return web.Response(status=204, headers=headers)
 
 
-async def _appended(request: web.Request, upload_id: Any, offset: int, complete: bool) -> web.Response:
+async def _appended(request: web.Request, upload_id: uuid.UUID, offset: int, complete: bool) -> web.Response:
     engine = request.app[ENGINE]
     try:
-        outcome = await tus._tracked(request, engine.append(upload_id, offset, request.content, request.content_length))
+        outcome = await tus.tracked(request, engine.append(upload_id, offset, request.content, request.content_length))
     except Problem as problem:
         if problem.status == 409 and "Upload-Offset" in problem.headers:
             expected = int(problem.headers["Upload-Offset"])
@@ -275,7 +276,7 @@ async def create(request: web.Request, version: int) -> web.Response:
 
 @_ietf
 async def head(request: web.Request, version: int) -> web.Response:
-    upload = await request.app[ENGINE].settled(tus._id(request))
+    upload = await request.app[ENGINE].settled(tus.path_id(request))
     if upload.state not in ("receiving", "finishing", "finished") or (
         upload.state == "receiving" and upload.expires_at <= datetime.now(UTC)
     ):
@@ -301,7 +302,7 @@ async def patch(request: web.Request, version: int) -> web.Response:
     check_patch_type(version, request.headers)
     offset = parse_offset(request.headers)
     complete = require_complete(request.headers)
-    upload_id = tus._id(request)
+    upload_id = tus.path_id(request)
     # No query before the append: a body cut while one ran would be lost with its handler. A
     # `?1` body that falls short is kept and answered 400 inconsistent-upload-length after.
     if not request.body_exists or request.content_length == 0:
@@ -316,5 +317,5 @@ async def patch(request: web.Request, version: int) -> web.Response:
 @_ietf
 async def delete(request: web.Request, version: int) -> web.Response:
     check_write_token(request)
-    await request.app[ENGINE].cancel(tus._id(request))
+    await request.app[ENGINE].cancel(tus.path_id(request))
     return web.Response(status=204)
