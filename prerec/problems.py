@@ -23,11 +23,22 @@ EXTRA_TITLES = {460: "Checksum Mismatch"}  # tus 1.0.0's checksum extension
 
 
 class Problem(Exception):
-    def __init__(self, status: int, detail: str, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        headers: Mapping[str, str] | None = None,
+        type: str = "about:blank",
+        members: Mapping[str, object] | None = None,
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.headers = dict(headers or {})
+        # A registered problem type and its extension members (RFC 9457 §3.2), where a
+        # protocol defines one (the IETF resumable-upload draft's mismatching offset).
+        self.type = type
+        self.members = dict(members or {})
 
 
 class DatabaseUnavailable(Problem):
@@ -39,12 +50,22 @@ def title(status: int) -> str:
     return EXTRA_TITLES[status] if status in EXTRA_TITLES else HTTPStatus(status).phrase
 
 
-def problem_json(status: int, detail: str) -> str:
-    return json.dumps({"type": "about:blank", "title": title(status), "status": status, "detail": detail})
+def problem_json(
+    status: int, detail: str, type: str = "about:blank", members: Mapping[str, object] | None = None
+) -> str:
+    return json.dumps({"type": type, "title": title(status), "status": status, "detail": detail, **(members or {})})
 
 
-def problem_response(status: int, detail: str, headers: Mapping[str, str] | None = None) -> web.Response:
-    response = web.Response(status=status, reason=title(status), text=problem_json(status, detail), headers=headers)
+def problem_response(
+    status: int,
+    detail: str,
+    headers: Mapping[str, str] | None = None,
+    type: str = "about:blank",
+    members: Mapping[str, object] | None = None,
+) -> web.Response:
+    response = web.Response(
+        status=status, reason=title(status), text=problem_json(status, detail, type, members), headers=headers
+    )
     response.content_type = PROBLEM_JSON
     if response.headers.get("Connection", "").lower() == "close":
         # aiohttp keeps the connection open whatever the header says (and reads on into the
@@ -60,7 +81,7 @@ async def problems_middleware(
     try:
         return await handler(request)
     except Problem as problem:
-        return problem_response(problem.status, problem.detail, problem.headers)
+        return problem_response(problem.status, problem.detail, problem.headers, problem.type, problem.members)
     except web.HTTPException as error:
         if error.status < 400:
             raise

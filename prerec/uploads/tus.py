@@ -157,7 +157,7 @@ def _tus(
     return wrapped
 
 
-def _id(request: web.Request) -> uuid.UUID:
+def path_id(request: web.Request) -> uuid.UUID:
     text = request.match_info["id"]
     if text.isascii():
         with contextlib.suppress(ValueError):
@@ -185,7 +185,7 @@ async def options(request: web.Request) -> web.Response:
     )
 
 
-async def _tracked(request: web.Request, work: Awaitable[web.Response]) -> web.Response:
+async def tracked(request: web.Request, work: Awaitable[web.Response]) -> web.Response:
     # A graceful shutdown waits for bodies in flight, as for PUT.
     task = asyncio.current_task()
     assert task is not None
@@ -223,7 +223,7 @@ async def create(request: web.Request) -> web.Response:
     if request.body_exists:
         parse_patch_type(request.headers)
         try:
-            outcome = await _tracked(
+            outcome = await tracked(
                 request,
                 engine.append(upload.id, 0, request.content, _content_length(request), parse_checksum(request.headers)),
             )
@@ -239,7 +239,7 @@ async def create(request: web.Request) -> web.Response:
 @_tus
 async def head(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    upload = await engine.settled(_id(request))
+    upload = await engine.settled(path_id(request))
     if upload.state not in ("receiving", "finishing", "finished") or (
         upload.state == "receiving" and upload.expires_at <= datetime.now(UTC)
     ):
@@ -262,14 +262,14 @@ async def patch(request: web.Request) -> web.Response:
     parse_patch_type(request.headers)
     offset = parse_offset(request.headers)
     checksum = parse_checksum(request.headers)
-    upload_id = _id(request)
+    upload_id = path_id(request)
     engine = request.app[ENGINE]
     if not request.body_exists:
         upload = await engine.get(upload_id)
         if upload.state == "finished" and offset == upload.length:
             return _patched(upload, upload.result)
         raise Problem(400, "The PATCH has no body: send the bytes from the offset on.")
-    outcome = await _tracked(
+    outcome = await tracked(
         request, engine.append(upload_id, offset, request.content, _content_length(request), checksum)
     )
     return _patched(outcome.upload, outcome.result)
@@ -286,13 +286,12 @@ def _patched(upload: Upload, result: dict[str, Any] | None) -> web.Response:
 async def delete(request: web.Request) -> web.Response:
     check_write_token(request)
     check_resumable(request.headers)
-    await request.app[ENGINE].cancel(_id(request))
+    await request.app[ENGINE].cancel(path_id(request))
     return web.Response(status=204)
 
 
 def add_routes(app: web.Application) -> None:
+    # HEAD, PATCH and DELETE on /uploads/{id} are shared with the IETF draft: routes.py
+    # dispatches them by header.
     app.router.add_route("OPTIONS", "/uploads", options)
     app.router.add_post("/uploads", create)
-    app.router.add_head("/uploads/{id}", head)
-    app.router.add_patch("/uploads/{id}", patch)
-    app.router.add_delete("/uploads/{id}", delete)

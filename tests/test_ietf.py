@@ -1,0 +1,351 @@
+"""The IETF resumable-upload draft against a real server: the README-style curl session with a
+PATCH cut short on a raw socket, tus-js-client's ietf-draft-05 mode run with Node, and the
+header parsers as pure functions."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient
+
+from prerec.config import SETTINGS_KEY, Settings
+from prerec.problems import Problem
+from prerec.uploads import ietf
+from tests.conftest import EVENT, created_events, ogg, wait_for
+
+START = "2026-12-01T20:00"
+KEY = f"/prerecordings/{EVENT}/{START}"
+V8 = {"Upload-Draft-Interop-Version": "8"}
+PARTIAL = {**V8, "Content-Type": "application/partial-upload"}
+MISMATCH = "https://iana.org/assignments/http-problem-types#mismatching-upload-offset"
+NPM = shutil.which("npm")
+NODE = shutil.which("node")
+
+
+def audio(size: int) -> bytes:
+    return b"OggS" + os.urandom(size - 4)
+
+
+async def create(client: TestClient, length: int, method: str = "PUT", **headers: str) -> str:
+    response = await client.request(
+        method,
+        KEY,
+        data=b"",
+        headers={**V8, "Upload-Complete": "?0", "Upload-Length": str(length), "Content-Type": "audio/ogg", **headers},
+    )
+    assert response.status == 201, await response.text()
+    assert response.headers["Upload-Complete"] == "?0"
+    assert response.headers["Upload-Offset"] == "0"
+    assert response.headers["Upload-Draft-Interop-Version"] == "8"
+    return response.headers["Location"]
+
+
+async def offset_of(client: TestClient, location: str) -> int:
+    response = await client.head(location, headers=V8)
+    assert response.status == 204, response.headers
+    return int(response.headers["Upload-Offset"])
+
+
+async def lease_taken(database_url: str) -> bool:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return bool(await conn.fetchval("SELECT lease_owner IS NOT NULL FROM uploads"))
+    finally:
+        await conn.close()
+
+
+async def cut_patch(client: TestClient, location: str, data: bytes, sent: int, database_url: str) -> None:
+    """A PATCH of all of `data` that sends `sent` bytes of it, then closes (a dropped link)
+    once the server is reading the body (it holds the upload's lease)."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    head = (
+        f"PATCH {location} HTTP/1.1\r\nHost: {client.host}\r\nUpload-Draft-Interop-Version: 8\r\n"
+        f"Content-Type: application/partial-upload\r\nUpload-Offset: 0\r\nUpload-Complete: ?1\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    )
+    writer.write(head.encode() + data[:sent])
+    await writer.drain()
+    await wait_for(lambda: lease_taken(database_url))
+    writer.close()
+    await writer.wait_closed()
+
+
+# The session as a user types it
+
+
+async def test_careful_creation_cut_patch_head_and_resume(client: TestClient, database_url: str) -> None:
+    data = audio(300_000)
+    before = await created_events(database_url)
+    location = await create(client, len(data))
+    assert location.startswith("/uploads/")
+    assert (await client.get(KEY)).status == 404  # nothing visible until finished
+
+    await cut_patch(client, location, data, 120_000, database_url)
+    # Every byte that reached the server counts: HEAD gives them as the durable offset.
+    await wait_for(lambda: offset_of_equals(client, location, 120_000))
+    head = await client.head(location, headers=V8)
+    assert head.headers["Upload-Complete"] == "?0"
+    assert head.headers["Upload-Length"] == str(len(data))
+    assert head.headers["Cache-Control"] == "no-store"
+
+    response = await client.patch(
+        location, data=data[120_000:], headers={**PARTIAL, "Upload-Offset": "120000", "Upload-Complete": "?1"}
+    )
+    assert response.status == 201, await response.text()
+    item = await response.json()
+    assert item["size"] == len(data)
+    assert response.headers["ETag"]
+    assert response.headers["Upload-Complete"] == "?1"
+    assert response.headers["Upload-Offset"] == str(len(data))
+    stored = await client.get(KEY)
+    assert await stored.read() == data
+    assert stored.headers["ETag"] == response.headers["ETag"]
+    assert await created_events(database_url) == before + 1
+    # The finished upload says so on HEAD.
+    assert (await client.head(location, headers=V8)).headers["Upload-Complete"] == "?1"
+
+
+async def offset_of_equals(client: TestClient, location: str, expected: int) -> bool:
+    return await offset_of(client, location) == expected
+
+
+async def test_post_creates_too_and_options_tells_the_limits(client: TestClient, settings: Settings) -> None:
+    location = await create(client, 1000, method="POST")
+    assert await offset_of(client, location) == 0
+    options = await client.options(KEY, headers=V8)
+    assert options.status == 204
+    expiry = int(settings.upload_expiry_seconds)
+    assert options.headers["Upload-Limit"] == f"max-size={settings.max_upload_bytes}, max-age={expiry}"
+    v6 = await client.options(KEY, headers={"Upload-Draft-Interop-Version": "6"})
+    assert v6.headers["Upload-Limit"] == f"max-size={settings.max_upload_bytes}, expires={expiry}"
+    assert "Upload-Limit" not in (await client.options(KEY, headers={"Upload-Draft-Interop-Version": "5"})).headers
+
+
+async def test_mismatching_offset_is_409_with_the_registered_problem(client: TestClient) -> None:
+    location = await create(client, 1000)
+    response = await client.patch(
+        location, data=ogg(100), headers={**PARTIAL, "Upload-Offset": "50", "Upload-Complete": "?0"}
+    )
+    assert response.status == 409
+    problem = await response.json()
+    assert problem["type"] == MISMATCH
+    assert (problem["expected-offset"], problem["provided-offset"]) == (0, 50)
+    assert response.headers["Upload-Offset"] == "0"
+    assert response.headers["Upload-Complete"] == "?0"
+    assert await offset_of(client, location) == 0
+
+
+async def test_interop_3_is_400_naming_the_versions(client: TestClient, database_url: str) -> None:
+    response = await client.put(
+        KEY,
+        data=b"",
+        headers={
+            "Upload-Draft-Interop-Version": "3",
+            "Upload-Complete": "?0",
+            "Upload-Length": "100",
+            "Content-Type": "audio/ogg",
+        },
+    )
+    assert response.status == 400
+    assert "5, 6, 7, 8" in (await response.json())["detail"]
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM uploads") == 0
+    finally:
+        await conn.close()
+
+
+async def test_v5_patch_needs_no_type_v6_needs_partial_upload(client: TestClient) -> None:
+    location = await create(client, 1000)
+    v6 = {"Upload-Draft-Interop-Version": "6", "Content-Type": "application/octet-stream"}
+    refused = await client.patch(location, data=ogg(100), headers={**v6, "Upload-Offset": "0", "Upload-Complete": "?0"})
+    assert refused.status == 415
+    assert refused.headers["Upload-Draft-Interop-Version"] == "6"
+    v5 = {"Upload-Draft-Interop-Version": "5", "Content-Type": "application/octet-stream"}
+    taken = await client.patch(location, data=ogg(100), headers={**v5, "Upload-Offset": "0", "Upload-Complete": "?0"})
+    assert taken.status == 204, await taken.text()
+    assert taken.headers["Upload-Offset"] == "100"
+    assert taken.headers["Upload-Complete"] == "?0"
+
+
+async def test_complete_that_does_not_reach_the_length_is_400(client: TestClient) -> None:
+    location = await create(client, 1000)
+    response = await client.patch(
+        location, data=ogg(100), headers={**PARTIAL, "Upload-Offset": "0", "Upload-Complete": "?1"}
+    )
+    assert response.status == 400
+    assert (await response.json())["type"].endswith("#inconsistent-upload-length")
+    # The bytes are good ones at the right place: kept, and the answer says where to go on.
+    assert response.headers["Upload-Offset"] == "100"
+    assert await offset_of(client, location) == 100
+
+
+async def test_upload_complete_or_no_interop_header_is_the_plain_put(client: TestClient, database_url: str) -> None:
+    data = ogg(5000)
+    response = await client.put(KEY, data=data, headers={**V8, "Upload-Complete": "?1", "Content-Type": "audio/ogg"})
+    assert response.status == 201
+    assert "Location" not in response.headers and "Upload-Complete" not in response.headers
+    plain = await client.put(KEY, data=ogg(6000), headers={"Content-Type": "audio/ogg"})
+    assert plain.status == 204
+    assert "Upload-Draft-Interop-Version" not in plain.headers
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM uploads") == 0
+    finally:
+        await conn.close()
+
+
+async def test_expect_continue_refuses_a_bad_creation_before_the_body(client: TestClient) -> None:
+    async def ask(content_type: str) -> bytes:
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(
+            f"PUT {KEY} HTTP/1.1\r\nHost: x\r\nUpload-Draft-Interop-Version: 8\r\nUpload-Complete: ?0\r\n"
+            f"Upload-Length: 1000\r\nContent-Type: {content_type}\r\nContent-Length: 100\r\n"
+            "Expect: 100-continue\r\n\r\n".encode()
+        )
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 10)
+        writer.close()
+        return line
+
+    assert b" 415 " in await ask("text/plain")
+    assert b" 100 " in await ask("audio/ogg")
+
+
+async def test_write_token_guards_creation_patch_delete(app, aiohttp_client, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    app[SETTINGS_KEY] = dataclasses.replace(settings, write_token="secret")
+    client = await aiohttp_client(app)
+    headers = {**V8, "Upload-Complete": "?0", "Upload-Length": "100", "Content-Type": "audio/ogg"}
+    assert (await client.put(KEY, data=b"", headers=headers)).status == 401
+    assert (await client.post(KEY, data=b"", headers=headers)).status == 401
+    response = await client.put(KEY, data=b"", headers={**headers, "Authorization": "Bearer secret"})
+    assert response.status == 201
+    location = response.headers["Location"]
+    patch = {**PARTIAL, "Upload-Offset": "0", "Upload-Complete": "?0"}
+    assert (await client.patch(location, data=ogg(10), headers=patch)).status == 401
+    assert (await client.delete(location, headers=V8)).status == 401
+    assert (await client.head(location, headers=V8)).status == 204
+    assert (await client.delete(location, headers={**V8, "Authorization": "Bearer secret"})).status == 204
+    assert (await client.head(location, headers=V8)).status == 410
+
+
+# tus-js-client, a client nobody here wrote, in its IETF mode
+
+UPLOAD_MJS = """
+import fs from "node:fs";
+import * as tus from "tus-js-client";
+
+const [endpoint, path] = process.argv.slice(2);
+// Its default retries would hide a bad answer (a retry's HEAD finds the upload complete).
+const retried = [];
+const upload = new tus.Upload(fs.createReadStream(path), {
+  endpoint,
+  protocol: "ietf-draft-05",
+  uploadSize: fs.statSync(path).size,
+  metadata: { filetype: "audio/ogg" },
+  onShouldRetry(error) { retried.push(String(error)); return true; },
+  onError(error) { console.error(String(error)); process.exit(1); },
+  onSuccess() { console.log(JSON.stringify({ url: upload.url, retried })); },
+});
+upload.start();
+"""
+
+
+@pytest.mark.skipif(NPM is None or NODE is None, reason="needs node and npm (.ci/run installs them)")
+async def test_tus_js_client_ietf_draft_05_uploads_a_file_whole(  # type: ignore[no-untyped-def]
+    aiohttp_server, app, tmp_path: Path, database_url: str
+) -> None:
+    assert NPM is not None and NODE is not None
+    install = await asyncio.create_subprocess_exec(
+        NPM, "install", "--no-audit", "--no-fund", "--silent", "--prefix", str(tmp_path), "tus-js-client@4",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    output = (await asyncio.wait_for(install.communicate(), 300))[0].decode()
+    assert install.returncode == 0, output
+    (tmp_path / "upload.mjs").write_text(UPLOAD_MJS)
+    data = audio(6 * 1024 * 1024 + 5)
+    (tmp_path / "show.ogg").write_bytes(data)
+    server = await aiohttp_server(app)
+    before = await created_events(database_url)
+    node = await asyncio.create_subprocess_exec(
+        NODE, "upload.mjs", str(server.make_url(KEY)), str(tmp_path / "show.ogg"), cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(node.communicate(), 120)
+    assert node.returncode == 0, err.decode()
+    result = json.loads(out)
+    assert "/uploads/" in result["url"]
+    assert result["retried"] == []
+    url = server.make_url(KEY)
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        assert response.status == 200
+        assert hashlib.sha256(await response.read()).hexdigest() == hashlib.sha256(data).hexdigest()
+    assert await created_events(database_url) == before + 1
+
+
+# Parsing (pure)
+
+
+def test_interop_versions_5_to_8_only() -> None:
+    assert ietf.parse_version({}) is None
+    for version in (5, 6, 7, 8):
+        assert ietf.parse_version({"Upload-Draft-Interop-Version": f" {version}"}) == version
+    for bad in ("3", "4", "9", "x", "", "٥", "0008"):
+        with pytest.raises(Problem) as refused:
+            ietf.parse_version({"Upload-Draft-Interop-Version": bad})
+        assert refused.value.status == 400 and "5, 6, 7, 8" in refused.value.detail
+
+
+def test_upload_complete_is_a_structured_boolean() -> None:
+    assert ietf.parse_complete({}) is None
+    assert ietf.parse_complete({"Upload-Complete": "?0"}) is False
+    assert ietf.parse_complete({"Upload-Complete": "?1"}) is True
+    for bad in ("1", "true", "?2", "?", ""):
+        with pytest.raises(Problem) as refused:
+            ietf.parse_complete({"Upload-Complete": bad})
+        assert refused.value.status == 400
+    with pytest.raises(Problem):
+        ietf.require_complete({})
+
+
+def test_careful_creation_needs_the_interop_header_and_not_complete() -> None:
+    assert not ietf.is_careful_creation({"Upload-Complete": "?0"})
+    assert not ietf.is_careful_creation({**V8, "Upload-Complete": "?1"})
+    assert ietf.is_careful_creation({**V8, "Upload-Complete": "?0"})
+    assert ietf.is_careful_creation({**V8})  # the creation handler names the missing header
+    assert ietf.is_careful_creation({**V8, "Upload-Complete": "yes"})
+
+
+def test_offset_length_type_and_limit() -> None:
+    assert ietf.parse_offset({"Upload-Offset": "12"}) == 12
+    assert ietf.parse_length({"Upload-Length": "34"}) == 34
+    for parse, name in ((ietf.parse_offset, "Upload-Offset"), (ietf.parse_length, "Upload-Length")):
+        with pytest.raises(Problem):
+            parse({})
+        with pytest.raises(Problem):
+            parse({name: "-1"})
+    assert ietf.creation_type({"Content-Type": "audio/ogg"}) == "audio/ogg"
+    assert (
+        ietf.creation_type({"Content-Type": "application/partial-upload", "Upload-Metadata": "filetype YXVkaW8vb2dn"})
+        == "audio/ogg"
+    )
+    with pytest.raises(Problem) as refused:
+        ietf.creation_type({})
+    assert refused.value.status == 415
+    ietf.check_patch_type(5, {})
+    with pytest.raises(Problem):
+        ietf.check_patch_type(6, {"Content-Type": "application/offset+octet-stream"})
+    ietf.check_patch_type(7, {"Content-Type": "application/partial-upload"})
+    assert ietf.upload_limit(5, 10, 20) is None
+    assert ietf.upload_limit(6, 10, 20) == "max-size=10, expires=20"
+    assert ietf.upload_limit(8, 10, 20) == "max-size=10, max-age=20"
