@@ -440,6 +440,71 @@ SPEC: dict[str, Any] = {
                     "503": _UNAVAILABLE,
                 },
             },
+            "post": {
+                "operationId": "createDraftUpload",
+                "security": _WRITE_SECURITY,
+                "summary": "Create a resumable upload (IETF draft, careful creation)",
+                "description": (
+                    "The IETF resumable-upload draft's creation, as tus-js-client's IETF modes send it "
+                    "(a PUT at the key with `Upload-Draft-Interop-Version` and `Upload-Complete: ?0` does "
+                    "the same). Interop versions 5 to 8; 3 and 4 are refused (400). No 104 interim response "
+                    "is ever sent: the upload's URL comes in the final 201, so a client must create "
+                    "carefully (`Upload-Complete: ?0`, then PATCH). Without the interop header: 405."
+                ),
+                "parameters": [
+                    *_KEY_PARAMETERS,
+                    {**_header("Upload-Draft-Interop-Version", "5, 6, 7 or 8."), "required": True},
+                    _header("Upload-Complete", "`?0`: more appends follow (RFC 8941 boolean)."),
+                    _header("Upload-Length", "The whole file's size in bytes."),
+                    _header(
+                        "Upload-Metadata", "tus-style metadata; `filetype` gives the type when Content-Type does not."
+                    ),
+                    _IF_MATCH,
+                    _IF_NONE_MATCH,
+                ],
+                "responses": {
+                    "201": {
+                        "description": "Created; append with PATCH at Location.",
+                        "headers": {
+                            "Location": {"description": "/uploads/{id}", "schema": {"type": "string"}},
+                            "Upload-Offset": {"schema": {"type": "integer", "minimum": 0}},
+                            "Upload-Complete": {"schema": {"type": "string"}},
+                            "Upload-Limit": {
+                                "description": "max-size and max-age (v6: expires).",
+                                "schema": {"type": "string"},
+                            },
+                        },
+                    },
+                    "400": _problem("An unsupported interop version, or a missing or malformed upload header."),
+                    "401": _UNAUTHORIZED,
+                    "405": _problem("No Upload-Draft-Interop-Version: POST is not otherwise served here."),
+                    "413": _problem("The declared length is larger than PREREC_MAX_UPLOAD_BYTES."),
+                    "415": _problem("The type (Content-Type or the filetype metadata) is not audio/ogg."),
+                    "503": _UNAVAILABLE,
+                    "507": _problem("The declared length does not fit the storage."),
+                },
+            },
+            "options": {
+                "operationId": "draftUploadOptions",
+                "summary": "The IETF draft's upload limits",
+                "parameters": [
+                    *_KEY_PARAMETERS,
+                    {**_header("Upload-Draft-Interop-Version", "5, 6, 7 or 8."), "required": True},
+                ],
+                "responses": {
+                    "204": {
+                        "description": "The limits (none for version 5).",
+                        "headers": {
+                            "Upload-Limit": {
+                                "description": "max-size and max-age (v6: expires).",
+                                "schema": {"type": "string"},
+                            }
+                        },
+                    },
+                    "400": _problem("An unsupported interop version."),
+                    "405": _problem("No Upload-Draft-Interop-Version: OPTIONS is not otherwise served here."),
+                },
+            },
         },
         "/uploads": {
             "options": {

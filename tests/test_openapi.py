@@ -208,6 +208,13 @@ def test_schemathesis_finds_no_fault(tmp_path, storage_env, replicas) -> None:
             "1",
             "--exclude-path",
             "/sse",
+            # The IETF draft's creation and limits at the key are not fuzzed yet: positive cases need
+            # a hook that builds consistent Upload-Length / type / body sets (tests/test_ietf.py
+            # covers them with real requests and tus-js-client meanwhile).
+            "--exclude-operation-id",
+            "createDraftUpload",
+            "--exclude-operation-id",
+            "draftUploadOptions",
         ],
         # Run from a temporary folder, so its caches (.schemathesis/, .hypothesis/) stay out of
         # the repository; PYTHONPATH still finds the hooks module.
