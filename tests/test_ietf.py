@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient
 
 from prerec.config import SETTINGS_KEY, Settings
 from prerec.problems import Problem
-from prerec.uploads import ietf
+from prerec.uploads import ietf, tus
 from tests.conftest import EVENT, created_events, ogg, wait_for
 
 START = "2026-12-01T20:00"
@@ -327,9 +327,9 @@ def test_careful_creation_needs_the_interop_header_and_not_complete() -> None:
 
 
 def test_offset_length_type_and_limit() -> None:
-    assert ietf.parse_offset({"Upload-Offset": "12"}) == 12
+    assert tus.parse_offset({"Upload-Offset": "12"}) == 12
     assert ietf.parse_length({"Upload-Length": "34"}) == 34
-    for parse, name in ((ietf.parse_offset, "Upload-Offset"), (ietf.parse_length, "Upload-Length")):
+    for parse, name in ((tus.parse_offset, "Upload-Offset"), (ietf.parse_length, "Upload-Length")):
         with pytest.raises(Problem):
             parse({})
         with pytest.raises(Problem):

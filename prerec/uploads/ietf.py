@@ -94,13 +94,6 @@ def parse_length(headers: Mapping[str, str]) -> int:
     return parse_count(value.strip(), "Upload-Length")
 
 
-def parse_offset(headers: Mapping[str, str]) -> int:
-    value = headers.get("Upload-Offset")
-    if value is None:
-        raise Problem(400, "The Upload-Offset header is required: where this body's bytes begin.")
-    return parse_count(value.strip(), "Upload-Offset")
-
-
 def creation_type(headers: Mapping[str, str]) -> str:
     """The prerecording's type: Content-Type, unless absent or partial-upload; then the tus
     metadata's filetype (tus-js-client's IETF modes send it); else 415."""
@@ -300,7 +293,7 @@ async def head(request: web.Request, version: int) -> web.Response:
 async def patch(request: web.Request, version: int) -> web.Response:
     check_write_token(request)
     check_patch_type(version, request.headers)
-    offset = parse_offset(request.headers)
+    offset = tus.parse_offset(request.headers)  # the same header, read the same way
     complete = require_complete(request.headers)
     upload_id = tus.path_id(request)
     # No query before the append: a body cut while one ran would be lost with its handler. A
