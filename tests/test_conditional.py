@@ -261,16 +261,26 @@ def reference_range(header: str, size: int) -> ByteRange | None | type[Unsatisfi
     first, last = spec.split("-")
     if any(c not in "0123456789" for c in first + last) or not (first or last):
         return None
+
+    def magnitude(digits: str) -> tuple[int, str]:
+        # Digit strings compared as numbers without int(), which refuses past 4300 digits.
+        digits = digits.lstrip("0") or "0"
+        return len(digits), digits
+
+    def at_most_size(digits: str) -> int:
+        # The exact value where it can matter (not past the size), the size itself beyond that.
+        return int(digits.lstrip("0") or "0") if magnitude(digits) <= magnitude(str(size)) else size
+
     if not first:  # suffix-range
-        suffix = int(last)
+        suffix = at_most_size(last)
         if suffix == 0 or size == 0:
             return Unsatisfiable
         return ByteRange(max(size - suffix, 0), size - 1)
-    if last and int(last) < int(first):
+    if last and magnitude(last) < magnitude(first):
         return None  # invalid: ignored
-    if int(first) >= size:
+    if magnitude(first) >= magnitude(str(size)):
         return Unsatisfiable
-    return ByteRange(int(first), min(int(last), size - 1) if last else size - 1)
+    return ByteRange(int(first), min(at_most_size(last), size - 1) if last else size - 1)
 
 
 def parsed(header: str, size: int) -> ByteRange | None | type[Unsatisfiable]:
@@ -383,13 +393,13 @@ _HEADERS = st.builds(
 _SIZES = st.one_of(st.integers(0, 50), st.integers(0, 2**63 - 1))
 
 
-@hypothesis_settings(max_examples=1000, deadline=None, database=None)
+@hypothesis_settings(max_examples=1000, deadline=None, database=None, derandomize=True)
 @given(_HEADERS, _SIZES)
 def test_parse_range_agrees_with_the_rfc(header: str, size: int) -> None:
     assert parsed(header, size) == reference_range(header, size)
 
 
-@hypothesis_settings(max_examples=500, deadline=None, database=None)
+@hypothesis_settings(max_examples=500, deadline=None, database=None, derandomize=True)
 @given(st.text(), _SIZES)
 def test_parse_range_of_any_text_is_a_range_inside_the_file_or_nothing(header: str, size: int) -> None:
     result = parsed(header, size)
@@ -399,7 +409,7 @@ def test_parse_range_of_any_text_is_a_range_inside_the_file_or_nothing(header: s
         assert result is None
 
 
-@hypothesis_settings(max_examples=300, deadline=None, database=None)
+@hypothesis_settings(max_examples=300, deadline=None, database=None, derandomize=True)
 @given(st.text(alphabet=st.characters(categories=["Nd", "No"]), min_size=1), _SIZES)
 def test_no_unicode_digit_is_a_position(digits: str, size: int) -> None:
     if digits.isascii():
