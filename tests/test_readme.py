@@ -134,10 +134,11 @@ def test_a_server_that_did_not_start_fails_the_test(squatter, tmp_path, storage_
         replica.wait_ready()
 
 
-def resumable_session(url: str) -> str:
-    """The README's curl session for a resumable upload, aimed at `url`."""
+def resumable_session(url: str, number: int = 1) -> str:
+    """The README's `number`th curl session for a resumable upload (1: tus, 2: the IETF draft),
+    aimed at `url`."""
     section = (ROOT / "README.md").read_text().split("## Resumable uploads", 1)[1].split("\n## ", 1)[0]
-    script = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    script = section.split("```sh\n")[number].split("```", 1)[0]
     assert README_URL in script
     return script.replace(README_URL, url)
 
@@ -157,3 +158,22 @@ def test_resumable_upload_session_works_as_written(server, tmp_path) -> None:
         stored = response.read()
         assert response.headers["ETag"] == f'"{hashlib.sha256(body).hexdigest()}"'
     assert stored == body
+
+
+def test_ietf_draft_session_works_as_written(server, tmp_path) -> None:
+    import hashlib
+    import urllib.request
+
+    body = ogg(2_500_000, b"\x01\x02\x03\x07")
+    (tmp_path / "prerecording.ogg").write_bytes(body)
+    session = run("set -ex\n" + resumable_session(server.url, 2), tmp_path)
+    # The HEAD resumed at the end of the first part; the completing PATCH answered as a PUT would.
+    assert "Upload-Offset: 1000000" in session.stderr, session.stderr[-3000:]
+    assert "HTTP/1.1 201 Created" in session.stdout, session.stdout[-3000:]
+    assert "Upload-Complete: ?1" in session.stdout, session.stdout[-3000:]
+    etag = f'"{hashlib.sha256(body).hexdigest()}"'
+    assert f"etag: {etag}" in session.stdout.lower(), session.stdout[-3000:]
+    key = f"{server.url}/prerecordings/0f339cb0-7ab4-43fe-852d-75708232f76c/2024-01-04T01:00"
+    with urllib.request.urlopen(key) as response:
+        assert response.headers["ETag"] == etag
+        assert response.read() == body
