@@ -108,7 +108,6 @@ async def test_an_upload_reads_back_as_created_with_database_times(conn) -> None
     assert created.created_at == created.progressed_at == await conn.fetchval("SELECT created_at FROM uploads")
     assert created.expires_at - created.created_at == timedelta(hours=1)
     assert created.to_json() == {
-        "event": EVENT,
         "start": "2026-12-01T20:00:00",
         "type": "audio/ogg; codecs=opus",
         "offset": 0,
