@@ -764,13 +764,17 @@ async def report_progress(conn: asyncpg.Connection, upload: Upload) -> int | Non
     PROGRESS_EVENT_SECONDS ago (None then). The log itself keeps the cadence, in the database's clock:
     replicas that take turns on one upload share it, and no column is needed. The key stands
     for the upload because events carry no upload ids; two uploads to one key at once (rare)
-    share one cadence."""
+    share one cadence.
+
+    now() (the transaction's start), not clock_timestamp(): a volatile bound keeps the planner
+    off events_created_at, and each commit would scan a day of events. Events are stamped later
+    than now(), so the spacing is still at least `PROGRESS_EVENT_SECONDS`."""
     item = upload.event_json()["upload"]
     recent = await conn.fetchval(
         """
         SELECT EXISTS (
             SELECT FROM events
-             WHERE created_at > clock_timestamp() - make_interval(secs => $3) AND type = 'upload-progress'
+             WHERE created_at > now() - make_interval(secs => $3) AND type = 'upload-progress'
                AND data->'upload'->>'event' = $1 AND data->'upload'->>'start' = $2)
         """,
         item["event"],
