@@ -747,6 +747,45 @@ async def uploads_in_progress(conn: asyncpg.Connection, event: uuid.UUID) -> lis
     return [_upload(row) for row in rows]
 
 
+# upload-progress events: at most one a second per upload, whatever the commit cadence (64 MiB
+# commits on a fast link) or the number of PATCHes (a client sending 5 MiB chunks).
+PROGRESS_EVENT_SECONDS = 1.0
+
+
+async def append_upload_event(conn: asyncpg.Connection, type_: str, upload: Upload) -> int:
+    """An upload-* event, in the transaction that changed the upload (so it is logged, and
+    delivered, exactly when that change commits). The last statement before the commit: it
+    takes the event lock, which is meant to be held for one round trip and the commit."""
+    return await _append_event(conn, type_, upload.event_json())
+
+
+async def report_progress(conn: asyncpg.Connection, upload: Upload) -> int | None:
+    """An upload-progress event, unless one for the upload's key was logged less than
+    PROGRESS_EVENT_SECONDS ago (None then). The log itself keeps the cadence, in the database's clock:
+    replicas that take turns on one upload share it, and no column is needed. The key stands
+    for the upload because events carry no upload ids; two uploads to one key at once (rare)
+    share one cadence.
+
+    now() (the transaction's start), not clock_timestamp(): a volatile bound keeps the planner
+    off events_created_at, and each commit would scan a day of events. Events are stamped later
+    than now(), so the spacing is still at least `PROGRESS_EVENT_SECONDS`."""
+    item = upload.event_json()["upload"]
+    recent = await conn.fetchval(
+        """
+        SELECT EXISTS (
+            SELECT FROM events
+             WHERE created_at > now() - make_interval(secs => $3) AND type = 'upload-progress'
+               AND data->'upload'->>'event' = $1 AND data->'upload'->>'start' = $2)
+        """,
+        item["event"],
+        item["start"],
+        PROGRESS_EVENT_SECONDS,  # read here, not bound at import: tests switch the cadence off
+    )
+    if recent:
+        return None
+    return await append_upload_event(conn, "upload-progress", upload)
+
+
 @dataclass(frozen=True)
 class UploadNotice:
     """A request to an upload's lease holder, as sent on UPLOADS_CHANNEL."""

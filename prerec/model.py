@@ -43,7 +43,11 @@ _QUOTED_PAIR = re.compile(r"\\(.)")
 MAX_CONTENT_TYPE = 256
 OGG = "audio/ogg"
 
-EVENT_TYPES = ("prerecording-created", "prerecording-updated", "prerecording-deleted")
+# What a subscriber that names no types gets: the stream as it was before uploads had events.
+PRERECORDING_EVENT_TYPES = ("prerecording-created", "prerecording-updated", "prerecording-deleted")
+# An upload in progress, for a UI that shows "the 20:00 show: 45 %"; only for those who ask.
+UPLOAD_EVENT_TYPES = ("upload-progress", "upload-cancelled", "upload-expired")
+EVENT_TYPES = PRERECORDING_EVENT_TYPES + UPLOAD_EVENT_TYPES
 
 
 def parse_event(text: str, name: str = "event") -> uuid.UUID:
@@ -239,16 +243,29 @@ class Upload:
         return self.durable
 
     def to_json(self) -> dict[str, Any]:
-        # No id: the upload's URL is a capability, and this is shown to anyone who can list.
+        """The item of GET /uploads?event= (the event is the query's). No id: the upload's URL
+        is a capability, and this is shown to anyone who can list."""
         return {
-            "event": str(self.event),
             "start": format_start(self.start),
-            "type": self.type,
             "offset": self.durable,
             "length": self.length,
+            "type": self.type,
             "started": format_utc(self.created_at),
             "progressed": format_utc(self.progressed_at),
             "expires": format_utc(self.expires_at),
+        }
+
+    def event_json(self) -> dict[str, Any]:
+        """The data of an upload-* event (no id either: anyone may subscribe)."""
+        return {
+            "upload": {
+                "event": str(self.event),
+                "start": format_start(self.start),
+                "offset": self.durable,
+                "length": self.length,
+                "started": format_utc(self.created_at),
+                "progressed": format_utc(self.progressed_at),
+            }
         }
 
 

@@ -507,6 +507,34 @@ SPEC: dict[str, Any] = {
             },
         },
         "/uploads": {
+            "get": {
+                "operationId": "listUploads",
+                "summary": "An event's uploads in progress, and how far each has come",
+                "description": (
+                    "Resumable uploads (tus or the IETF draft) to the event's prerecordings that are still "
+                    "receiving or being finished, by start; not those that ended (finished, failed, cancelled, "
+                    "expired) or are past their expiry. No ids: an upload's URL is its capability. For live "
+                    "progress, subscribe to /sse with `types=upload-progress,upload-cancelled,upload-expired`."
+                ),
+                "parameters": [
+                    {
+                        "name": "event",
+                        "in": "query",
+                        "required": True,
+                        "description": "The event's UUID (given once).",
+                        "schema": {"type": "string", "format": "uuid"},
+                    }
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The uploads in progress (none: an empty list).",
+                        "headers": {"Cache-Control": {"schema": {"type": "string", "enum": ["no-store"]}}},
+                        "content": {"application/json": {"schema": ref("UploadList")}},
+                    },
+                    "400": _problem("The event is missing, given twice or not a UUID."),
+                    "503": _UNAVAILABLE,
+                },
+            },
             "options": {
                 "operationId": "uploadOptions",
                 "summary": "What the tus server offers (resumable uploads)",
@@ -748,12 +776,16 @@ SPEC: dict[str, Any] = {
                     "PREREC_SSE_PING_SECONDS. With `Last-Event-ID` (or `lastEventId`) the stream first "
                     "replays every stored event after that id, then continues live. `types` may be "
                     "repeated (the types add up); `lastEventId` and `Last-Event-ID` at most once each (400), "
-                    "and the header wins over the query."
+                    "and the header wins over the query. Without `types` the stream carries the "
+                    "prerecording-* events only: the upload-* events (upload-progress at most once a second "
+                    "per upload and when one is created or resumed, upload-cancelled, upload-expired) come "
+                    "only to subscribers that name them."
                 ),
                 "parameters": [
                     _query(
                         "types",
-                        "Only these event types (also accepted: repeated, or a JSON array).",
+                        "Only these event types (also accepted: repeated, or a JSON array). Default: the "
+                        "prerecording-* types.",
                         {"type": "array", "items": ref("EventType"), "minItems": 1},
                         style="form",
                         explode=False,

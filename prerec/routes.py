@@ -6,7 +6,7 @@ from typing import TypeVar
 from aiohttp import web
 
 from prerec import openapi, ping, prerecordings, ready, sse, telemetry
-from prerec.uploads import ietf, tus
+from prerec.uploads import ietf, tus, views
 
 KEY = "/prerecordings/{event}/{start}"
 UPLOAD = "/uploads/{id}"
@@ -64,6 +64,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_route("OPTIONS", KEY, by_headers(_has_interop, ietf.options, _as_unrouted))
     app.router.add_delete(KEY, prerecordings.delete)
     tus.add_routes(app)
+    app.router.add_get("/uploads", views.list_uploads)
     app.router.add_head(UPLOAD, by_headers(_has_interop, ietf.head, tus.head))
     app.router.add_patch(UPLOAD, by_headers(_has_interop, ietf.patch, tus.patch))
     app.router.add_delete(UPLOAD, by_headers(_has_interop, ietf.delete, tus.delete))

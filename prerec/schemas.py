@@ -62,6 +62,26 @@ def _event(event_type: str, data: str, description: str) -> dict[str, Any]:
 
 _COUNT = {"type": "integer", "minimum": 0, "maximum": MAX_BIGINT}
 
+
+def _utc(description: str) -> dict[str, Any]:
+    return {"type": "string", "format": "date-time", "pattern": UTC_PATTERN, "description": description}
+
+
+_UPLOAD_PROGRESS = {
+    "offset": {**_COUNT, "description": "Bytes received and made durable."},
+    "length": {"type": "integer", "minimum": 1, "maximum": MAX_BIGINT, "description": "The declared size."},
+}
+# Each event type and the schema of its message.
+_EVENT_SCHEMAS = {
+    "prerecording-created": "PrerecordingCreatedEvent",
+    "prerecording-updated": "PrerecordingUpdatedEvent",
+    "prerecording-deleted": "PrerecordingDeletedEvent",
+    "upload-progress": "UploadProgressEvent",
+    "upload-cancelled": "UploadCancelledEvent",
+    "upload-expired": "UploadExpiredEvent",
+}
+assert tuple(_EVENT_SCHEMAS) == EVENT_TYPES
+
 SCHEMAS: dict[str, dict[str, Any]] = {
     "Start": {
         "type": "string",
@@ -134,15 +154,57 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "PrerecordingDeletedEvent": _event(
         "prerecording-deleted", "PrerecordingKeyData", "A prerecording was deleted (or taken out by the storage check)."
     ),
+    "UploadInProgress": _closed(
+        "An upload on its way (GET /uploads?event=), tus or the IETF draft alike; no id: an upload's URL is "
+        "its capability.",
+        {
+            "start": {
+                "type": "string",
+                "pattern": CANONICAL_START_PATTERN,
+                "description": "The start of the prerecording it becomes, canonical.",
+            },
+            **_UPLOAD_PROGRESS,
+            "type": {"type": "string", "minLength": 1, "maxLength": 256, "description": "Its Content-Type."},
+            "started": _utc("When it was created, UTC."),
+            "progressed": _utc("When its offset last grew (its creation if never), UTC."),
+            "expires": _utc("When it expires unless it progresses, UTC."),
+        },
+    ),
+    "UploadList": _closed(
+        "An event's uploads in progress (receiving, or being finished), by start.",
+        {"uploads": {"type": "array", "items": ref("UploadInProgress")}},
+    ),
+    "UploadProgress": _closed(
+        "Where an upload stands, as its upload-* events tell it.",
+        {
+            "event": {"type": "string", "format": "uuid", "pattern": UUID_PATTERN},
+            "start": {"type": "string", "pattern": CANONICAL_START_PATTERN},
+            **_UPLOAD_PROGRESS,
+            "started": _utc("When it was created, UTC."),
+            "progressed": _utc("When its offset last grew (its creation if never), UTC."),
+        },
+    ),
+    "UploadData": _closed("The data of an upload-* event.", {"upload": ref("UploadProgress")}),
+    "UploadProgressEvent": _event(
+        "upload-progress",
+        "UploadData",
+        "An upload was created, resumed or made progress (at most one a second per upload). Only to "
+        "subscribers that name it in `types`.",
+    ),
+    "UploadCancelledEvent": _event(
+        "upload-cancelled", "UploadData", "An upload was cancelled. Only to subscribers that name it in `types`."
+    ),
+    "UploadExpiredEvent": _event(
+        "upload-expired",
+        "UploadData",
+        "An upload expired without progress; its bytes are removed. Only to subscribers that name it in `types`.",
+    ),
     "ChangeEvent": {
         "description": "The data of one /sse message.",
-        "oneOf": [ref(f"Prerecording{kind}Event") for kind in ("Created", "Updated", "Deleted")],
+        "oneOf": [ref(name) for name in _EVENT_SCHEMAS.values()],
         "discriminator": {
             "propertyName": "type",
-            "mapping": {
-                f"prerecording-{kind.lower()}": f"#/components/schemas/Prerecording{kind}Event"
-                for kind in ("Created", "Updated", "Deleted")
-            },
+            "mapping": {event_type: f"#/components/schemas/{name}" for event_type, name in _EVENT_SCHEMAS.items()},
         },
     },
     "Problem": _closed(

@@ -13,7 +13,7 @@ from multidict import MultiMapping
 
 from prerec.config import SETTINGS_KEY
 from prerec.events import BROADCASTER, Subscriber
-from prerec.model import EVENT_TYPES, parse_count
+from prerec.model import EVENT_TYPES, PRERECORDING_EVENT_TYPES, parse_count
 from prerec.problems import Problem
 from prerec.telemetry import METRICS
 
@@ -31,11 +31,13 @@ def parse_types(query: MultiMapping[str]) -> frozenset[str]:
     """The event types a stream asks for: `types` as a comma list or a JSON array.
 
     Unlike the list's parameters, `types` may be repeated (`types=a&types=b`): each names more
-    types, so there is no first or last value to pick wrongly.
+    types, so there is no first or last value to pick wrongly. Without `types`, the prerecording
+    events only: upload-* events come to those who name them, so a subscriber written before
+    they existed sees the stream it always saw.
     """
     values = query.getall("types", [])
     if not values:
-        return frozenset(EVENT_TYPES)
+        return frozenset(PRERECORDING_EVENT_TYPES)
     types: list[str] = []
     for value in values:
         if value.startswith("["):

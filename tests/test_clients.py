@@ -176,6 +176,7 @@ async def test_python_client_lists_uploads_and_downloads(server, tmp_path: Path,
     list_prerecordings = importlib.import_module(f"{api.__name__}.list_prerecordings")
     upload_prerecording = importlib.import_module(f"{api.__name__}.upload_prerecording")
     download_prerecording = importlib.import_module(f"{api.__name__}.download_prerecording")
+    list_uploads = importlib.import_module(f"{api.__name__}.list_uploads")
     # The tus operations are generated too (the generator skips, with a warning, what it cannot type).
     for operation in ("upload_options", "create_upload", "get_upload_offset", "append_to_upload", "cancel_upload"):
         importlib.import_module(f"{api.__name__}.{operation}")
@@ -198,6 +199,13 @@ async def test_python_client_lists_uploads_and_downloads(server, tmp_path: Path,
         "Problem",
         "Readiness",
         "TusVersion",
+        "UploadCancelledEvent",
+        "UploadData",
+        "UploadExpiredEvent",
+        "UploadInProgress",
+        "UploadList",
+        "UploadProgress",
+        "UploadProgressEvent",
     }
     hints = typing.get_type_hints(list_prerecordings.sync)
     assert int in typing.get_args(hints["limit"]) and int in typing.get_args(hints["offset"])
@@ -220,5 +228,7 @@ async def test_python_client_lists_uploads_and_downloads(server, tmp_path: Path,
             audio = download_prerecording.sync(event, created.start, client=client)
             assert isinstance(audio, types.File), audio
             assert audio.payload.read() == AUDIO
+            uploads = list_uploads.sync(client=client, event=event)
+            assert isinstance(uploads, models.UploadList) and uploads.uploads == [], uploads
 
     await asyncio.to_thread(lists_uploads_and_downloads)

@@ -8,6 +8,7 @@ an upload someone is writing, and two sweepers never take the same one.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
@@ -108,7 +109,6 @@ async def test_an_upload_reads_back_as_created_with_database_times(conn) -> None
     assert created.created_at == created.progressed_at == await conn.fetchval("SELECT created_at FROM uploads")
     assert created.expires_at - created.created_at == timedelta(hours=1)
     assert created.to_json() == {
-        "event": EVENT,
         "start": "2026-12-01T20:00:00",
         "type": "audio/ogg; codecs=opus",
         "offset": 0,
@@ -545,6 +545,26 @@ async def test_uploads_in_progress_lists_only_that_events_open_uploads(conn) -> 
     listed = await db.uploads_in_progress(conn, event)
     assert [upload.id for upload in listed] == [earlier.id, finishing.id, later.id]
     assert [upload.id for upload in await db.uploads_in_progress(conn, uuid.uuid4())] == []
+
+
+async def test_progress_is_logged_at_most_once_a_second_per_upload_key(conn) -> None:
+    upload = await new_upload(conn)
+    first = await db.report_progress(conn, upload)
+    assert first is not None
+    assert await db.report_progress(conn, upload) is None  # within the second: folded
+    elsewhere = await new_upload(conn, start=START + timedelta(hours=1))
+    assert await db.report_progress(conn, elsewhere) is not None  # another key has its own cadence
+    # A second on (the log's clock moved back instead): told again.
+    await conn.execute("UPDATE events SET created_at = created_at - interval '1 s' WHERE id = $1", first)
+    again = await db.report_progress(conn, upload)
+    assert again is not None
+    [(event_type, data)] = await conn.fetch("SELECT type, data::text FROM events WHERE id = $1", again)
+    assert event_type == "upload-progress" and json.loads(data) == upload.event_json()
+    # Other upload events never count against the cadence.
+    cancelled = await db.cancel_upload(conn, (await new_upload(conn, start=START + timedelta(hours=2))).id, DAY)
+    assert cancelled is not None
+    await db.append_upload_event(conn, "upload-cancelled", cancelled)
+    assert await db.report_progress(conn, cancelled) is not None
 
 
 async def test_a_release_request_reaches_the_holders_listening_connection(conn, connect) -> None:

@@ -203,6 +203,55 @@ async def test_upload_complete_or_no_interop_header_is_the_plain_put(client: Tes
         await conn.close()
 
 
+@pytest.mark.parametrize("method", ["PUT", "POST"])
+@pytest.mark.parametrize(
+    ("preconditions", "stored_first"),
+    [({"If-None-Match": "*"}, True), ({"If-Match": '"' + "0" * 64 + '"'}, True), ({"If-Match": "*"}, False)],
+)
+async def test_a_precondition_failing_at_creation_is_412_as_on_put_and_makes_no_upload(
+    client: TestClient, database_url: str, method: str, preconditions: dict[str, str], stored_first: bool
+) -> None:
+    if stored_first:
+        assert (await client.put(KEY, data=ogg(50), headers={"Content-Type": "audio/ogg"})).status == 201
+    put = await client.put(KEY, data=ogg(60), headers={"Content-Type": "audio/ogg", **preconditions})
+    assert put.status == 412
+    response = await client.request(
+        method,
+        KEY,
+        data=b"",
+        headers={**V8, "Upload-Complete": "?0", "Upload-Length": "1000", "Content-Type": "audio/ogg", **preconditions},
+    )
+    assert response.status == 412, await response.text()
+    assert response.headers["Upload-Draft-Interop-Version"] == "8" and "Location" not in response.headers
+    assert await response.json() == await put.json()
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM uploads") == 0
+    finally:
+        await conn.close()
+
+
+async def test_expect_continue_refuses_a_creation_whose_precondition_fails_before_the_body(
+    client: TestClient,
+) -> None:
+    assert (await client.put(KEY, data=ogg(50), headers={"Content-Type": "audio/ogg"})).status == 201
+
+    async def ask(precondition: str) -> bytes:
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(
+            f"PUT {KEY} HTTP/1.1\r\nHost: x\r\nUpload-Draft-Interop-Version: 8\r\nUpload-Complete: ?0\r\n"
+            f"Upload-Length: 1000\r\nContent-Type: audio/ogg\r\nContent-Length: 100\r\n{precondition}\r\n"
+            "Expect: 100-continue\r\n\r\n".encode()
+        )
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 10)
+        writer.close()
+        return line
+
+    assert b" 412 " in await ask("If-None-Match: *")
+    assert b" 100 " in await ask("If-Match: *")  # the negative control: it holds, the body is asked for
+
+
 async def test_expect_continue_refuses_a_bad_creation_before_the_body(client: TestClient) -> None:
     async def ask(content_type: str) -> bytes:
         reader, writer = await asyncio.open_connection(client.host, client.port)

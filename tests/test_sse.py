@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import itertools
+import uuid
+from datetime import datetime, timedelta
 
 import aiohttp
+import asyncpg
 import pytest
 from multidict import CIMultiDict, MultiDict
 
+from prerec import db
 from prerec.app import create_app
-from prerec.model import EVENT_TYPES
+from prerec.model import EVENT_TYPES, PRERECORDING_EVENT_TYPES
 from prerec.problems import Problem
 from prerec.sse import parse_last_event_id, parse_types
 from tests import contract
@@ -274,15 +280,161 @@ async def test_the_subscriber_gauge_drops_within_a_second_or_two_of_a_client_lea
         await wait_for(none_left, timeout=2.0)
 
 
+# Upload events: only for subscribers that name them
+
+UPLOAD_TYPES = "upload-progress,upload-cancelled,upload-expired"
+TUS = {"Tus-Resumable": "1.0.0"}
+TUS_PATCH = {**TUS, "Content-Type": "application/offset+octet-stream"}
+
+
+async def create_upload(client, length: int, start: str = "2026-12-01T20:00") -> str:  # type: ignore[no-untyped-def]
+    pairs = {"event": EVENT, "start": start, "filetype": "audio/ogg"}
+    metadata = ",".join(f"{key} {base64.b64encode(value.encode()).decode()}" for key, value in pairs.items())
+    response = await client.post("/uploads", headers={**TUS, "Upload-Length": str(length), "Upload-Metadata": metadata})
+    assert response.status == 201, await response.text()
+    return response.headers["Location"]
+
+
+async def read_until(stream, event_type: str) -> list[dict]:  # type: ignore[no-untyped-def]
+    """The data of every message up to the first of `event_type`, that one included."""
+    events: list[dict] = []
+    while not events or events[-1]["type"] != event_type:
+        [(_, data)] = await read_events(stream, 1)
+        events.append(data)
+    return events
+
+
+async def test_upload_events_reach_only_the_subscribers_that_name_them(
+    aiohttp_client, settings, database_url, client
+) -> None:
+    default = await client.get("/sse")
+    everything = await client.get("/sse", params={"types": ",".join(EVENT_TYPES)})
+    # Through the event log, so across replicas: this one subscribes to another instance.
+    other = await aiohttp_client(create_app(settings, database_url))
+    uploads = await other.get("/sse", params={"types": UPLOAD_TYPES})
+    assert uploads.status == 200
+    location = await create_upload(client, 3000)
+    patched = await client.patch(location, data=ogg(1000), headers={**TUS_PATCH, "Upload-Offset": "0"})
+    assert patched.status == 204
+    assert (await client.delete(location, headers=TUS)).status == 204
+    assert (await client.put(KEY, data=ogg(100), headers=OGG)).status == 201
+
+    # A subscriber that names no types sees exactly the stream it saw before uploads had events.
+    [(_, first)] = await read_events(default, 1)
+    assert first["type"] == "prerecording-created"
+    told = await read_until(uploads, "upload-cancelled")
+    assert {data["type"] for data in told[:-1]} == {"upload-progress"}
+    creation, cancelled = told[0], told[-1]
+    upload = creation["data"]["upload"]
+    assert upload == {
+        "event": EVENT,
+        "start": "2026-12-01T20:00:00",
+        "offset": 0,
+        "length": 3000,
+        "started": upload["started"],
+        "progressed": upload["started"],
+    }
+    assert cancelled["data"]["upload"]["offset"] == 1000
+    contract.check("UploadProgressEvent", creation)
+    contract.check("UploadCancelledEvent", cancelled)
+    contract.check("ChangeEvent", cancelled)
+    # The control: naming every type, the same changes come as upload events, then the PUT's.
+    seen = await read_until(everything, "prerecording-created")
+    assert seen[:-1] == told
+    for stream in (default, everything, uploads):
+        stream.close()
+
+
+async def test_a_resume_is_told_at_once_with_the_offset_it_resumes_from(client) -> None:
+    location = await create_upload(client, 3000)
+    patched = await client.patch(location, data=ogg(1000), headers={**TUS_PATCH, "Upload-Offset": "0"})
+    assert patched.status == 204
+    await asyncio.sleep(db.PROGRESS_EVENT_SECONDS)  # past the cadence: nothing folds the resume away
+    stream = await client.get("/sse", params={"types": "upload-progress"})
+    assert (await stream.content.readline()).startswith(b"retry: ")
+    # The PATCH's head only: it has the upload, no byte of its body has come.
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        f"PATCH {location} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n"
+        "Content-Type: application/offset+octet-stream\r\nUpload-Offset: 1000\r\nContent-Length: 2000\r\n\r\n".encode()
+    )
+    await writer.drain()
+    [(_, resumed)] = await read_events(stream, 1)
+    assert resumed["type"] == "upload-progress" and resumed["data"]["upload"]["offset"] == 1000
+    writer.write(b"\x00" * 2000)
+    await writer.drain()
+    assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 204")
+    writer.close()
+    stream.close()
+
+
+@pytest.mark.parametrize("cadence", [True, False], ids=["cadence", "without-cadence"])
+async def test_progress_is_told_at_most_once_a_second_per_upload(client, monkeypatch, cadence: bool) -> None:
+    if not cadence:  # the negative control: every resume and commit of the same PATCHes told
+        monkeypatch.setattr(db, "PROGRESS_EVENT_SECONDS", 0.0)
+    stream = await client.get("/sse", params={"types": "upload-progress,prerecording-created"})
+    pieces, size = 12, 100
+    location = await create_upload(client, pieces * size)
+    for index in range(pieces):
+        response = await client.patch(
+            location, data=ogg(size), headers={**TUS_PATCH, "Upload-Offset": str(index * size)}
+        )
+        assert response.status == 204, await response.text()
+    told = [data for data in await read_until(stream, "prerecording-created") if data["type"] == "upload-progress"]
+    offsets = [data["data"]["upload"]["offset"] for data in told]
+    assert offsets == sorted(offsets) and offsets[0] == 0
+    if not cadence:
+        assert len(told) == 1 + 2 * pieces  # the creation, then each PATCH's resume and its commit
+        return
+    moments = [datetime.fromisoformat(data["createdAt"]) for data in told]
+    assert all(later - earlier >= timedelta(seconds=1) for earlier, later in itertools.pairwise(moments))
+    assert len(told) < 1 + 2 * pieces
+    stream.close()
+
+
+async def test_cancelled_and_expired_uploads_are_told_and_replayed_after_a_last_event_id(
+    client, app, database_url
+) -> None:
+    from prerec.uploads.engine import ENGINE
+
+    stream = await client.get("/sse", params={"types": UPLOAD_TYPES})
+    cancelled = await create_upload(client, 100, "2026-12-01T20:00")
+    [(seen, _)] = await read_events(stream, 1)
+    stream.close()
+    assert (await client.delete(cancelled, headers=TUS)).status == 204
+    expired = await create_upload(client, 200, "2026-12-01T21:00")
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "UPDATE uploads SET expires_at = now() - interval '1 s' WHERE id = $1", uuid.UUID(expired.rsplit("/")[-1])
+        )
+    finally:
+        await conn.close()
+    await app[ENGINE].sweep()
+    resumed = await client.get(
+        "/sse", params={"types": "upload-cancelled,upload-expired"}, headers={"Last-Event-ID": str(seen)}
+    )
+    replayed = [data for _, data in await read_events(resumed, 2)]
+    assert [(data["type"], data["data"]["upload"]["start"]) for data in replayed] == [
+        ("upload-cancelled", "2026-12-01T20:00:00"),
+        ("upload-expired", "2026-12-01T21:00:00"),
+    ]
+    contract.check("UploadExpiredEvent", replayed[1])
+    resumed.close()
+
+
 # Parsing the stream's query and headers, from plain mappings
 
 ALL = frozenset(EVENT_TYPES)
+PRERECORDINGS = frozenset(PRERECORDING_EVENT_TYPES)
 
 
 @pytest.mark.parametrize(
     ("pairs", "expected"),
     [
-        ([], ALL),
+        ([], PRERECORDINGS),
+        ([("types", ",".join(EVENT_TYPES))], ALL),
+        ([("types", "upload-progress")], {"upload-progress"}),
         ([("types", "prerecording-created")], {"prerecording-created"}),
         ([("types", "prerecording-created, prerecording-deleted")], {"prerecording-created", "prerecording-deleted"}),
         ([("types", '["prerecording-updated"]')], {"prerecording-updated"}),

@@ -13,6 +13,7 @@ import struct
 import uuid
 from pathlib import Path
 
+import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 from tusclient.client import TusClient
@@ -279,6 +280,54 @@ async def test_precondition_failing_at_the_end_is_412_and_discards_the_bytes(
     assert len(blob_files(settings)) == 1  # the PUT's only
     assert await stored(client) == ogg(50)
     assert (await client.head(location)).status == 410
+
+
+# Preconditions at creation: refused as a PUT would be, before the upload exists.
+NO_TAG = '"' + "0" * 64 + '"'
+
+
+async def uploads_made(database_url: str) -> int:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM uploads"))
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize(
+    ("preconditions", "stored_first"),
+    [({"If-None-Match": "*"}, True), ({"If-Match": NO_TAG}, True), ({"If-Match": "*"}, False)],
+)
+async def test_a_precondition_failing_at_creation_is_412_as_on_put_and_makes_no_upload(
+    client: TestClient, database_url: str, preconditions: dict[str, str], stored_first: bool
+) -> None:
+    key = f"/prerecordings/{EVENT}/{START}"
+    if stored_first:
+        assert (await client.put(key, data=ogg(50), headers={"Content-Type": "audio/ogg"})).status == 201
+    put = await client.put(key, data=ogg(60), headers={"Content-Type": "audio/ogg", **preconditions})
+    assert put.status == 412
+    # With the whole file as its first bytes too (creation-with-upload): nothing is read or kept.
+    for body in (None, audio(1000)):
+        extra = {} if body is None else {"Content-Type": tus.OFFSET_OCTET_STREAM}
+        response = await client.post(
+            "/uploads",
+            data=body,
+            headers={**TUS, "Upload-Length": "1000", "Upload-Metadata": metadata(), **preconditions, **extra},
+        )
+        assert response.status == 412, await response.text()
+        assert response.headers["Tus-Resumable"] == "1.0.0" and "Location" not in response.headers
+        assert await response.json() == await put.json()
+    assert await uploads_made(database_url) == 0
+
+
+async def test_a_precondition_that_holds_at_creation_lets_the_upload_begin(client: TestClient) -> None:
+    key = f"/prerecordings/{EVENT}/{START}"
+    etag = (await client.put(key, data=ogg(50), headers={"Content-Type": "audio/ogg"})).headers["ETag"]
+    data = audio(1000)
+    location = await create(client, len(data), **{"If-Match": etag})
+    response = await client.patch(location, data=data, headers={**PATCH, "Upload-Offset": "0"})
+    assert response.status == 204, await response.text()
+    assert await stored(client) == data
 
 
 async def test_write_token_guards_post_patch_delete(app, aiohttp_client, settings: Settings) -> None:  # type: ignore[no-untyped-def]

@@ -35,7 +35,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prerec import db, digests
 from prerec.commit import commit_blob
 from prerec.config import SETTINGS_KEY, Settings
-from prerec.model import Piece, Prerecording, Upload
+from prerec.model import Piece, Prerecording, Upload, http_date
 from prerec.problems import Problem
 from prerec.storage import STORAGE, StoredBlob
 from prerec.storage.fs import DISK, FileStorage, on_disk, storage_problem
@@ -130,7 +130,10 @@ def check_preconditions(if_match: str | None, if_none_match: bool, current: Prer
         raise Problem(412, "The precondition failed: nothing is stored at this key.")
     tags = [tag.strip() for tag in if_match.split(",")]
     if "*" not in tags and current.etag not in tags:
-        raise Problem(412, f"The precondition failed: the current ETag is {current.etag}.")
+        # Word for word what a PUT answers (conditional.check_write).
+        raise Problem(
+            412, f"The precondition failed: the current ETag is {current.etag}, modified {http_date(current.modified)}."
+        )
 
 
 @dataclass
@@ -201,8 +204,9 @@ class Engine:
         free = await on_disk(self.storage.free_bytes)
         if free is not None and free < length:
             raise Problem(507, f"The storage folder has {free} bytes free, fewer than the {length} declared.")
-        async with self._connection() as conn:
-            return await db.create_upload(
+        await self.check_target(event, start, if_match, if_none_match)
+        async with self._connection() as conn, conn.transaction():
+            upload = await db.create_upload(
                 conn,
                 uuid.uuid4(),
                 event,
@@ -216,6 +220,18 @@ class Engine:
                 digests=claims_json(claims or []),
                 metadata=metadata,
             )
+            await db.append_upload_event(conn, "upload-progress", upload)
+        return upload
+
+    async def check_target(self, event: uuid.UUID, start: datetime, if_match: str | None, if_none_match: bool) -> None:
+        """A creation's preconditions, first look: a doomed upload is refused (412, as a PUT
+        would be) before it has a row or a byte. The decision that counts is taken again when
+        the upload finishes, inside the writing transaction."""
+        if if_match is None and not if_none_match:
+            return
+        async with self._connection() as conn:
+            current = await db.get_prerecording(conn, event, start)
+        check_preconditions(if_match, if_none_match, current)
 
     async def get(self, upload_id: uuid.UUID) -> Upload:
         """The upload as stored (404 if unknown); ended ones are the caller's to answer."""
@@ -278,7 +294,11 @@ class Engine:
         while True:
             force = time.monotonic() >= deadline
             async with self._connection() as conn:
-                taken = await db.acquire_lease(conn, upload_id, self.owner, self.listener_pid(), force=force)
+                async with conn.transaction():
+                    taken = await db.acquire_lease(conn, upload_id, self.owner, self.listener_pid(), force=force)
+                    if taken is not None:
+                        # A resume: whoever watches sees the upload move again (within the cadence).
+                        await db.report_progress(conn, taken)
                 if taken is not None:
                     return taken
                 upload = await db.get_upload(conn, upload_id)
@@ -455,7 +475,7 @@ class Engine:
                 if written == upload.durable:
                     return
                 await on_disk(segment.sync)
-                async with self._connection() as conn:
+                async with self._connection() as conn, conn.transaction():
                     upload = await db.advance(
                         conn,
                         upload.id,
@@ -465,6 +485,7 @@ class Engine:
                         self.expiry,
                         pieces=[Piece(segment.start, written - segment.start, segment_generation)],
                     )
+                    await db.report_progress(conn, upload)
                 committed_bytes = written
 
             idle = 0.0
@@ -636,14 +657,18 @@ class Engine:
     async def cancel(self, upload_id: uuid.UUID) -> None:
         """End an upload in progress and remove its bytes; a PATCH in flight stops."""
         async with self._connection() as conn:
-            cancelled = await db.cancel_upload(conn, upload_id, self.expiry)
+            async with conn.transaction():
+                cancelled = await db.cancel_upload(conn, upload_id, self.expiry)
+                if cancelled is not None:
+                    if cancelled.lease_owner is not None:
+                        # Delivered at commit: the holder then finds the upload cancelled.
+                        await db.request_cancel(conn, upload_id, cancelled.generation)
+                    await db.append_upload_event(conn, "upload-cancelled", cancelled)
             if cancelled is None:
                 upload = await db.get_upload(conn, upload_id)
                 if upload is None:
                     raise Problem(404, f"There is no upload {upload_id}.")
                 raise Problem(410, f"The upload {upload_id} has already ended ({upload.state}).")
-            if cancelled.lease_owner is not None:
-                await db.request_cancel(conn, upload_id, cancelled.generation)
         # Wait (bounded) for the holder to join its writes before removing the bytes under it.
         deadline = time.monotonic() + TAKEOVER_SECONDS
         upload = cancelled
@@ -656,7 +681,10 @@ class Engine:
     async def sweep(self) -> list[uuid.UUID]:
         """Expire due uploads (their bytes go) and forget old tombstones; every replica runs it."""
         async with self._connection() as conn:
-            expired = await db.expire_due(conn, SWEEP_BATCH, self.expiry)
+            async with conn.transaction():
+                expired = await db.expire_due(conn, SWEEP_BATCH, self.expiry)
+                for upload in expired:
+                    await db.append_upload_event(conn, "upload-expired", upload)
             await db.delete_tombstones(conn, SWEEP_BATCH)
         for upload in expired:
             self.hashers.pop(upload.id, None)

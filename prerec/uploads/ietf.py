@@ -222,6 +222,12 @@ async def create_expect(request: web.Request) -> None:
     """Expect: 100-continue answered only when the creation can be accepted (as for PUT)."""
     try:
         await _refuse_early(request)
+        await request.app[ENGINE].check_target(
+            parse_event(request.match_info["event"]),
+            parse_start(request.match_info["start"]),
+            request.headers.get(hdrs.IF_MATCH),
+            request.headers.get(hdrs.IF_NONE_MATCH) is not None,
+        )
     except Problem:
         return  # the handler raises it again, through the middlewares
     if request.version >= (1, 1):
