@@ -199,6 +199,11 @@ def tmp_files(settings: Settings) -> list[Path]:
     return sorted((settings.blob_dir / "tmp").glob("*"))
 
 
+def segment_files(settings: Settings) -> list[Path]:
+    """The segment files of resumable uploads in progress."""
+    return sorted((settings.blob_dir / "uploads").glob("*"))
+
+
 async def wait_for(condition, timeout: float = 10.0, interval: float = 0.02):  # type: ignore[no-untyped-def]
     """Poll until condition() is truthy; fail with a clear message at the deadline."""
     deadline = time.monotonic() + timeout

@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient
 from prerec.config import SETTINGS_KEY, Settings
 from prerec.problems import Problem
 from prerec.uploads import ietf, tus
-from tests.conftest import EVENT, created_events, ogg, wait_for
+from tests.conftest import EVENT, blob_files, created_events, ogg, segment_files, wait_for
 
 START = "2026-12-01T20:00"
 KEY = f"/prerecordings/{EVENT}/{START}"
@@ -284,6 +284,27 @@ async def test_write_token_guards_creation_patch_delete(app, aiohttp_client, set
     assert (await client.head(location, headers=V8)).status == 204
     assert (await client.delete(location, headers={**V8, "Authorization": "Bearer secret"})).status == 204
     assert (await client.head(location, headers=V8)).status == 410
+
+
+async def test_precondition_failing_at_the_end_is_412_complete_and_discards_the_bytes(
+    client: TestClient, settings: Settings
+) -> None:
+    data = audio(1000)
+    location = await create(client, len(data), **{"If-None-Match": "*"})
+    # Meanwhile a plain PUT creates the prerecording.
+    put = await client.put(KEY, data=ogg(50), headers={"Content-Type": "audio/ogg"})
+    assert put.status == 201
+    response = await client.patch(
+        location, data=data, headers={**PARTIAL, "Upload-Offset": "0", "Upload-Complete": "?1"}
+    )
+    # What the PUT would have answered, and the upload is over: the client must not resume it.
+    assert response.status == 412, await response.text()
+    assert response.content_type == "application/problem+json"
+    assert response.headers["Upload-Complete"] == "?1"
+    assert segment_files(settings) == []
+    assert len(blob_files(settings)) == 1  # the PUT's only
+    async with client.get(KEY) as stored:
+        assert await stored.read() == ogg(50)
 
 
 # tus-js-client, a client nobody here wrote, in its IETF mode
