@@ -240,6 +240,27 @@ async def chromium_dom(url: str, tmp_path: Path, budget_ms: int) -> str:
     return (await asyncio.wait_for(chromium.communicate(), 120))[0].decode()
 
 
+TUS_JS_CLIENT = "tus-js-client@4.3.1"
+
+
+@pytest.fixture(scope="session")
+def tus_js_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder where Node finds tus-js-client: installed from npm now, once a session (it has
+    dependencies of its own, so a packed tarball is not enough); nothing is vendored."""
+    npm, node = shutil.which("npm"), shutil.which("node")
+    if npm is None or node is None:
+        pytest.skip("needs node and npm (.ci/run installs them)")
+    folder = tmp_path_factory.mktemp("tus-js-client")
+    install = subprocess.run(
+        [npm, "install", "--no-audit", "--no-fund", "--silent", "--prefix", str(folder), TUS_JS_CLIENT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert install.returncode == 0, install.stdout + install.stderr
+    return folder
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
