@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 @dataclass
 class Cut:
-    """One planned cut of a PATCH body: after `after` bytes, or `fraction` of the body.
+    """One planned cut of a PATCH body: after `after` bytes of it, or at `fraction` of it, or
+    where it carries the upload's byte `at` (its Upload-Offset says where it starts; a PATCH
+    that ends before that byte passes whole, and the cut waits for a later one).
 
     Without `action` the link is dropped. With one, forwarding pauses there and `action(offset)`
     runs (the PATCH's Upload-Offset); it returns whether it cut (False: the cut is planned
@@ -28,14 +30,19 @@ class Cut:
 
     after: int | None = None
     fraction: float | None = None
+    at: int | None = None
     action: Callable[[int], Awaitable[bool]] | None = None
     name: str = "drop"
 
-    def point(self, length: int) -> int:
+    def point(self, length: int, offset: int | None) -> int | None:
+        """Where in a body of `length` bytes sent from `offset` to cut; None: not in this one."""
         if self.after is not None:
             return self.after
-        assert self.fraction is not None
-        return int(length * self.fraction)
+        if self.fraction is not None:
+            return int(length * self.fraction)
+        assert self.at is not None
+        start = offset or 0
+        return max(0, self.at - start) if self.at < start + length else None
 
 
 @dataclass(frozen=True)
@@ -133,9 +140,10 @@ class CuttingProxy:
                 cut: Cut | None = None
                 if method == "PATCH":
                     self.patch_offsets.append(-1 if offset is None else offset)
-                    if self.plan and length:
+                    if self.plan and length and (point := self.plan[0].point(length, offset)) is not None:
                         cut = self.plan.pop(0)
-                point = cut.point(length) if cut is not None else length + 1
+                if cut is None:
+                    point = length + 1
                 seen = 0
                 while seen < length:
                     data = await reader.read(min(65536, length - seen))
