@@ -464,11 +464,12 @@ async def acquire_lease(
 async def renew_lease(
     conn: asyncpg.Connection, upload_id: uuid.UUID, generation: int, lease_seconds: float = LEASE_SECONDS
 ) -> None:
-    """Keep an idle holder's lease alive; Fenced once it is no longer the holder's."""
+    """Keep an idle holder's lease alive, or a finisher's through a long assembly; Fenced once
+    it is no longer the holder's."""
     status = await conn.execute(
         """
         UPDATE uploads SET lease_expires = now() + make_interval(secs => $3)
-         WHERE id = $1 AND generation = $2 AND state = 'receiving' AND lease_owner IS NOT NULL
+         WHERE id = $1 AND generation = $2 AND state IN ('receiving', 'finishing') AND lease_owner IS NOT NULL
         """,
         upload_id,
         generation,
