@@ -252,6 +252,8 @@ async def upload_through_cuts(
         await asyncio.gather(*watchers, return_exceptions=True)
     for line in field.takeovers(proxy.log, proxy.cuts):
         print(line)
+    answers = [f"{mark.method} {mark.status}" for mark in proxy.log if mark.what == "answer" and mark.status != 204]
+    print(f"answers other than 204: {answers}")
     print(f"upload {took:.1f} s with {len(proxy.patch_offsets)} PATCHes, whole test {time.monotonic() - began:.1f} s")
 
 
