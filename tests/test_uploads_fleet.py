@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -35,6 +36,7 @@ SIZE = 200 * 1024 * 1024
 START = "2026-12-01T20:00"
 KEY = f"/prerecordings/{EVENT}/{START}"
 pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (.ci/run installs nginx-light)")
+SPACING = 16 * 1024 * 1024
 METADATA = {"event": EVENT, "start": START, "filetype": "audio/ogg"}
 
 # tus-js-client as Uppy runs it: defaults throughout (chunkSize unset: the whole file in one
@@ -89,6 +91,7 @@ class Field:
         self.created: list[dict] = []
         self.restarts: list[asyncio.Future[None]] = []
         self.kills: list[tuple[float, int]] = []
+        self.subscriptions = 0
 
     async def row(self, conn: asyncpg.Connection) -> asyncpg.Record | None:
         return await conn.fetchrow("SELECT generation, lease_owner, durable, state FROM uploads")
@@ -114,6 +117,7 @@ class Field:
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
                 headers = {} if not opened.is_set() else {"Last-Event-ID": str(last_id or 0)}
+                self.subscriptions += 1
                 with contextlib.suppress(aiohttp.ClientError, ConnectionError):
                     async with session.get(f"{self.balancer}/sse?types=prerecording-created", headers=headers) as sse:
                         while (message := await read_message(sse)) is not None:
@@ -162,13 +166,24 @@ class Field:
         """Three cuts at random points of the file (between 5 and 95 % of it), in a random
         order of kinds: one kill -9 of the PATCH's replica, two dropped links."""
         rng = random.Random(seed)
-        points = sorted(rng.randrange(SIZE // 20, SIZE * 19 // 20) for _ in range(3))
+        # Apart by more than the kernel and nginx buffer, so each cut PATCH brings the server
+        # bytes of its own to keep.
+        while True:
+            points = sorted(rng.randrange(SIZE // 20, SIZE * 19 // 20) for _ in range(3))
+            if min(b - a for a, b in itertools.pairwise(points)) >= SPACING:
+                break
         kinds = ["drop", "drop", "kill -9"]
         rng.shuffle(kinds)
         return [
             Cut(at=point, name=kind, action=self.kill_holder if kind == "kill -9" else None)
             for point, kind in zip(points, kinds, strict=True)
         ]
+
+    @staticmethod
+    def resumed_from(log: list[Mark], cut: Mark) -> int | None:
+        """The offset the client was told after a cut (its HEAD's answer)."""
+        heads = (m for m in log if m.time > cut.time and m.what == "answer" and m.method == "HEAD")
+        return next((m.offset for m in heads if m.status == 200), None)
 
     def takeovers(self, log: list[Mark], cuts: list[Mark]) -> list[str]:
         """For each cut: how long until the client's HEAD was answered, and until its next
@@ -222,9 +237,16 @@ class Field:
         assert len(list((self.storage / "blobs").rglob("*.ogg"))) == 1
 
 
-async def upload_through_cuts(
-    fleet, replicas, storage_env, tmp_path: Path, send: Callable[[str, Path], Awaitable[None]]
-) -> None:  # type: ignore[no-untyped-def]
+async def upload_through_cuts(  # type: ignore[no-untyped-def]
+    fleet,
+    replicas,
+    storage_env,
+    tmp_path: Path,
+    send: Callable[[str, Path], Awaitable[None]],
+    counts_cut_bytes: bool = True,
+) -> None:
+    """`counts_cut_bytes`: False for PATCHes with Upload-Checksum, of which a cut one keeps
+    nothing (it could not be verified)."""
     balancer, _ = fleet
     field = Field(balancer, replicas, storage_env, tmp_path)
     seed = int(os.environ.get("PREREC_FLEET_SEED", random.randrange(2**32)))
@@ -245,6 +267,10 @@ async def upload_through_cuts(
         assert [cut.what for cut in proxy.cuts].count("kill -9") == 1, (seed, proxy.cuts)
         offsets = [offset for offset in proxy.patch_offsets if offset >= 0]
         assert offsets == sorted(offsets), (seed, offsets)  # never sent from further back
+        if counts_cut_bytes:
+            # A cut PATCH kept what reached the server: the client resumed past where it began.
+            for cut in proxy.cuts:
+                assert (field.resumed_from(proxy.log, cut) or 0) > (cut.offset or 0), (seed, cut, proxy.log)
         await field.check(digest, seed)
     finally:
         for watcher in watchers:
@@ -253,7 +279,7 @@ async def upload_through_cuts(
     for line in field.takeovers(proxy.log, proxy.cuts):
         print(line)
     answers = [f"{mark.method} {mark.status}" for mark in proxy.log if mark.what == "answer" and mark.status != 204]
-    print(f"answers other than 204: {answers}")
+    print(f"answers other than 204: {answers}; /sse subscriptions (1 + reconnects): {field.subscriptions}")
     print(f"upload {took:.1f} s with {len(proxy.patch_offsets)} PATCHes, whole test {time.monotonic() - began:.1f} s")
 
 
@@ -275,7 +301,8 @@ def tuspy(**options: object) -> Callable[[str, Path], Awaitable[None]]:
     ids=["whole-file", "checksummed-8MiB-chunks"],
 )
 async def test_tuspy_through_kill_and_drops(fleet, replicas, storage_env, tmp_path: Path, options) -> None:  # type: ignore[no-untyped-def]
-    await upload_through_cuts(fleet, replicas, storage_env, tmp_path, tuspy(**options))
+    checksummed = bool(options.get("upload_checksum"))
+    await upload_through_cuts(fleet, replicas, storage_env, tmp_path, tuspy(**options), not checksummed)
 
 
 async def test_tus_js_client_defaults_through_kill_and_drops(  # type: ignore[no-untyped-def]
