@@ -54,6 +54,8 @@ class Mark:
     method: str = ""
     status: int = 0
     offset: int | None = None
+    # A cut's: how many bytes of the body had been forwarded when it fell.
+    forwarded: int = 0
 
 
 def _head(data: bytes) -> tuple[str, dict[str, str]]:
@@ -154,7 +156,7 @@ class CuttingProxy:
                         await up_writer.drain()
                         data, seen = data[point - seen :], point
                         if cut.action is None:
-                            self.cuts.append(self._mark(cut.name, offset=offset))
+                            self.cuts.append(self._mark(cut.name, offset=offset, forwarded=point))
                             _reset(writer)
                             # The server's side is closed, not reset: a reset makes its kernel
                             # drop what the process had not read yet, bytes that never reached
@@ -162,7 +164,7 @@ class CuttingProxy:
                             up_writer.close()
                             return "cut"
                         if await cut.action(-1 if offset is None else offset):
-                            self.cuts.append(self._mark(cut.name, offset=offset))
+                            self.cuts.append(self._mark(cut.name, offset=offset, forwarded=point))
                         else:
                             self.plan.insert(0, cut)
                         cut = None
