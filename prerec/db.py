@@ -464,11 +464,12 @@ async def acquire_lease(
 async def renew_lease(
     conn: asyncpg.Connection, upload_id: uuid.UUID, generation: int, lease_seconds: float = LEASE_SECONDS
 ) -> None:
-    """Keep an idle holder's lease alive; Fenced once it is no longer the holder's."""
+    """Keep an idle holder's lease alive, or a finisher's through a long assembly; Fenced once
+    it is no longer the holder's."""
     status = await conn.execute(
         """
         UPDATE uploads SET lease_expires = now() + make_interval(secs => $3)
-         WHERE id = $1 AND generation = $2 AND state = 'receiving' AND lease_owner IS NOT NULL
+         WHERE id = $1 AND generation = $2 AND state IN ('receiving', 'finishing') AND lease_owner IS NOT NULL
         """,
         upload_id,
         generation,
@@ -631,14 +632,22 @@ async def _end(
     keep_seconds: float,
 ) -> Upload:
     # The lease goes with the upload's end; expires_at now says how long the row is kept to
-    # replay `result` to a client that lost the last answer.
+    # replay `result` to a client that lost the last answer. Its pieces and tail go at once:
+    # the bytes they name are the prerecording's now, or discarded.
     row = await conn.fetchrow(
         f"""
-        UPDATE uploads
-           SET state = $3, result = $4::jsonb, expires_at = now() + make_interval(secs => $5),
-               lease_owner = NULL, lease_pid = NULL, lease_expires = NULL
-         WHERE id = $1 AND generation = $2 AND state IN ('receiving', 'finishing')
-        RETURNING {_UPLOAD_COLUMNS}
+        WITH ended AS (
+            UPDATE uploads
+               SET state = $3, result = $4::jsonb, expires_at = now() + make_interval(secs => $5),
+                   lease_owner = NULL, lease_pid = NULL, lease_expires = NULL
+             WHERE id = $1 AND generation = $2 AND state IN ('receiving', 'finishing')
+            RETURNING {_UPLOAD_COLUMNS}
+        ), pieces AS (
+            DELETE FROM upload_pieces USING ended WHERE upload_id = ended.id
+        ), tail AS (
+            DELETE FROM upload_tails USING ended WHERE upload_id = ended.id
+        )
+        SELECT * FROM ended
         """,
         upload_id,
         generation,

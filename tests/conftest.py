@@ -245,6 +245,27 @@ async def chromium_dom(url: str, tmp_path: Path, budget_ms: int) -> str:
     return (await asyncio.wait_for(chromium.communicate(), 120))[0].decode()
 
 
+TUS_JS_CLIENT = "tus-js-client@4.3.1"
+
+
+@pytest.fixture(scope="session")
+def tus_js_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder where Node finds tus-js-client: installed from npm now, once a session (it has
+    dependencies of its own, so a packed tarball is not enough); nothing is vendored."""
+    npm, node = shutil.which("npm"), shutil.which("node")
+    if npm is None or node is None:
+        pytest.skip("needs node and npm (.ci/run installs them)")
+    folder = tmp_path_factory.mktemp("tus-js-client")
+    install = subprocess.run(
+        [npm, "install", "--no-audit", "--no-fund", "--silent", "--prefix", str(folder), TUS_JS_CLIENT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert install.returncode == 0, install.stdout + install.stderr
+    return folder
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -397,3 +418,52 @@ async def read_events(response, count: int, timeout: float = 10.0) -> list[tuple
             if "data" in message:
                 events.append((int(message["id"]) if "id" in message else None, json.loads(message["data"])))  # type: ignore[arg-type]
     return events
+
+
+# A fleet: three replicas on one database and one storage folder, behind the repository's nginx
+
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+
+
+def documented_nginx_block() -> str:
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    return re.search(r"```nginx\n(.*?)```", text, re.DOTALL).group(1)  # type: ignore[union-attr]
+
+
+def nginx_config(tmp_path: Path, listen: int, upstreams: list[int]) -> Path:
+    block = documented_nginx_block()
+    servers = "".join(f"    server 127.0.0.1:{port};\n" for port in upstreams)
+    block = re.sub(r"(upstream prerec \{\n)(?:    server [^\n]+\n)+", lambda m: m.group(1) + servers, block)
+    block = block.replace("listen 10600;", f"listen 127.0.0.1:{listen};")
+    config = tmp_path / "nginx.conf"
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    config.write_text(
+        f"{user}daemon off;\nworker_processes 1;\npid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/nginx-error.log;\n"
+        "events { worker_connections 1024; }\n"
+        f"http {{\naccess_log off;\nclient_body_temp_path {tmp_path}/body;\nproxy_temp_path {tmp_path}/proxy;\n"
+        f"{block}\n}}\n"
+    )
+    return config
+
+
+@pytest.fixture
+def fleet(tmp_path, storage_env, replicas):  # type: ignore[no-untyped-def]
+    ports = [free_port() for _ in range(3)]
+    for index, port in enumerate(ports):
+        replicas.append(Replica(storage_env, port, tmp_path / f"replica{index}.log"))
+    for replica in replicas:
+        replica.wait_ready()
+    listen = free_port()
+    nginx = subprocess.Popen([NGINX, "-c", str(nginx_config(tmp_path, listen, ports))], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", listen), timeout=1).close()
+            break
+        except OSError:
+            if nginx.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"nginx did not start: {nginx.stderr.read() if nginx.stderr else ''}") from None
+            time.sleep(0.05)
+    yield f"http://127.0.0.1:{listen}", [replica.url for replica in replicas]
+    nginx.terminate()
+    nginx.wait(10)

@@ -408,6 +408,21 @@ async def test_a_failed_upload_keeps_its_refusal(conn) -> None:
         await db.finish_upload(conn, upload.id, upload.generation, {"status": 201}, DAY)
 
 
+@pytest.mark.parametrize("end", [db.finish_upload, db.fail_upload])
+async def test_an_ended_upload_keeps_no_pieces_nor_tail(conn, end) -> None:  # type: ignore[no-untyped-def]
+    upload = await new_upload(conn, length=100)
+    gen = (await db.acquire_lease(conn, upload.id, "a", None)).generation
+    await db.advance(conn, upload.id, gen, 0, 100, DAY, pieces=[Piece(0, 90, gen)], tail=Tail(90, b"t" * 10))
+    other = await new_upload(conn, length=100)
+    other_gen = (await db.acquire_lease(conn, other.id, "a", None)).generation
+    await db.advance(conn, other.id, other_gen, 0, 50, DAY, pieces=[Piece(0, 50, other_gen)])
+    # Its bytes are the prerecording's now (or gone): nothing left to find them by.
+    await end(conn, upload.id, gen, {"status": 201}, DAY)
+    assert await db.upload_pieces(conn, upload.id) == []
+    assert await db.upload_tail(conn, upload.id) is None
+    assert await db.upload_pieces(conn, other.id) == [Piece(0, 50, other_gen)]  # only its own
+
+
 async def test_a_cancel_fences_the_holder_whose_release_then_tells_the_canceller(conn, connect) -> None:
     holder = await connect()
     upload = await new_upload(conn)

@@ -3,66 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-import shutil
-import socket
-import subprocess
-import time
-from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.conftest import EVENT, ROOT, Replica, free_port, ogg, read_events
+from tests.conftest import EVENT, NGINX, ogg, read_events
 
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (.ci/run installs nginx-light)")
 OGG = {"Content-Type": "audio/ogg"}
-
-
-def documented_nginx_block() -> str:
-    text = (ROOT / "docs" / "deploy.md").read_text()
-    return re.search(r"```nginx\n(.*?)```", text, re.DOTALL).group(1)  # type: ignore[union-attr]
-
-
-def nginx_config(tmp_path: Path, listen: int, upstreams: list[int]) -> Path:
-    block = documented_nginx_block()
-    servers = "".join(f"    server 127.0.0.1:{port};\n" for port in upstreams)
-    block = re.sub(r"(upstream prerec \{\n)(?:    server [^\n]+\n)+", lambda m: m.group(1) + servers, block)
-    block = block.replace("listen 10600;", f"listen 127.0.0.1:{listen};")
-    config = tmp_path / "nginx.conf"
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    config.write_text(
-        f"{user}daemon off;\nworker_processes 1;\npid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/nginx-error.log;\n"
-        "events { worker_connections 1024; }\n"
-        f"http {{\naccess_log off;\nclient_body_temp_path {tmp_path}/body;\nproxy_temp_path {tmp_path}/proxy;\n"
-        f"{block}\n}}\n"
-    )
-    return config
-
-
-@pytest.fixture
-def fleet(tmp_path, storage_env, replicas):  # type: ignore[no-untyped-def]
-    ports = [free_port() for _ in range(3)]
-    for index, port in enumerate(ports):
-        replicas.append(Replica(storage_env, port, tmp_path / f"replica{index}.log"))
-    for replica in replicas:
-        replica.wait_ready()
-    listen = free_port()
-    nginx = subprocess.Popen([NGINX, "-c", str(nginx_config(tmp_path, listen, ports))], stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", listen), timeout=1).close()
-            break
-        except OSError:
-            if nginx.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"nginx did not start: {nginx.stderr.read() if nginx.stderr else ''}") from None
-            time.sleep(0.05)
-    yield f"http://127.0.0.1:{listen}", [replica.url for replica in replicas]
-    nginx.terminate()
-    nginx.wait(10)
 
 
 async def test_an_upload_through_nginx_reaches_every_subscriber(fleet) -> None:

@@ -7,9 +7,6 @@ import asyncio
 import base64
 import hashlib
 import os
-import re
-import socket
-import struct
 import uuid
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from prerec.config import Settings
 from prerec.problems import Problem
 from prerec.uploads import tus
 from tests.conftest import EVENT, blob_files, created_events, ogg, wait_for
+from tests.cutproxy import Cut, CuttingProxy
 
 START = "2026-12-01T20:00"
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -427,71 +425,14 @@ async def test_a_digest_given_at_creation_is_verified_at_the_end(
         assert (await client.head(location)).status == 410
 
 
-class CuttingProxy:
-    """Forwards to the server, and resets a PATCH's connection (both sides) once the given
-    number of its bytes went through; one planned cut per PATCH, then plain forwarding."""
-
-    def __init__(self, upstream: tuple[str, int], cuts: list[int]) -> None:
-        self.upstream = upstream
-        self.plan = list(cuts)
-        self.cut = 0
-        self.patch_offsets: list[int] = []
-
-    @staticmethod
-    def _reset(writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        writer.transport.abort()
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        cut_at: int | None = None
-
-        async def to_server() -> None:
-            nonlocal cut_at
-            seen = 0
-            while data := await reader.read(65536):
-                if seen == 0 and data.startswith(b"PATCH"):
-                    offset = re.search(rb"(?i)upload-offset: *(\d+)", data)
-                    self.patch_offsets.append(int(offset.group(1)) if offset else -1)
-                    if self.plan:
-                        cut_at = self.plan.pop(0)
-                if cut_at is not None and seen + len(data) >= cut_at:
-                    up_writer.write(data[: cut_at - seen])
-                    await up_writer.drain()
-                    self.cut += 1
-                    self._reset(writer)
-                    # The server's side is closed, not reset: a reset makes its kernel drop what
-                    # the process had not read yet, bytes that never reached the server at all.
-                    # What did reach it must count.
-                    up_writer.close()
-                    return
-                seen += len(data)
-                up_writer.write(data)
-                await up_writer.drain()
-
-        async def to_client() -> None:
-            while data := await up_reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-            writer.close()
-
-        await asyncio.gather(to_server(), to_client(), return_exceptions=True)
-        up_writer.close()
-
-
 async def test_tuspy_survives_cuts_mid_patch_and_resumes_from_what_arrived(
     client: TestClient, settings: Settings, database_url: str, tmp_path: Path
 ) -> None:
     data = audio(4 * 1024 * 1024 + 11)
     path = tmp_path / "show.ogg"
     path.write_bytes(data)
-    proxy = CuttingProxy((client.host, client.port), cuts=[1_500_000, 1_200_000])
-    server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        uploader = TusClient(f"http://127.0.0.1:{port}/uploads").uploader(
+    async with CuttingProxy((client.host, client.port), [Cut(after=1_500_000), Cut(after=1_200_000)]) as proxy:
+        uploader = TusClient(f"http://127.0.0.1:{proxy.port}/uploads").uploader(
             file_path=str(path),
             metadata={"event": EVENT, "start": START, "filetype": "audio/ogg"},
             retries=5,
@@ -499,10 +440,7 @@ async def test_tuspy_survives_cuts_mid_patch_and_resumes_from_what_arrived(
         )
         # tuspy's own retry loop: after each cut it asks for the offset and sends the rest.
         await asyncio.to_thread(uploader.upload)
-    finally:
-        server.close()
-        await server.wait_closed()
-    assert proxy.cut == 2
+    assert len(proxy.cuts) == 2
     # Offsets never went back, and what the cut PATCHes brought was kept: the client did not
     # start over. (Not every cut's bytes are counted by the next HEAD: one that arrives while the
     # cut PATCH is still taking its lease reports the offset before it, and the client sends

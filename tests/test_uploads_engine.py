@@ -380,3 +380,38 @@ async def test_an_upload_complete_but_unfinished_is_finished_by_the_next_head(
         assert await response.read() == data
     assert await created_events(database_url) == 1
     assert segments(settings) == []
+
+
+async def test_the_finisher_keeps_its_lease_alive_through_a_long_assembly(
+    client: TestClient, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Assembling gigabytes on a slow disk may outlast a lease: the finisher renews it, or
+    another replica would take the upload as abandoned and finish it a second time."""
+    from prerec.storage.fs import FileStorage
+
+    monkeypatch.setattr(engine, "RENEW_SECONDS", 0.05)
+    assemble = FileStorage.assemble
+    leases: list[tuple[str, object]] = []
+
+    async def slow_assemble(storage: FileStorage, upload_id: uuid.UUID, length: int, pieces: list[Piece]) -> str:
+        # The disk's own pace, slowed: the same assembly, begun later.
+        conn = await asyncpg.connect(database_url)
+        try:
+            query = "SELECT state, lease_expires FROM uploads WHERE id = $1"
+            leases.append(tuple(await conn.fetchrow(query, upload_id)))
+            await asyncio.sleep(0.5)
+            leases.append(tuple(await conn.fetchrow(query, upload_id)))
+        finally:
+            await conn.close()
+        return await assemble(storage, upload_id, length, pieces)
+
+    monkeypatch.setattr(FileStorage, "assemble", slow_assemble)
+    data = audio(100_000)
+    base = base_of(client)
+    location = await create(client.session, base, len(data))
+    async with client.session.patch(f"{base}{location}", data=data, headers={**PATCH, "Upload-Offset": "0"}) as answer:
+        assert answer.status == 204, await answer.text()
+    (state, before), (_, after) = leases
+    assert state == "finishing"
+    assert after > before  # type: ignore[operator]
+    assert await created_events(database_url) == 1

@@ -606,7 +606,9 @@ class Engine:
             )
         async with self._connection() as conn:
             upload = await db.begin_finishing(conn, upload.id, generation)
-        name = await self.storage.assemble(upload.id, upload.length, pieces)
+        # Assembling gigabytes may outlast a lease: renewed, or another replica would take the
+        # upload as abandoned and finish it a second time.
+        name = await self._renewing(upload.id, generation, self.storage.assemble(upload.id, upload.length, pieces))
         result: dict[str, Any] = {}
 
         async def finished(conn: asyncpg.Connection, saved: db.Saved) -> None:
