@@ -177,3 +177,29 @@ def test_ietf_draft_session_works_as_written(server, tmp_path) -> None:
     with urllib.request.urlopen(key) as response:
         assert response.headers["ETag"] == etag
         assert response.read() == body
+
+
+def test_tus_js_client_snippet_works_as_written(server, tmp_path, tus_js_client) -> None:
+    """The README's tus-js-client snippet, run by Node on a file instead of a browser's File."""
+    import hashlib
+    import shutil
+    import urllib.request
+
+    section = (ROOT / "README.md").read_text().split("## Resumable uploads", 1)[1].split("\n## ", 1)[0]
+    snippet = section.split("```js\n", 1)[1].split("```", 1)[0]
+    assert 'endpoint: "/uploads"' in snippet
+    snippet = snippet.replace('endpoint: "/uploads"', f'endpoint: "{server.url}/uploads"')
+    body = ogg(3_000_000, b"\x01\x02\x03\x0b")
+    (tmp_path / "prerecording.ogg").write_bytes(body)
+    script = tus_js_client / "readme.mjs"
+    script.write_text('import fs from "node:fs";\nconst file = fs.createReadStream(process.argv[2]);\n' + snippet)
+    node = shutil.which("node")
+    assert node is not None
+    done = subprocess.run(
+        [node, str(script), str(tmp_path / "prerecording.ogg")], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and "on air" in done.stdout, done.stdout + done.stderr
+    key = f"{server.url}/prerecordings/0f339cb0-7ab4-43fe-852d-75708232f76c/2024-01-04T00:00"
+    with urllib.request.urlopen(key) as response:
+        assert response.headers["ETag"] == f'"{hashlib.sha256(body).hexdigest()}"'
+        assert response.read() == body
