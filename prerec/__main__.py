@@ -108,6 +108,7 @@ def _return_freed_memory() -> None:
 def serve_worker(settings: Settings, database_url: str, reuse_port: bool) -> None:
     from prerec.app import create_app
     from prerec.app import serve as serve_app
+    from prerec.storage import StorageUnavailable
 
     _return_freed_memory()
     app = create_app(settings, database_url)
@@ -115,6 +116,9 @@ def serve_worker(settings: Settings, database_url: str, reuse_port: bool) -> Non
         asyncio.run(serve_app(app, settings, reuse_port=reuse_port))
     except OSError as error:
         log.error("cannot start serving on %s:%d: %s", settings.host, settings.port, error)
+        raise SystemExit(1) from None
+    except StorageUnavailable as error:
+        log.error("cannot start: %s", error)
         raise SystemExit(1) from None
     finally:
         # Closing the loop restores SIGTERM's default, which would kill us without atexit while
@@ -229,14 +233,30 @@ def _die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def storage_check(settings: Settings, apply: bool, grace_seconds: float) -> int:
-    from prerec.storage.fs import FileStorage
+async def _check_storage(settings: Settings, apply: bool, grace_seconds: float):  # type: ignore[no-untyped-def]
+    from prerec.storage import open_storage
     from prerec.storage_check import check
 
+    storage = open_storage(settings)
+    await storage.start()
     try:
-        report = asyncio.run(
-            check(resolve_database_url(settings), FileStorage(settings.blob_dir), grace_seconds, apply)
-        )
+        return await check(resolve_database_url(settings), storage, grace_seconds, apply)
+    finally:
+        await storage.close()
+
+
+def storage_check(settings: Settings, apply: bool, grace_seconds: float) -> int:
+    from prerec.problems import Problem
+    from prerec.storage import StorageUnavailable
+
+    try:
+        report = asyncio.run(_check_storage(settings, apply, grace_seconds))
+    except Problem as problem:
+        print(f"prerec gc: could not check: {problem.detail}", file=sys.stderr)
+        return 2
+    except StorageUnavailable as error:
+        print(f"prerec gc: could not check: {error}", file=sys.stderr)
+        return 2
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
         print(f"prerec gc: could not check: {error}", file=sys.stderr)
         return 2

@@ -17,8 +17,7 @@ from prerec.prerecordings import UPLOADS
 from prerec.problems import Problem, problems_middleware
 from prerec.ready import SHUTTING_DOWN
 from prerec.routes import add_routes
-from prerec.storage import STORAGE
-from prerec.storage.fs import FileStorage
+from prerec.storage import STORAGE, open_storage
 from prerec.telemetry import METRICS, Metrics, telemetry_middleware
 from prerec.uploads.engine import ENGINE, Engine
 
@@ -33,7 +32,7 @@ def create_app(settings: Settings, database_url: str) -> web.Application:
     app[DATABASE_URL] = database_url
     app[SHUTTING_DOWN] = asyncio.Event()
     app[UPLOADS] = set()
-    app[STORAGE] = FileStorage(settings.blob_dir)
+    app[STORAGE] = open_storage(settings)
     app[METRICS] = Metrics(app[STORAGE])
     app[CACHE] = MetadataCache()
     app[ENGINE] = Engine(app)
@@ -68,6 +67,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
     sweeper = asyncio.create_task(_sweep_forever(app))
     yield
     await tasks.stop(sweeper, settings.db_timeout_seconds, "the storage sweeper")
+    await app[STORAGE].close()
 
 
 async def _sweep_forever(app: web.Application) -> None:

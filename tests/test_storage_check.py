@@ -62,7 +62,7 @@ async def test_finds_and_repairs_orphans_leftovers_missing_and_torn_blobs(client
     assert report.orphans == ["ff/ffff.ogg"] and report.young_orphans == ["ff/fffe.ogg"]
     assert [row.blob for row in report.missing] == [first.relative_to(settings.blob_dir / "blobs").as_posix()]
     assert [(row.size, size) for row, size in report.wrong_size] == [(1000, 9)]
-    assert report.stale_tmp == ["crashed.part"]
+    assert report.leftovers == ["crashed.part"]
     assert orphan.exists() and leftover.exists()  # a check alone changes nothing
 
     repaired = await check(database_url, FileStorage(settings.blob_dir), 3600, apply=True)

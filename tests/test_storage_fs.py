@@ -63,3 +63,18 @@ async def test_a_replaced_blob_stays_readable_for_the_grace_period(client, setti
     trash = sorted((settings.blob_dir / "trash").iterdir())
     assert sorted(path.read_bytes() for path in trash) == [ogg(1000, b"n"), ogg(1000, b"o")]
     assert await FileStorage(settings.blob_dir).sweep(3600) == []
+
+
+async def test_inventory_lists_blobs_in_service_and_leftovers_not_the_trash(client, settings) -> None:
+    await client.put(KEY, data=ogg(1000, b"o"), headers=OGG)
+    await client.put(KEY, data=ogg(2000, b"n"), headers=OGG)  # the first goes to the trash
+    leftover = settings.blob_dir / "tmp" / "crashed.part"
+    leftover.write_bytes(b"OggS")
+    storage = FileStorage(settings.blob_dir)
+    inventory = await storage.inventory()
+    [(name, stored)] = inventory.blobs.items()
+    assert stored.size == 2000 and await storage.blob_size(name) == 2000
+    assert list(inventory.leftovers) == ["crashed.part"] and inventory.leftovers["crashed.part"].size == 4
+    await storage.drop_leftover("crashed.part")
+    assert not leftover.exists() and (await storage.inventory()).leftovers == {}
+    assert await storage.blob_size("00/gone.ogg") is None

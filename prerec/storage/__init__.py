@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import concurrent.futures
 from dataclasses import dataclass
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
-from prerec.storage.fs import FileStorage
+if TYPE_CHECKING:
+    from prerec.config import Settings
+
+
+class StorageUnavailable(Exception):
+    """The store cannot be used at all (no such bucket, credentials refused): said at start,
+    not at the first upload. The message is for the operator."""
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,27 @@ class StoredBlob:
     @property
     def sha256(self) -> bytes:
         return self.digests["sha256"]
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A stored blob or leftover as a listing sees it: its size and when it was last written."""
+
+    size: int
+    modified: float  # a timestamp
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What a store holds, for the storage check and the orphan sweep.
+
+    `blobs`: blobs in service by name (retired ones are not listed: they are on their way out).
+    `leftovers`: what unfinished plain uploads left behind (temporary files, multipart uploads),
+    by a reference drop_leftover() takes; a young one may be an upload still arriving.
+    """
+
+    blobs: dict[str, Stored]
+    leftovers: dict[str, Stored]
 
 
 class Staged(Protocol):
@@ -60,6 +87,8 @@ class Storage(Protocol):
         """Get ready to serve (the folder backend lays out its folders)."""
         ...
 
+    async def close(self) -> None: ...
+
     async def ready(self) -> str | None:
         """What keeps the store from taking uploads now (for /ready), or None."""
         ...
@@ -92,7 +121,23 @@ class Storage(Protocol):
         what was removed."""
         ...
 
+    async def inventory(self) -> Inventory: ...
 
-# What the app keeps its blobs in. Typed as the folder backend while it is the only one: the
-# storage check still walks its folder (design step 4 puts that behind the interface too).
-STORAGE = web.AppKey("storage", FileStorage)
+    async def blob_size(self, name: str) -> int | None:
+        """The size of a blob now (None: it is missing), to check a suspicious row again."""
+        ...
+
+    async def drop_leftover(self, ref: str) -> None:
+        """Remove a leftover the inventory listed; gone already is fine."""
+        ...
+
+
+def open_storage(settings: Settings) -> Storage:
+    """The backend the settings choose (not started yet)."""
+    from prerec.storage.fs import FileStorage  # here: the backends import this module's types
+
+    return FileStorage(settings.blob_dir)
+
+
+# What the app keeps its blobs in.
+STORAGE = web.AppKey("storage", Storage)

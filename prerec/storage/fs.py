@@ -39,6 +39,7 @@ from typing import IO, Any
 
 from prerec.model import Piece
 from prerec.problems import Problem
+from prerec.storage import Inventory, Stored
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +222,24 @@ def _untouched_since(paths: Iterable[Path], cutoff: float) -> list[Path]:
     return found
 
 
+def _size(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return None
+
+
+def _stats(folder: Path, pattern: str) -> dict[str, Stored]:
+    found = {}
+    for path in folder.glob(pattern):
+        try:
+            stat = path.stat()
+        except FileNotFoundError:  # removed meanwhile (by another replica, say)
+            continue
+        found[path.relative_to(folder).as_posix()] = Stored(stat.st_size, stat.st_mtime)
+    return found
+
+
 class Segment:
     """One lease generation's segment file of a resumable upload; methods run on DISK.
 
@@ -285,6 +304,9 @@ class FileStorage:
         for folder in FOLDERS:
             (self.root / folder).mkdir(parents=True, exist_ok=True)
 
+    async def close(self) -> None:
+        pass
+
     async def ready(self) -> str | None:
         try:
             await asyncio.get_running_loop().run_in_executor(DISK, _probe, self.root / "tmp")
@@ -342,6 +364,20 @@ class FileStorage:
     def stale_tmp(self, cutoff: float) -> list[Path]:
         """Temporary files untouched since `cutoff` (a timestamp): uploads cut off by a crash."""
         return _untouched_since((self.root / "tmp").glob("*.part"), cutoff)
+
+    async def inventory(self) -> Inventory:
+        return await on_disk(self._inventory)
+
+    def _inventory(self) -> Inventory:
+        # Leftovers are temporary files, by file name. Resumable uploads' segments are the
+        # upload engine's to sweep (it asks the database which uploads still run).
+        return Inventory(_stats(self.root / "blobs", "*/*"), _stats(self.root / "tmp", "*.part"))
+
+    async def blob_size(self, name: str) -> int | None:
+        return await on_disk(_size, blob_path(self.root, name))
+
+    async def drop_leftover(self, ref: str) -> None:
+        await on_disk(Path.unlink, self.root / "tmp" / Path(ref).name, True)
 
     async def sweep(self, max_age_seconds: float) -> list[str]:
         """Remove temporary files untouched for max_age_seconds (uploads cut off by a crash) and
