@@ -33,11 +33,15 @@ async def test_reader_keeps_its_blob_after_a_replace(client, settings) -> None:
     await client.put(KEY, data=old, headers=OGG)
     name = blob_files(settings)[0].relative_to(settings.blob_dir / "blobs").as_posix()
     storage = FileStorage(settings.blob_dir)
-    with storage.open(name) as opened:
+    opened = await storage.open(name, len(old), 0, len(old))
+    assert opened is not None and opened.file is not None
+    try:
         await client.put(KEY, data=ogg(100, b"n"), headers=OGG)
         assert not (settings.blob_dir / "blobs" / name).exists()
         await storage.sweep(0)  # even once the grace period is over
-        assert opened.read() == old
+        assert opened.file.read() == old
+    finally:
+        opened.close()
 
 
 async def test_sweep_removes_only_stale_temporary_and_retired_files(tmp_path) -> None:
