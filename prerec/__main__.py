@@ -76,7 +76,15 @@ def without_password(url: str) -> str:
 
 def serve(settings: Settings) -> None:
     # Where everything lives, first: an operator reading the log must not have to guess.
-    log.info("storage folder: %s", settings.blob_dir.resolve())
+    if settings.storage_url is None:
+        log.info("storage folder: %s", settings.blob_dir.resolve())
+    else:
+        log.info(
+            "storage: s3://%s/%s at %s",
+            settings.storage_url.bucket,
+            settings.storage_url.prefix,
+            settings.s3_endpoint_url or "AWS",
+        )
     database_url = resolve_database_url(settings)
     log.info("database: %s", without_password(database_url))
     # In a child process: SQLAlchemy and alembic then never load into the serving process,

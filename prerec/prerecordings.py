@@ -360,5 +360,6 @@ async def delete(request: web.Request) -> web.Response:
         )
     if deleted is None:
         raise _not_found(event, start)
+    request.app[CACHE].evict((str(event), format_start(start)))  # as commit_blob does
     await request.app[STORAGE].retire(deleted.blob)
     return web.Response(status=204)

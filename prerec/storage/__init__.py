@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import concurrent.futures
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
 if TYPE_CHECKING:
     from prerec.config import Settings
+    from prerec.storage.responses import Source
 
 
 class StorageUnavailable(Exception):
@@ -84,7 +85,8 @@ class Staged(Protocol):
 
 class Storage(Protocol):
     async def start(self) -> None:
-        """Get ready to serve (the folder backend lays out its folders)."""
+        """Get ready to serve (the folder backend lays out its folders; the S3 one checks its
+        bucket and credentials, StorageUnavailable when it cannot be used)."""
         ...
 
     async def close(self) -> None: ...
@@ -101,11 +103,14 @@ class Storage(Protocol):
         """Begin a new blob (a PUT's body)."""
         ...
 
-    def open(self, name: str) -> IO[bytes]:
-        """A blob, opened for sending; FileNotFoundError when it is gone."""
+    async def open(self, name: str, size: int, start: int, length: int) -> Source | None:
+        """The blob's bytes start..start+length, opened for sending (before any header goes
+        out, so a failing store is still a 503); None when it is missing or not `size` long."""
         ...
 
-    def exists(self, name: str) -> bool: ...
+    def exists(self, name: str) -> bool:
+        """Whether HEAD may answer for the blob (without a call to a remote store)."""
+        ...
 
     async def retire(self, name: str) -> None:
         """Take a replaced or deleted blob out of service; it is removed after a grace period,
@@ -134,7 +139,18 @@ class Storage(Protocol):
 
 def open_storage(settings: Settings) -> Storage:
     """The backend the settings choose (not started yet)."""
-    from prerec.storage.fs import FileStorage  # here: the backends import this module's types
+    # Imported here: the backends import this module's types.
+    if settings.storage_url is not None:
+        from prerec.storage.s3 import S3Storage
+
+        return S3Storage(
+            settings.storage_url,
+            settings.s3_endpoint_url,
+            settings.s3_region,
+            settings.s3_addressing_style,
+            settings.s3_timeout_seconds,
+        )
+    from prerec.storage.fs import FileStorage
 
     return FileStorage(settings.blob_dir)
 
