@@ -277,6 +277,36 @@ def storage_check(settings: Settings, apply: bool, grace_seconds: float) -> int:
     return 1 if report.anything_wrong else 0
 
 
+async def _copy_to_bucket(settings: Settings):  # type: ignore[no-untyped-def]
+    from prerec.storage import open_storage
+    from prerec.storage.copy import copy_to_bucket
+
+    bucket = open_storage(settings)
+    await bucket.start()
+    try:
+        return await copy_to_bucket(resolve_database_url(settings), settings.blob_dir, bucket)  # type: ignore[arg-type]
+    finally:
+        await bucket.close()
+
+
+def copy_to_bucket(settings: Settings) -> int:
+    from prerec.problems import Problem
+    from prerec.storage import StorageUnavailable
+
+    if settings.storage_url is None:
+        print("prerec copy-to-bucket: set PREREC_STORAGE_URL to the bucket to copy into", file=sys.stderr)
+        return 2
+    try:
+        result = asyncio.run(_copy_to_bucket(settings))
+    except (Problem, StorageUnavailable, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        detail = error.detail if isinstance(error, Problem) else error
+        print(f"prerec copy-to-bucket: stopped (run it again to go on): {detail}", file=sys.stderr)
+        return 2
+    for line in result.lines():
+        print(line)
+    return 1 if result.failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prerec", description=__doc__)
     commands = parser.add_subparsers(dest="command")
@@ -295,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="leave files younger than this alone: they may be uploads in progress "
         "(default: PREREC_TMP_MAX_AGE_SECONDS, one hour)",
+    )
+    commands.add_parser(
+        "copy-to-bucket",
+        help="copy every blob a row points at from PREREC_STORAGE_DIR into PREREC_STORAGE_URL's bucket, "
+        "under the same names (idempotent, resumable)",
     )
     new = commands.add_parser("revision", help="write a new, empty migration")
     new.add_argument("-m", "--message", required=True)
@@ -336,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "gc":
         grace = settings.tmp_max_age_seconds if args.grace_seconds is None else args.grace_seconds
         return storage_check(settings, args.apply, grace)
+    elif args.command == "copy-to-bucket":
+        return copy_to_bucket(settings)
     elif args.command == "revision":
         from alembic import command
         from alembic.config import Config

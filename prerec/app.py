@@ -73,17 +73,20 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
 async def _sweep_forever(app: web.Application) -> None:
     settings = app[SETTINGS_KEY]
     storage = app[STORAGE]
+    suspects: set[str] = set()  # orphans seen in the last round (storage_check.sweep_orphans)
     while True:
         try:
             for name in await storage.sweep(settings.tmp_max_age_seconds):
                 log.info("removed %s", name)
             retired = await storage_check.sweep_orphans(
-                app[db.POOL], storage, settings.tmp_max_age_seconds, settings.db_timeout_seconds
+                app[db.POOL], storage, settings.tmp_max_age_seconds, settings.db_timeout_seconds, suspects
             )
             for name in retired:
                 log.warning("retired orphan blob %s (no row pointed at it)", name)
         except OSError as error:
             log.warning("could not sweep the storage folder: %s", error)
+        except Problem as problem:  # the store is down or slow: the next round tries again
+            log.warning("could not sweep the store: %s", problem.detail)
         except Exception:  # one failed round must not end the sweeping for good
             log.exception("the storage sweep failed")
         await asyncio.sleep(min(settings.tmp_max_age_seconds / 2, 600))

@@ -149,12 +149,23 @@ async def _take_out(conn: asyncpg.Connection, event: uuid.UUID, start: datetime,
 MOST_ORPHANED = 0.5
 
 
-async def sweep_orphans(pool: asyncpg.Pool, storage: Storage, grace_seconds: float, timeout: float) -> list[str]:
+async def sweep_orphans(
+    pool: asyncpg.Pool,
+    storage: Storage,
+    grace_seconds: float,
+    timeout: float,
+    suspects: set[str] | None = None,
+) -> list[str]:
     """Retire blobs no row has pointed at for the grace period (the running service's sweep).
 
     They are what an upload leaves when its commit's outcome was uncertain (the database froze
     or went away mid-commit) and the row never came to be. Nothing is touched when the
     database cannot be asked: without it, every blob would look unreferenced.
+
+    With `suspects` (kept by the caller from one round to the next), a blob is retired only
+    when the round before found it orphaned too. A blob's age alone cannot tell on S3: an
+    object made by a multipart upload carries the time the upload *began* (on AWS), so a long
+    upload between its completion and its commit looks like an old orphan for a moment.
     """
     cutoff = time.time() - grace_seconds
     # Listed before a pooled connection is taken: no connection is held through a store's listing.
@@ -174,6 +185,11 @@ async def sweep_orphans(pool: asyncpg.Pool, storage: Storage, grace_seconds: flo
             len(files),
         )
         return []
+    if suspects is not None:
+        confirmed = [name for name in old if name in suspects]
+        suspects.clear()
+        suspects.update(name for name in old if name not in confirmed)
+        old = confirmed
     for name in old:
         # Retired, not unlinked: removed after another grace period, and recoverable until then.
         await storage.retire(name)

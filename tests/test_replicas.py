@@ -1,4 +1,4 @@
-"""Three replica processes on one database and one storage folder, behind a real nginx."""
+"""Three replica processes on one database and one store (a folder, or a bucket), behind a real nginx."""
 
 from __future__ import annotations
 
@@ -24,6 +24,10 @@ OGG = {"Content-Type": "audio/ogg"}
 def documented_nginx_block() -> str:
     text = (ROOT / "docs" / "deploy.md").read_text()
     return re.search(r"```nginx\n(.*?)```", text, re.DOTALL).group(1)  # type: ignore[union-attr]
+
+
+# Run on a shared folder and on a shared bucket (conftest.pytest_generate_tests).
+BACKENDS = ("fs", "s3")
 
 
 def nginx_config(tmp_path: Path, listen: int, upstreams: list[int]) -> Path:

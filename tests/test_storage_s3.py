@@ -18,7 +18,20 @@ from prerec.config import BucketUrl
 from prerec.storage import STORAGE, StorageUnavailable, open_storage
 from prerec.storage.s3 import PART_SIZE
 from prerec.storage_check import check
-from tests.conftest import EVENT, ROOT, Weed, blob_files, blob_names, ogg, put_head, read_answer, tmp_files, wait_for
+from tests.conftest import (
+    EVENT,
+    ROOT,
+    Replica,
+    Weed,
+    blob_files,
+    blob_names,
+    free_port,
+    ogg,
+    put_head,
+    read_answer,
+    tmp_files,
+    wait_for,
+)
 
 BACKENDS = ("s3",)
 KEY = f"/prerecordings/{EVENT}/2024-01-01T00:00:00"
@@ -133,6 +146,17 @@ async def test_a_missing_bucket_or_refused_credentials_stop_the_start(settings, 
         assert "wrong-secret-value" not in str(error)
 
 
+async def test_a_replica_on_a_missing_bucket_does_not_start(tmp_path, storage_env) -> None:
+    env = {**storage_env, "PREREC_STORAGE_URL": "s3://no-such-bucket/station", "PREREC_LOG_FORMAT": "text"}
+    replica = Replica(env, free_port(), tmp_path / "replica.log")
+    try:
+        assert replica.exited(60) == 1
+    finally:
+        replica.kill()
+    assert "cannot start: the object store s3://no-such-bucket/station/" in replica.log.read_text()
+    assert "the bucket 'no-such-bucket' does not exist" in replica.log.read_text()
+
+
 # The store failing
 
 
@@ -149,7 +173,7 @@ async def own_store(tmp_path, seaweed, settings, aiohttp_client, database_url): 
     )
     client = await aiohttp_client(create_app(on_it, database_url))
     yield weed, client, on_it
-    weed.stop()
+    weed.kill()  # thrown away: no need to wait for a clean stop
 
 
 async def test_the_store_down_mid_upload_is_503_then_uploads_work_again(own_store) -> None:
@@ -214,3 +238,59 @@ async def test_head_and_list_never_ask_the_store(own_store) -> None:
     etag = head.headers["ETag"]
     assert (await client.get(KEY, headers={"If-None-Match": etag})).status == 304  # a 304 touches no store
     weed.start()
+
+
+# Moving a folder into a bucket
+
+
+async def test_copy_to_bucket_moves_a_folder_idempotently(
+    aiohttp_client, settings, database_url, bucket_env, tmp_path
+) -> None:
+    on_folder = dataclasses.replace(settings, storage_url=None)
+    folder_client = await aiohttp_client(create_app(on_folder, database_url))
+    keys = [f"/prerecordings/{EVENT}/2024-01-0{day}T00:00" for day in (1, 2, 3)]
+    bodies = [ogg(1000, b"a"), ogg(PART_SIZE + 1000, b"b"), ogg(5000, b"c")]
+    for key, body in zip(keys, bodies, strict=True):
+        assert (await folder_client.put(key, data=body, headers=OGG)).status == 201
+    env = {
+        **os.environ,
+        **bucket_env,
+        "PREREC_DATABASE_URL": database_url,
+        "PREREC_STORAGE_DIR": str(on_folder.blob_dir),
+        "PREREC_LOG_FORMAT": "text",
+    }
+
+    def copy() -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "prerec", "copy-to-bucket"]
+        return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    first = copy()
+    assert first.returncode == 0 and "3 copied, 0 already in the bucket, 0 failed" in first.stdout, first.stderr
+    assert blob_names(settings) == blob_names(on_folder)
+    again = copy()
+    assert again.returncode == 0 and "0 copied, 3 already in the bucket, 0 failed" in again.stdout
+
+    # Resumable: what a cut run did not finish is copied the next time; and a file that does
+    # not hash to its row's SHA-256 is refused, not copied.
+    name = sorted(blob_names(settings))[0]
+    bucket = settings.storage_url.bucket
+    [stored] = [s for s in blob_files(settings) if s.key.endswith(name)]
+    stored.client.delete_object(Bucket=bucket, Key=stored.key)
+    torn = sorted(blob_names(on_folder))[1]
+    [other] = [s for s in blob_files(settings) if s.key.endswith(torn)]
+    other.client.delete_object(Bucket=bucket, Key=other.key)
+    path = on_folder.blob_dir / "blobs" / torn
+    path.write_bytes(b"X" * path.stat().st_size)
+    third = copy()
+    assert third.returncode == 1 and "1 copied, 1 already in the bucket, 1 failed" in third.stdout
+    assert f"failed: {torn} does not have the SHA-256 its row records" in third.stdout
+    assert torn not in blob_names(settings) and tmp_files(settings) == []
+
+    # Replicas on the bucket serve what the folder served.
+    bucket_client = await aiohttp_client(create_app(settings, database_url))
+    for key, body in zip(keys, bodies, strict=True):
+        response = await bucket_client.get(key)
+        if response.status == 200:
+            assert await response.read() == body
+    served = [(await bucket_client.get(key)).status for key in keys]
+    assert sorted(served) == [200, 200, 503]  # the one refused is missing, and said so

@@ -157,8 +157,9 @@ class S3Storage:
 
     # Plain uploads
 
-    async def stage(self) -> StagedObject:
-        return StagedObject(self)
+    async def stage(self, name: str | None = None) -> StagedObject:
+        """A new object under a fresh name (or `name`: copy-to-bucket keeps the folder's names)."""
+        return StagedObject(self, name or _new_name())
 
     # Downloads
 
@@ -351,9 +352,9 @@ class StagedObject:
     keeps an upload to two buffers whatever its size.
     """
 
-    def __init__(self, storage: S3Storage) -> None:
+    def __init__(self, storage: S3Storage, name: str) -> None:
         self.storage = storage
-        self.name = _new_name()
+        self.name = name
         self.key = storage.key("blobs", self.name)
         self.filling = bytearray()
         self.size = 0
