@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 
@@ -225,6 +226,23 @@ async def test_the_store_down_mid_download_cuts_it_then_503_then_downloads_work_
     weed.start()
     again = await client.get(KEY)
     assert again.status == 200 and await again.read() == body
+
+
+async def test_a_frozen_store_is_503_within_the_timeout_not_a_hang(own_store) -> None:
+    weed, client, settings = own_store
+    body = ogg(1000)
+    assert (await client.put(KEY, data=body, headers=OGG)).status == 201
+    os.kill(weed.process.pid, signal.SIGSTOP)  # connections are accepted, nothing is answered
+    try:
+        async with asyncio.timeout(4 * settings.s3_timeout_seconds):
+            frozen = await client.get(KEY)
+            assert frozen.status == 503 and frozen.headers["Retry-After"] == "5"
+            assert "did not answer within 2 s" in (await frozen.json())["detail"]
+            refused = await client.put(KEY, data=ogg(2000), headers=OGG)
+            assert refused.status == 503
+    finally:
+        os.kill(weed.process.pid, signal.SIGCONT)
+    assert await (await client.get(KEY)).read() == body
 
 
 async def test_head_and_list_never_ask_the_store(own_store) -> None:
