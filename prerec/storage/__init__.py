@@ -1,8 +1,9 @@
 """Where the audio is kept: the interface every storage backend offers, and its values.
 
-Backends sit side by side behind it (fs.py: a folder, which several replicas may share).
-receive.py streams a request body into any of them and responses.py sends a blob back, so
-handlers never know which backend they talk to.
+Backends sit side by side behind it: fs.py (a folder, which several replicas may share) and
+s3.py (a bucket of an S3-compatible store, for replicas on machines that share no filesystem);
+open_storage() picks one from the settings. receive.py streams a request body into any of
+them and responses.py sends a blob back, so handlers never know which backend they talk to.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class Storage(Protocol):
         ...
 
     async def stage(self) -> Staged:
-        """Begin a new blob (a PUT's body)."""
+        """Begin a new blob (a PUT's body), under a name no blob had before."""
         ...
 
     async def open(self, name: str, size: int, start: int, length: int) -> Source | None:
