@@ -50,8 +50,6 @@ PART_SIZE = 8 * 1024 * 1024
 # Parts on their way to the store at once, in the whole process: each holds a part's buffer
 # until the store has it. An upload has at most one part in flight and one buffer filling.
 PARTS_IN_FLIGHT = 8
-# A download is passed on in pieces of this size.
-READ_PIECE = 256 * 1024
 RETRY = {"Retry-After": "5"}
 # What the store says when an object or upload is not there (HEAD answers carry no code).
 MISSING = {"NoSuchKey", "NoSuchUpload", "404", "NotFound"}
@@ -494,7 +492,7 @@ class StagedObject:
 
 
 class ObjectSource:
-    """A ranged GET's body, passed on piece by piece; each piece bounded by the timeout."""
+    """A ranged GET's body, passed on as it arrives; each wait bounded by the timeout."""
 
     def __init__(self, storage: S3Storage, body: Any) -> None:
         self.storage = storage
@@ -504,7 +502,9 @@ class ObjectSource:
         while True:
             try:
                 async with asyncio.timeout(self.storage.timeout):
-                    piece = await self.body.read(READ_PIECE)
+                    # What arrived, as aiohttp buffered it: StreamingBody.read(n) joins
+                    # buffers into n bytes first, a copy that cost a quarter of the speed here.
+                    piece = await self.body.raw_stream.content.readany()
             except (TimeoutError, BotoCoreError, aiohttp.ClientError) as error:
                 # Headers are out: all that is left is to cut the response short, which the
                 # client sees as a download broken off (never a complete-looking short body).
