@@ -76,7 +76,15 @@ def without_password(url: str) -> str:
 
 def serve(settings: Settings) -> None:
     # Where everything lives, first: an operator reading the log must not have to guess.
-    log.info("storage folder: %s", settings.blob_dir.resolve())
+    if settings.storage_url is None:
+        log.info("storage folder: %s", settings.blob_dir.resolve())
+    else:
+        log.info(
+            "storage: s3://%s/%s at %s",
+            settings.storage_url.bucket,
+            settings.storage_url.prefix,
+            settings.s3_endpoint_url or "AWS",
+        )
     database_url = resolve_database_url(settings)
     log.info("database: %s", without_password(database_url))
     # In a child process: SQLAlchemy and alembic then never load into the serving process,
@@ -108,6 +116,7 @@ def _return_freed_memory() -> None:
 def serve_worker(settings: Settings, database_url: str, reuse_port: bool) -> None:
     from prerec.app import create_app
     from prerec.app import serve as serve_app
+    from prerec.storage import StorageUnavailable
 
     _return_freed_memory()
     app = create_app(settings, database_url)
@@ -115,6 +124,9 @@ def serve_worker(settings: Settings, database_url: str, reuse_port: bool) -> Non
         asyncio.run(serve_app(app, settings, reuse_port=reuse_port))
     except OSError as error:
         log.error("cannot start serving on %s:%d: %s", settings.host, settings.port, error)
+        raise SystemExit(1) from None
+    except StorageUnavailable as error:
+        log.error("cannot start: %s", error)
         raise SystemExit(1) from None
     finally:
         # Closing the loop restores SIGTERM's default, which would kill us without atexit while
@@ -229,14 +241,30 @@ def _die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def storage_check(settings: Settings, apply: bool, grace_seconds: float) -> int:
-    from prerec.storage.fs import FileStorage
+async def _check_storage(settings: Settings, apply: bool, grace_seconds: float):  # type: ignore[no-untyped-def]
+    from prerec.storage import open_storage
     from prerec.storage_check import check
 
+    storage = open_storage(settings)
+    await storage.start()
     try:
-        report = asyncio.run(
-            check(resolve_database_url(settings), FileStorage(settings.blob_dir), grace_seconds, apply)
-        )
+        return await check(resolve_database_url(settings), storage, grace_seconds, apply)
+    finally:
+        await storage.close()
+
+
+def storage_check(settings: Settings, apply: bool, grace_seconds: float) -> int:
+    from prerec.problems import Problem
+    from prerec.storage import StorageUnavailable
+
+    try:
+        report = asyncio.run(_check_storage(settings, apply, grace_seconds))
+    except Problem as problem:
+        print(f"prerec gc: could not check: {problem.detail}", file=sys.stderr)
+        return 2
+    except StorageUnavailable as error:
+        print(f"prerec gc: could not check: {error}", file=sys.stderr)
+        return 2
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
         print(f"prerec gc: could not check: {error}", file=sys.stderr)
         return 2
@@ -247,6 +275,36 @@ def storage_check(settings: Settings, apply: bool, grace_seconds: float) -> int:
         extra={"orphans": len(report.orphans), "missing": len(report.missing), "repaired": len(report.repaired)},
     )
     return 1 if report.anything_wrong else 0
+
+
+async def _copy_to_bucket(settings: Settings):  # type: ignore[no-untyped-def]
+    from prerec.storage import open_storage
+    from prerec.storage.copy import copy_to_bucket
+
+    bucket = open_storage(settings)
+    await bucket.start()
+    try:
+        return await copy_to_bucket(resolve_database_url(settings), settings.blob_dir, bucket)  # type: ignore[arg-type]
+    finally:
+        await bucket.close()
+
+
+def copy_to_bucket(settings: Settings) -> int:
+    from prerec.problems import Problem
+    from prerec.storage import StorageUnavailable
+
+    if settings.storage_url is None:
+        print("prerec copy-to-bucket: set PREREC_STORAGE_URL to the bucket to copy into", file=sys.stderr)
+        return 2
+    try:
+        result = asyncio.run(_copy_to_bucket(settings))
+    except (Problem, StorageUnavailable, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        detail = error.detail if isinstance(error, Problem) else error
+        print(f"prerec copy-to-bucket: stopped (run it again to go on): {detail}", file=sys.stderr)
+        return 2
+    for line in result.lines():
+        print(line)
+    return 1 if result.failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="leave files younger than this alone: they may be uploads in progress "
         "(default: PREREC_TMP_MAX_AGE_SECONDS, one hour)",
+    )
+    commands.add_parser(
+        "copy-to-bucket",
+        help="copy every blob a row points at from PREREC_STORAGE_DIR into PREREC_STORAGE_URL's bucket, "
+        "under the same names (idempotent, resumable)",
     )
     new = commands.add_parser("revision", help="write a new, empty migration")
     new.add_argument("-m", "--message", required=True)
@@ -308,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "gc":
         grace = settings.tmp_max_age_seconds if args.grace_seconds is None else args.grace_seconds
         return storage_check(settings, args.apply, grace)
+    elif args.command == "copy-to-bucket":
+        return copy_to_bucket(settings)
     elif args.command == "revision":
         from alembic import command
         from alembic.config import Config

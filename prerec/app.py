@@ -17,8 +17,7 @@ from prerec.prerecordings import UPLOADS
 from prerec.problems import Problem, problems_middleware
 from prerec.ready import SHUTTING_DOWN
 from prerec.routes import add_routes
-from prerec.storage import STORAGE
-from prerec.storage.fs import FileStorage
+from prerec.storage import STORAGE, open_storage
 from prerec.telemetry import METRICS, Metrics, telemetry_middleware
 from prerec.uploads.engine import ENGINE, Engine
 
@@ -33,7 +32,7 @@ def create_app(settings: Settings, database_url: str) -> web.Application:
     app[DATABASE_URL] = database_url
     app[SHUTTING_DOWN] = asyncio.Event()
     app[UPLOADS] = set()
-    app[STORAGE] = FileStorage(settings.blob_dir)
+    app[STORAGE] = open_storage(settings)
     app[METRICS] = Metrics(app[STORAGE])
     app[CACHE] = MetadataCache()
     app[ENGINE] = Engine(app)
@@ -68,22 +67,26 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
     sweeper = asyncio.create_task(_sweep_forever(app))
     yield
     await tasks.stop(sweeper, settings.db_timeout_seconds, "the storage sweeper")
+    await app[STORAGE].close()
 
 
 async def _sweep_forever(app: web.Application) -> None:
     settings = app[SETTINGS_KEY]
     storage = app[STORAGE]
+    suspects: set[str] = set()  # orphans seen in the last round (storage_check.sweep_orphans)
     while True:
         try:
             for name in await storage.sweep(settings.tmp_max_age_seconds):
                 log.info("removed %s", name)
             retired = await storage_check.sweep_orphans(
-                app[db.POOL], storage, settings.tmp_max_age_seconds, settings.db_timeout_seconds
+                app[db.POOL], storage, settings.tmp_max_age_seconds, settings.db_timeout_seconds, suspects
             )
             for name in retired:
                 log.warning("retired orphan blob %s (no row pointed at it)", name)
         except OSError as error:
             log.warning("could not sweep the storage folder: %s", error)
+        except Problem as problem:  # the store is down or slow: the next round tries again
+            log.warning("could not sweep the store: %s", problem.detail)
         except Exception:  # one failed round must not end the sweeping for good
             log.exception("the storage sweep failed")
         await asyncio.sleep(min(settings.tmp_max_age_seconds / 2, 600))

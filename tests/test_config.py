@@ -12,7 +12,7 @@ from tests.conftest import ROOT
 def test_readme_settings_table_is_the_generated_one() -> None:
     readme = (ROOT / "README.md").read_text()
     assert with_settings_table(readme) == readme, "README's settings table is stale: run `make docs`"
-    documented = re.findall(r"^\| `(PREREC_[A-Z_]+)` \|", readme, flags=re.MULTILINE)
+    documented = re.findall(r"^\| `(PREREC_[A-Z0-9_]+)` \|", readme, flags=re.MULTILINE)
     assert documented == [setting.env for setting in SETTINGS]
 
 

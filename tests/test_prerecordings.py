@@ -37,6 +37,9 @@ from tests.conftest import (
 BASE = f"/prerecordings/{EVENT}"
 OGG = {"Content-Type": "audio/ogg"}
 
+# Every test that stores blobs runs on the folder and on S3 (conftest.pytest_generate_tests).
+BACKENDS = ("fs", "s3")
+
 
 async def put(client, start: str, body: bytes, headers=None):  # type: ignore[no-untyped-def]
     return await client.put(f"{BASE}/{start}", data=body, headers={**OGG, **(headers or {})})

@@ -1,4 +1,4 @@
-"""Three replica processes on one database and one storage folder, behind a real nginx."""
+"""Three replica processes on one database and one store (a folder, or a bucket), behind a real nginx."""
 
 from __future__ import annotations
 
@@ -11,6 +11,10 @@ from tests.conftest import EVENT, NGINX, ogg, read_events
 
 pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (.ci/run installs nginx-light)")
 OGG = {"Content-Type": "audio/ogg"}
+
+
+# Run on a shared folder and on a shared bucket (conftest.pytest_generate_tests).
+BACKENDS = ("fs", "s3")
 
 
 async def test_an_upload_through_nginx_reaches_every_subscriber(fleet) -> None:

@@ -62,7 +62,7 @@ async def test_finds_and_repairs_orphans_leftovers_missing_and_torn_blobs(client
     assert report.orphans == ["ff/ffff.ogg"] and report.young_orphans == ["ff/fffe.ogg"]
     assert [row.blob for row in report.missing] == [first.relative_to(settings.blob_dir / "blobs").as_posix()]
     assert [(row.size, size) for row, size in report.wrong_size] == [(1000, 9)]
-    assert report.stale_tmp == ["crashed.part"]
+    assert report.leftovers == ["crashed.part"]
     assert orphan.exists() and leftover.exists()  # a check alone changes nothing
 
     repaired = await check(database_url, FileStorage(settings.blob_dir), 3600, apply=True)
@@ -174,3 +174,16 @@ async def test_the_sweeper_leaves_a_mostly_unreferenced_store_alone(client, sett
         "ff/fff2.ogg",
     ]
     assert not any(path.exists() for path in orphans)
+
+
+async def test_the_running_sweeper_retires_an_orphan_only_when_two_rounds_find_it(client, settings, app) -> None:
+    """On S3 an object from a long multipart upload carries the time the upload began, so a
+    blob between its completion and its commit can look old: one sighting is not enough."""
+    for key in KEYS:
+        await client.put(key, data=ogg(1000), headers=OGG)
+    orphan = orphan_blob(settings, "ffff.ogg", 7200)
+    suspects: set[str] = set()
+    assert await sweep_orphans(app[db.POOL], app[STORAGE], 3600, 5.0, suspects) == []
+    assert orphan.exists() and suspects == {"ff/ffff.ogg"}
+    assert await sweep_orphans(app[db.POOL], app[STORAGE], 3600, 5.0, suspects) == ["ff/ffff.ogg"]
+    assert not orphan.exists() and suspects == set()

@@ -33,11 +33,15 @@ async def test_reader_keeps_its_blob_after_a_replace(client, settings) -> None:
     await client.put(KEY, data=old, headers=OGG)
     name = blob_files(settings)[0].relative_to(settings.blob_dir / "blobs").as_posix()
     storage = FileStorage(settings.blob_dir)
-    with storage.open(name) as opened:
+    opened = await storage.open(name, len(old), 0, len(old))
+    assert opened is not None and opened.file is not None
+    try:
         await client.put(KEY, data=ogg(100, b"n"), headers=OGG)
         assert not (settings.blob_dir / "blobs" / name).exists()
         await storage.sweep(0)  # even once the grace period is over
-        assert opened.read() == old
+        assert opened.file.read() == old
+    finally:
+        opened.close()
 
 
 async def test_sweep_removes_only_stale_temporary_and_retired_files(tmp_path) -> None:
@@ -63,3 +67,18 @@ async def test_a_replaced_blob_stays_readable_for_the_grace_period(client, setti
     trash = sorted((settings.blob_dir / "trash").iterdir())
     assert sorted(path.read_bytes() for path in trash) == [ogg(1000, b"n"), ogg(1000, b"o")]
     assert await FileStorage(settings.blob_dir).sweep(3600) == []
+
+
+async def test_inventory_lists_blobs_in_service_and_leftovers_not_the_trash(client, settings) -> None:
+    await client.put(KEY, data=ogg(1000, b"o"), headers=OGG)
+    await client.put(KEY, data=ogg(2000, b"n"), headers=OGG)  # the first goes to the trash
+    leftover = settings.blob_dir / "tmp" / "crashed.part"
+    leftover.write_bytes(b"OggS")
+    storage = FileStorage(settings.blob_dir)
+    inventory = await storage.inventory()
+    [(name, stored)] = inventory.blobs.items()
+    assert stored.size == 2000 and await storage.blob_size(name) == 2000
+    assert list(inventory.leftovers) == ["crashed.part"] and inventory.leftovers["crashed.part"].size == 4
+    await storage.drop_leftover("crashed.part")
+    assert not leftover.exists() and (await storage.inventory()).leftovers == {}
+    assert await storage.blob_size("00/gone.ogg") is None

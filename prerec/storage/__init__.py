@@ -1,19 +1,27 @@
 """Where the audio is kept: the interface every storage backend offers, and its values.
 
-Backends sit side by side behind it (fs.py: a folder, which several replicas may share).
-receive.py streams a request body into any of them and responses.py sends a blob back, so
-handlers never know which backend they talk to.
+Backends sit side by side behind it: fs.py (a folder, which several replicas may share) and
+s3.py (a bucket of an S3-compatible store, for replicas on machines that share no filesystem);
+open_storage() picks one from the settings. receive.py streams a request body into any of
+them and responses.py sends a blob back, so handlers never know which backend they talk to.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 from dataclasses import dataclass
-from typing import IO, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
-from prerec.storage.fs import FileStorage
+if TYPE_CHECKING:
+    from prerec.config import Settings
+    from prerec.storage.responses import Source
+
+
+class StorageUnavailable(Exception):
+    """The store cannot be used at all (no such bucket, credentials refused): said at start,
+    not at the first upload. The message is for the operator."""
 
 
 @dataclass(frozen=True)
@@ -26,6 +34,27 @@ class StoredBlob:
     @property
     def sha256(self) -> bytes:
         return self.digests["sha256"]
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A stored blob or leftover as a listing sees it: its size and when it was last written."""
+
+    size: int
+    modified: float  # a timestamp
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What a store holds, for the storage check and the orphan sweep.
+
+    `blobs`: blobs in service by name (retired ones are not listed: they are on their way out).
+    `leftovers`: what unfinished plain uploads left behind (temporary files, multipart uploads),
+    by a reference drop_leftover() takes; a young one may be an upload still arriving.
+    """
+
+    blobs: dict[str, Stored]
+    leftovers: dict[str, Stored]
 
 
 class Staged(Protocol):
@@ -57,8 +86,11 @@ class Staged(Protocol):
 
 class Storage(Protocol):
     async def start(self) -> None:
-        """Get ready to serve (the folder backend lays out its folders)."""
+        """Get ready to serve (the folder backend lays out its folders; the S3 one checks its
+        bucket and credentials, StorageUnavailable when it cannot be used)."""
         ...
+
+    async def close(self) -> None: ...
 
     async def ready(self) -> str | None:
         """What keeps the store from taking uploads now (for /ready), or None."""
@@ -69,14 +101,17 @@ class Storage(Protocol):
         ...
 
     async def stage(self) -> Staged:
-        """Begin a new blob (a PUT's body)."""
+        """Begin a new blob (a PUT's body), under a name no blob had before."""
         ...
 
-    def open(self, name: str) -> IO[bytes]:
-        """A blob, opened for sending; FileNotFoundError when it is gone."""
+    async def open(self, name: str, size: int, start: int, length: int) -> Source | None:
+        """The blob's bytes start..start+length, opened for sending (before any header goes
+        out, so a failing store is still a 503); None when it is missing or not `size` long."""
         ...
 
-    def exists(self, name: str) -> bool: ...
+    def exists(self, name: str) -> bool:
+        """Whether HEAD may answer for the blob (without a call to a remote store)."""
+        ...
 
     async def retire(self, name: str) -> None:
         """Take a replaced or deleted blob out of service; it is removed after a grace period,
@@ -92,7 +127,34 @@ class Storage(Protocol):
         what was removed."""
         ...
 
+    async def inventory(self) -> Inventory: ...
 
-# What the app keeps its blobs in. Typed as the folder backend while it is the only one: the
-# storage check still walks its folder (design step 4 puts that behind the interface too).
-STORAGE = web.AppKey("storage", FileStorage)
+    async def blob_size(self, name: str) -> int | None:
+        """The size of a blob now (None: it is missing), to check a suspicious row again."""
+        ...
+
+    async def drop_leftover(self, ref: str) -> None:
+        """Remove a leftover the inventory listed; gone already is fine."""
+        ...
+
+
+def open_storage(settings: Settings) -> Storage:
+    """The backend the settings choose (not started yet)."""
+    # Imported here: the backends import this module's types.
+    if settings.storage_url is not None:
+        from prerec.storage.s3 import S3Storage
+
+        return S3Storage(
+            settings.storage_url,
+            settings.s3_endpoint_url,
+            settings.s3_region,
+            settings.s3_addressing_style,
+            settings.s3_timeout_seconds,
+        )
+    from prerec.storage.fs import FileStorage
+
+    return FileStorage(settings.blob_dir)
+
+
+# What the app keeps its blobs in.
+STORAGE = web.AppKey("storage", Storage)

@@ -39,6 +39,7 @@ from typing import IO, Any
 
 from prerec.model import Piece
 from prerec.problems import Problem
+from prerec.storage import Inventory, Stored
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,63 @@ class StagedFile:
                 os.unlink(blob_path(self.root, committing.result()))
 
 
+# Below this size a blob is read and written in one go: cheaper than the sendfile machinery
+# (which waits for the socket to be writable and loops in the event loop) for the small files
+# UIs and probes fetch in bursts.
+SMALL_BLOB = 64 * 1024
+# Without sendfile, a blob is copied through a thread in pieces of this size.
+READ_PIECE = 1024 * 1024
+
+
+class FileSource:
+    """An opened blob file, sent with sendfile."""
+
+    def __init__(self, file: IO[bytes], offset: int, count: int) -> None:
+        self.file: IO[bytes] | None = file
+        self.offset = offset
+        self.count = count
+
+    async def send(self, response: Any, request: Any, writer: Any) -> None:
+        assert self.file is not None
+        if self.count <= SMALL_BLOB:
+            await response.write(os.pread(self.file.fileno(), self.count, self.offset))
+            response.body_sent = self.count
+            return
+        loop = asyncio.get_running_loop()
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            # What aiohttp expects of a client that left (loop.sendfile would raise RuntimeError).
+            raise ConnectionResetError("Connection lost")
+        # asyncio leaves the file position after the last byte sent, also when the client breaks
+        # off: that is how much went out.
+        self.file.seek(self.offset)
+        try:
+            await loop.sendfile(transport, self.file, self.offset, self.count)
+        except NotImplementedError:
+            # No sendfile (uvloop): copy in pieces through a thread. pread keeps the position.
+            left = self.count
+            while left > 0:
+                piece = await loop.run_in_executor(
+                    DISK, os.pread, self.file.fileno(), min(left, READ_PIECE), self.offset + response.body_sent
+                )
+                if not piece:
+                    break
+                await response.write(piece)
+                response.body_sent += len(piece)
+                left -= len(piece)
+        finally:
+            sent = self.file.tell() - self.offset
+            response.body_sent += sent
+            # sendfile goes around aiohttp's writer, whose output_size is what the response sent
+            # (its body_length, our access log's bytes).
+            writer.output_size += sent
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
 def _probe(tmp: Path) -> None:
     # A real write: os.access() says yes to root whatever the mount allows.
     with tempfile.NamedTemporaryFile(dir=tmp, prefix="ready-", suffix=".probe") as probe:
@@ -218,6 +276,24 @@ def _untouched_since(paths: Iterable[Path], cutoff: float) -> list[Path]:
                 found.append(path)
         except FileNotFoundError:  # removed meanwhile (by another replica, say)
             continue
+    return found
+
+
+def _size(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return None
+
+
+def _stats(folder: Path, pattern: str) -> dict[str, Stored]:
+    found = {}
+    for path in folder.glob(pattern):
+        try:
+            stat = path.stat()
+        except FileNotFoundError:  # removed meanwhile (by another replica, say)
+            continue
+        found[path.relative_to(folder).as_posix()] = Stored(stat.st_size, stat.st_mtime)
     return found
 
 
@@ -285,6 +361,9 @@ class FileStorage:
         for folder in FOLDERS:
             (self.root / folder).mkdir(parents=True, exist_ok=True)
 
+    async def close(self) -> None:
+        pass
+
     async def ready(self) -> str | None:
         try:
             await asyncio.get_running_loop().run_in_executor(DISK, _probe, self.root / "tmp")
@@ -306,10 +385,21 @@ class FileStorage:
         await on_disk(staged.open)
         return staged
 
-    def open(self, name: str) -> IO[bytes]:
-        # Opening an existing local file takes microseconds; doing it on the loop saves the
-        # thread-pool round trip that makes FileResponse slow for small files.
-        return open(blob_path(self.root, name), "rb")
+    async def open(self, name: str, size: int, start: int, length: int) -> FileSource | None:
+        """The blob, opened for sending bytes start..start+length; None when it is missing or
+        not `size` long (torn, or replaced meanwhile: never send fewer bytes than promised)."""
+        try:
+            # Opening an existing local file takes microseconds; doing it on the loop saves the
+            # thread-pool round trip that makes FileResponse slow for small files.
+            file = open(blob_path(self.root, name), "rb")
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise Problem(503, f"The stored file cannot be read ({error.strerror}).", {"Retry-After": "5"}) from error
+        if os.fstat(file.fileno()).st_size != size:
+            file.close()
+            return None
+        return FileSource(file, start, length)
 
     def exists(self, name: str) -> bool:
         # A stat on the loop, like open(): microseconds on a local disk.
@@ -342,6 +432,20 @@ class FileStorage:
     def stale_tmp(self, cutoff: float) -> list[Path]:
         """Temporary files untouched since `cutoff` (a timestamp): uploads cut off by a crash."""
         return _untouched_since((self.root / "tmp").glob("*.part"), cutoff)
+
+    async def inventory(self) -> Inventory:
+        return await on_disk(self._inventory)
+
+    def _inventory(self) -> Inventory:
+        # Leftovers are temporary files, by file name. Resumable uploads' segments are the
+        # upload engine's to sweep (it asks the database which uploads still run).
+        return Inventory(_stats(self.root / "blobs", "*/*"), _stats(self.root / "tmp", "*.part"))
+
+    async def blob_size(self, name: str) -> int | None:
+        return await on_disk(_size, blob_path(self.root, name))
+
+    async def drop_leftover(self, ref: str) -> None:
+        await on_disk(Path.unlink, self.root / "tmp" / Path(ref).name, True)
 
     async def sweep(self, max_age_seconds: float) -> list[str]:
         """Remove temporary files untouched for max_age_seconds (uploads cut off by a crash) and

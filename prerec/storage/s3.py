@@ -1,0 +1,520 @@
+"""The S3 backend: audio as objects in a bucket of any S3-compatible store (PREREC_STORAGE_URL).
+
+Layout under the URL's prefix:
+    blobs/<xx>/<random>.ogg   finished blobs, each under a new unique key, written once
+    trash/<xx>/<random>.ogg   zero-byte markers: the blob of that name was retired at the
+                              marker's LastModified, and is deleted once that is a grace period ago
+
+The write protocol is the folder's, in S3's terms. An upload streams into a multipart upload of
+a new key (never over a live one), one part per filled buffer while the body still arrives; a
+body smaller than one part is sent by one PutObject at its end. Only once the store has the
+whole object (CompleteMultipartUpload) does the database point the key at it, and the blob it
+replaced is retired after that commit. A refused or cut upload aborts its multipart upload; a
+crash leaves one behind, which `gc` lists and aborts (and a bucket lifecycle rule
+AbortIncompleteMultipartUpload catches too, see docs/deploy.md).
+
+Blobs are retired by marker, not deleted, for the folder's reason: a download of the replaced
+blob may still be under way on another replica.
+
+Every call to the store is bounded by PREREC_S3_TIMEOUT_SECONDS and turned into a 503 with
+Retry-After past it, so a store that is down or frozen never hangs a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from aiohttp import web
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+from prerec.config import BucketUrl
+from prerec.problems import Problem
+from prerec.storage import Inventory, StorageUnavailable, Stored
+
+log = logging.getLogger(__name__)
+
+# S3 takes parts of 5 MiB to 5 GiB (the last one shorter), at most 10,000 of them: 8 MiB parts
+# carry an upload of up to 78 GiB, far past PREREC_MAX_UPLOAD_BYTES' sensible values.
+PART_SIZE = 8 * 1024 * 1024
+# Parts on their way to the store at once, in the whole process: each holds a part's buffer
+# until the store has it. An upload has at most one part in flight and one buffer filling.
+PARTS_IN_FLIGHT = 8
+RETRY = {"Retry-After": "5"}
+# What the store says when an object or upload is not there (HEAD answers carry no code).
+MISSING = {"NoSuchKey", "NoSuchUpload", "404", "NotFound"}
+
+
+def _code(error: ClientError) -> str:
+    return str(error.response.get("Error", {}).get("Code", ""))
+
+
+class _Missing(Exception):
+    """The object (or multipart upload) asked for is not in the store."""
+
+
+@dataclass
+class S3Storage:
+    """Blobs in a bucket (see the module's note on the layout and the write protocol)."""
+
+    url: BucketUrl
+    endpoint_url: str | None
+    region: str | None
+    addressing_style: str
+    timeout: float
+    client: Any = field(init=False, default=None)
+    _stack: contextlib.AsyncExitStack = field(init=False, default_factory=contextlib.AsyncExitStack)
+    _in_flight: asyncio.Semaphore = field(init=False, default_factory=lambda: asyncio.Semaphore(PARTS_IN_FLIGHT))
+
+    def describe(self) -> str:
+        where = f" at {self.endpoint_url}" if self.endpoint_url else ""
+        return f"s3://{self.url.bucket}/{self.url.prefix}{where}"
+
+    def key(self, folder: str, name: str) -> str:
+        return f"{self.url.prefix}{folder}/{name}"
+
+    async def start(self) -> None:
+        config = AioConfig(
+            # botocore's default CRC checksums are refused by MinIO, Ceph and others.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            s3={"addressing_style": self.addressing_style},
+            connect_timeout=self.timeout,
+            read_timeout=self.timeout,
+            # Few retries: every call runs under our own timeout, and a request waiting out
+            # botocore's backoff is a client waiting for its answer.
+            retries={"max_attempts": 2, "mode": "standard"},
+            max_pool_connections=64,
+        )
+        self.client = await self._stack.enter_async_context(
+            get_session().create_client(
+                "s3", endpoint_url=self.endpoint_url, region_name=self.region or None, config=config
+            )
+        )
+        if self.client.meta.region_name is None:
+            log.info("no region set for the object store; signing for us-east-1")
+        wrong = await self._bucket_problem()
+        if wrong is not None:
+            await self.close()
+            raise StorageUnavailable(f"the object store {self.describe()} cannot be used: {wrong}")
+
+    async def _bucket_problem(self) -> str | None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self.client.head_bucket(Bucket=self.url.bucket)
+        except TimeoutError:
+            return f"it did not answer within {self.timeout:g} s (PREREC_S3_TIMEOUT_SECONDS)"
+        except NoCredentialsError:
+            return "no credentials were found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+        except ClientError as error:
+            code = _code(error)
+            if code in ("404", "NoSuchBucket"):
+                return f"the bucket {self.url.bucket!r} does not exist"
+            if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                return f"the bucket {self.url.bucket!r} refuses these credentials ({code})"
+            return f"the bucket {self.url.bucket!r} answered {code}"
+        except (BotoCoreError, aiohttp.ClientError, OSError) as error:
+            return f"it cannot be reached ({error})"
+        return None
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+
+    async def ready(self) -> str | None:
+        wrong = await self._bucket_problem()
+        return None if wrong is None else f"the object store {wrong}"
+
+    def free_bytes(self) -> int | None:
+        return None  # a bucket has no free space to ask for
+
+    async def call(self, what: str, call: Awaitable[Any]) -> Any:
+        """One call to the store, bounded by the timeout; its failure as the Problem to answer,
+        except a missing object or upload (_Missing), which callers decide about."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await call
+        except TimeoutError:
+            raise Problem(503, f"The object store did not answer within {self.timeout:g} s ({what}).", RETRY) from None
+        except ClientError as error:
+            if _code(error) in MISSING:
+                raise _Missing from error
+            message = error.response.get("Error", {}).get("Message", "")
+            raise Problem(503, f"The object store refused {what}: {_code(error)} {message}".rstrip(), RETRY) from error
+        except (BotoCoreError, aiohttp.ClientError, OSError) as error:
+            raise Problem(503, f"The object store cannot be reached ({what}): {error}", RETRY) from error
+
+    # Plain uploads
+
+    async def stage(self, name: str | None = None) -> StagedObject:
+        """A new object under a fresh name (or `name`: copy-to-bucket keeps the folder's names)."""
+        return StagedObject(self, name or _new_name())
+
+    # Downloads
+
+    def exists(self, name: str) -> bool:
+        # HEAD answers from the database alone: asking the store would cost every HEAD a
+        # round trip, and a blob that went missing shows at GET (503) and in `gc`.
+        return True
+
+    async def open(self, name: str, size: int, start: int, length: int) -> ObjectSource | None:
+        """The blob's bytes start..start+length, asked for before any header is sent (so a
+        store that is down is a 503); None when the object is missing or not `size` long."""
+        if length == 0:
+            return ObjectSource(self, None)
+        try:
+            answer = await self.call(
+                "reading a blob",
+                self.client.get_object(
+                    Bucket=self.url.bucket, Key=self.key("blobs", name), Range=f"bytes={start}-{start + length - 1}"
+                ),
+            )
+        except _Missing:
+            return None
+        except Problem as problem:
+            if "InvalidRange" in problem.detail:  # shorter than the row says: torn
+                return None
+            raise
+        total = answer.get("ContentRange", "").rpartition("/")[2]
+        if total != str(size) or answer["ContentLength"] != length:
+            answer["Body"].close()
+            return None
+        return ObjectSource(self, answer["Body"])
+
+    async def blob_size(self, name: str) -> int | None:
+        try:
+            head = await self.call(
+                "reading a blob's size", self.client.head_object(Bucket=self.url.bucket, Key=self.key("blobs", name))
+            )
+        except _Missing:
+            return None
+        return head["ContentLength"]
+
+    # Retiring and sweeping
+
+    async def retire(self, name: str) -> None:
+        """Take a blob out of service (see the module's note on trash/); gone already is fine."""
+        try:
+            await self.call(
+                "retiring a blob", self.client.put_object(Bucket=self.url.bucket, Key=self.key("trash", name), Body=b"")
+            )
+        except Problem as problem:
+            # The row no longer points at it: at worst it waits for `gc` or the orphan sweep.
+            log.warning("could not retire blob %s: %s", name, problem.detail)
+
+    async def remove(self, name: str) -> None:
+        """Delete a blob that was never served (its upload failed before commit)."""
+        try:
+            await self.call(
+                "removing a blob", self.client.delete_object(Bucket=self.url.bucket, Key=self.key("blobs", name))
+            )
+        except _Missing:
+            pass
+        except Problem as problem:
+            log.warning("could not remove blob %s: %s", name, problem.detail)
+
+    async def _listing(self, folder: str) -> AsyncIterator[dict[str, Any]]:
+        """The objects under a folder, one page (up to 1000) per call, each page bounded."""
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.url.bucket, Prefix=f"{self.url.prefix}{folder}/"
+        )
+        iterator = aiter(pages)
+        while True:
+            try:
+                page = await self.call(f"listing {folder}/", anext(iterator))
+            except StopAsyncIteration:
+                return
+            for item in page.get("Contents", []):
+                yield item
+
+    def _name(self, folder: str, key: str) -> str:
+        return key.removeprefix(f"{self.url.prefix}{folder}/")
+
+    async def sweep(self, max_age_seconds: float) -> list[str]:
+        """Delete retired blobs past the grace period: the blob first, then its marker (a crash
+        in between leaves a marker the next sweep finishes).
+
+        Multipart uploads a crash left are not aborted here: an upload trickling in below one
+        part's size for longer than the grace period would look the same. `gc --apply` aborts
+        them on an operator's word, and a bucket lifecycle rule after days (docs/deploy.md).
+        """
+        cutoff = time.time() - max_age_seconds
+        removed = []
+        async for marker in self._listing("trash"):
+            if marker["LastModified"].timestamp() >= cutoff:
+                continue
+            name = self._name("trash", marker["Key"])
+            with contextlib.suppress(_Missing):
+                await self.call(
+                    "deleting a retired blob",
+                    self.client.delete_object(Bucket=self.url.bucket, Key=self.key("blobs", name)),
+                )
+            with contextlib.suppress(_Missing):
+                await self.call(
+                    "deleting a retirement marker", self.client.delete_object(Bucket=self.url.bucket, Key=marker["Key"])
+                )
+            removed.append(f"trash/{name}")
+        return removed
+
+    async def inventory(self) -> Inventory:
+        # Markers first: a blob retired between the two listings then still counts as in service
+        # (harmless), never the other way round.
+        retired = {self._name("trash", item["Key"]) async for item in self._listing("trash")}
+        blobs = {}
+        async for item in self._listing("blobs"):
+            name = self._name("blobs", item["Key"])
+            if name not in retired:
+                blobs[name] = Stored(item["Size"], item["LastModified"].timestamp())
+        return Inventory(blobs, await self._multipart_uploads())
+
+    async def _multipart_uploads(self) -> dict[str, Stored]:
+        """Unfinished multipart uploads by `<blob name>?uploadId=<id>`; their age is that of
+        their newest part (or of their start, with no part yet)."""
+        found = {}
+        pages = self.client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=self.url.bucket, Prefix=f"{self.url.prefix}blobs/"
+        )
+        iterator = aiter(pages)
+        while True:
+            try:
+                page = await self.call("listing multipart uploads", anext(iterator))
+            except StopAsyncIteration:
+                break
+            for upload in page.get("Uploads", []):
+                try:
+                    parts = await self.call(
+                        "listing an upload's parts",
+                        self.client.list_parts(Bucket=self.url.bucket, Key=upload["Key"], UploadId=upload["UploadId"]),
+                    )
+                except _Missing:  # completed or aborted meanwhile
+                    continue
+                times = [upload["Initiated"].timestamp()]
+                times += [part["LastModified"].timestamp() for part in parts.get("Parts", [])]
+                size = sum(part["Size"] for part in parts.get("Parts", []))
+                ref = f"{self._name('blobs', upload['Key'])}?uploadId={upload['UploadId']}"
+                found[ref] = Stored(size, max(times))
+        return found
+
+    async def drop_leftover(self, ref: str) -> None:
+        name, _, upload_id = ref.partition("?uploadId=")
+        with contextlib.suppress(_Missing):
+            await self.call(
+                "aborting a multipart upload",
+                self.client.abort_multipart_upload(
+                    Bucket=self.url.bucket, Key=self.key("blobs", name), UploadId=upload_id
+                ),
+            )
+
+    # Resumable uploads: not on S3 yet (design step 12, the S3 appender).
+
+    def stale_segments(self, cutoff: float) -> set[uuid.UUID]:
+        return set()
+
+    async def segment(self, upload_id: uuid.UUID, generation: int, start: int) -> Any:
+        raise Problem(501, "Resumable uploads are not available with the S3 store yet; upload with one PUT.")
+
+    async def discard_upload(self, upload_id: uuid.UUID) -> None:
+        pass
+
+
+def _new_name() -> str:
+    token = uuid.uuid4().hex
+    return f"{token[:2]}/{token}.ogg"
+
+
+def _settle(done: concurrent.futures.Future[None], error: BaseException | None = None) -> None:
+    # The receiving side may have cancelled the future (its upload was cancelled).
+    if done.set_running_or_notify_cancel():
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+
+class StagedObject:
+    """One upload's new object: pieces are copied into a part buffer on the loop; each filled
+    buffer goes to the store as a part while the next one fills.
+
+    The pieces come in order (receive's pipeline hands them out so); each is taken by a task
+    that waits for the one before it, so a piece waiting for a part buffer holds back the
+    pieces after it, and with them the reading of the body: that is the backpressure that
+    keeps an upload to two buffers whatever its size.
+    """
+
+    def __init__(self, storage: S3Storage, name: str) -> None:
+        self.storage = storage
+        self.name = name
+        self.key = storage.key("blobs", self.name)
+        self.filling = bytearray()
+        self.size = 0
+        self.upload_id: str | None = None
+        self.parts: list[dict[str, Any]] = []
+        self.sending: asyncio.Task[None] | None = None
+        self.taking: asyncio.Task[None] | None = None
+        self.error: BaseException | None = None
+        self.finished = False
+
+    def submit(self, piece: memoryview, offset: int) -> concurrent.futures.Future[None]:
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self.taking = asyncio.get_running_loop().create_task(self._take(self.taking, piece, offset, done))
+        return done
+
+    async def _take(
+        self,
+        before: asyncio.Task[None] | None,
+        piece: memoryview,
+        offset: int,
+        done: concurrent.futures.Future[None],
+    ) -> None:
+        if before is not None:
+            await asyncio.wait([before])
+        try:
+            sending = self.sending
+            if self.error is None and sending is not None and sending.done() and not sending.cancelled():
+                # A part that failed ends the upload at the next piece, not a part later.
+                self.error = sending.exception()
+            if self.error is not None:
+                raise self.error
+            if offset != self.size:
+                raise RuntimeError(f"a piece at {offset} came while the object is {self.size} bytes long")
+            self.size += len(piece)
+            while piece:
+                room = PART_SIZE - len(self.filling)
+                self.filling += piece[:room]
+                piece = piece[room:]
+                if len(self.filling) == PART_SIZE:
+                    await self._send_filled()
+        except BaseException as error:
+            self.error = self.error or error
+            _settle(done, error)
+            return
+        _settle(done)
+
+    async def _send_filled(self) -> None:
+        if self.sending is not None:
+            await self.sending  # the part before: one in flight per upload
+        if self.upload_id is None:
+            created = await self.storage.call(
+                "starting a multipart upload",
+                self.storage.client.create_multipart_upload(
+                    Bucket=self.storage.url.bucket, Key=self.key, ContentType="audio/ogg"
+                ),
+            )
+            self.upload_id = created["UploadId"]
+        await self.storage._in_flight.acquire()
+        buffer, self.filling = self.filling, bytearray()
+        number = len(self.parts) + 1
+        self.parts.append({"PartNumber": number})
+        self.sending = asyncio.get_running_loop().create_task(self._send_part(number, buffer))
+
+    async def _send_part(self, number: int, buffer: bytearray) -> None:
+        try:
+            answer = await self.storage.call(
+                "sending a part of an upload",
+                self.storage.client.upload_part(
+                    Bucket=self.storage.url.bucket,
+                    Key=self.key,
+                    UploadId=self.upload_id,
+                    PartNumber=number,
+                    Body=buffer,
+                ),
+            )
+            self.parts[number - 1]["ETag"] = answer["ETag"]
+        finally:
+            self.storage._in_flight.release()
+
+    def touch(self) -> concurrent.futures.Future[None]:
+        # Nothing to refresh: the sweeper never takes a multipart upload (see S3Storage.sweep).
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        done.set_result(None)
+        return done
+
+    async def finish(self) -> str:
+        if self.taking is not None:
+            await asyncio.wait([self.taking])
+        if self.error is not None:
+            raise self.error
+        storage, bucket = self.storage, self.storage.url.bucket
+        if self.upload_id is None:
+            await storage.call(
+                "storing a blob",
+                storage.client.put_object(
+                    Bucket=bucket, Key=self.key, Body=bytes(self.filling), ContentType="audio/ogg"
+                ),
+            )
+        else:
+            if self.filling:
+                await self._send_filled()
+            assert self.sending is not None
+            await self.sending
+            await storage.call(
+                "completing a multipart upload",
+                storage.client.complete_multipart_upload(
+                    Bucket=bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": self.parts}
+                ),
+            )
+        self.finished = True
+        self.filling = bytearray()
+        return self.name
+
+    async def discard(self) -> None:
+        """Abort the multipart upload once the part in flight is done (or delete the object,
+        when finish() completed despite a cancellation); failures only logged: `gc` finds what
+        is left."""
+        for task in (self.taking, self.sending):
+            if task is not None:
+                await asyncio.wait([task])
+                if not task.cancelled():
+                    task.exception()  # seen: the error that made us discard was answered already
+        self.filling = bytearray()
+        storage, bucket = self.storage, self.storage.url.bucket
+        try:
+            if self.finished:
+                await storage.call("removing a blob", storage.client.delete_object(Bucket=bucket, Key=self.key))
+            elif self.upload_id is not None:
+                await storage.call(
+                    "aborting a multipart upload",
+                    storage.client.abort_multipart_upload(Bucket=bucket, Key=self.key, UploadId=self.upload_id),
+                )
+        except _Missing:
+            pass
+        except Problem as problem:
+            log.warning("could not clean up the upload of %s: %s", self.name, problem.detail)
+
+
+class ObjectSource:
+    """A ranged GET's body, passed on as it arrives; each wait bounded by the timeout."""
+
+    def __init__(self, storage: S3Storage, body: Any) -> None:
+        self.storage = storage
+        self.body = body
+
+    async def send(self, response: Any, request: web.BaseRequest, writer: web.AbstractStreamWriter) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self.storage.timeout):
+                    # What arrived, as aiohttp buffered it: StreamingBody.read(n) joins
+                    # buffers into n bytes first, a copy that cost a quarter of the speed here.
+                    piece = await self.body.raw_stream.content.readany()
+            except (TimeoutError, BotoCoreError, aiohttp.ClientError) as error:
+                # Headers are out: all that is left is to cut the response short, which the
+                # client sees as a download broken off (never a complete-looking short body).
+                raise ConnectionResetError(f"the object store stopped sending the blob ({error!r})") from error
+            if not piece:
+                return
+            await response.write(piece)
+            response.body_sent += len(piece)
+
+    def close(self) -> None:
+        if self.body is not None:
+            self.body.close()
+            self.body = None
