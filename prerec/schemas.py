@@ -152,7 +152,19 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "title": {"type": "string"},
             "status": {"type": "integer", "minimum": 400, "maximum": 599},
             "detail": {"type": "string"},
+            # RFC 9457 extension members of the IETF resumable-upload draft's mismatching-upload-offset.
+            "expected-offset": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "IETF draft, offset mismatch: the upload's offset, where to resume.",
+            },
+            "provided-offset": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "IETF draft, offset mismatch: the Upload-Offset the request gave.",
+            },
         },
+        ["type", "title", "status", "detail"],
     ),
     "Readiness": _closed("The replica may take traffic.", {"status": {"type": "string", "const": "ready"}}),
     # Not a shape of ours: the OpenAPI 3.1 document, whose own schema is OpenAPI's.
