@@ -220,17 +220,15 @@ _TUS_SHUTDOWN = (
 # plain PUT. OpenAPI has one operation per method and path, so each such operation documents every
 # protocol it serves: their request headers as optional parameters (the descriptions say which a
 # request needs together) and the union of their answers, each description saying who gives what.
-_INTEROP = {"type": "string", "enum": [str(version) for version in ietf.VERSIONS]}
 _INTEROP_ANSWER = {
     "description": "IETF draft: the request's interop version, on every answer to a request naming a supported one.",
-    "schema": _INTEROP,
+    "schema": ref("InteropVersion"),
 }
 _DRAFT = {ietf.INTEROP: _INTEROP_ANSWER}
-_COMPLETE = {"type": "string", "enum": ["?0", "?1"]}
 _UPLOAD_COMPLETE = {
     "Upload-Complete": {
         "description": "IETF draft: `?1` once the upload is over (stored, or refused at its end), else `?0`.",
-        "schema": _COMPLETE,
+        "schema": ref("UploadComplete"),
     }
 }
 _UPLOAD_LIMIT = {
@@ -246,7 +244,7 @@ _INTEROP_PARAMETER = _header(
     ietf.INTEROP,
     "IETF draft: the interop version spoken, 5 to 8 (3 and 4 are refused, 400). With it the request is "
     "the draft's; without it, tus's (on /uploads/{id}) or a plain one.",
-    _INTEROP,
+    ref("InteropVersion"),
 )
 _UPLOAD_LOCATION = {"type": "string", "pattern": rf"^/uploads/{_UUID}$"}
 _MISMATCH_TYPE = f"`{ietf.MISMATCHING_OFFSET}`"
@@ -310,8 +308,8 @@ _REPLACED = {
 }
 _CREATION_BAD = (
     "an unsupported interop version; Upload-Complete, Upload-Length or Upload-Metadata missing or malformed; "
-    "a declared length of 0; If-None-Match other than `*`; a body longer than Upload-Length, cut off or not Ogg; "
-    "or a digest that does not match the whole file."
+    "a declared length of 0; If-None-Match other than `*`; a body "
+    "longer than Upload-Length, cut off or not Ogg; or a digest that does not match the whole file."
 )
 _CREATION_PRECONDITION = (
     "IETF draft's creation whose body completed the upload: If-Match or If-None-Match: * failed, decided "
@@ -504,7 +502,7 @@ SPEC: dict[str, Any] = {
                         "Upload-Complete",
                         "IETF draft (required with its interop header): `?0` creates a resumable upload; `?1` "
                         "is a plain PUT.",
-                        _COMPLETE,
+                        ref("UploadComplete"),
                     ),
                     *_CREATION_PARAMETERS,
                 ],
@@ -595,7 +593,7 @@ SPEC: dict[str, Any] = {
                         **_header(
                             "Upload-Complete",
                             "`?0`: more appends follow (an RFC 8941 boolean; `?1` is refused, 400).",
-                            {"type": "string", "enum": ["?0"]},
+                            ref("CarefulCreation"),
                         ),
                         "required": True,
                     },
@@ -865,7 +863,7 @@ SPEC: dict[str, Any] = {
                     _header(
                         "Upload-Complete",
                         "IETF draft (required there, 400 without): `?1` if this body ends the file, else `?0`.",
-                        _COMPLETE,
+                        ref("UploadComplete"),
                     ),
                     {**_UPLOAD_CHECKSUM, "description": "tus: " + _UPLOAD_CHECKSUM["description"]},
                 ],
@@ -933,7 +931,7 @@ SPEC: dict[str, Any] = {
                         "tus: Tus-Resumable is missing or not 1.0.0 (then with Tus-Version). If-Match or "
                         "If-None-Match: * of the creation failed when the upload was complete (the bytes are "
                         "discarded; IETF draft: `Upload-Complete: ?1`).",
-                        {**_TUS_PRECONDITION_FAILED["headers"], **_UPLOAD_COMPLETE},
+                        {"Tus-Version": {**_TUS_VERSION["Tus-Version"], "required": False}, **_UPLOAD_COMPLETE},
                     ),
                     "415": _upload_problem(
                         f"tus: the Content-Type is not {tus.OFFSET_OCTET_STREAM}. IETF draft from interop 6: "
