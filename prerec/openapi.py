@@ -308,7 +308,7 @@ _REPLACED = {
 }
 _CREATION_BAD = (
     "an unsupported interop version; Upload-Complete, Upload-Length or Upload-Metadata missing or malformed; "
-    "a declared length of 0; If-None-Match other than `*`; a body "
+    "a declared length of 0; If-None-Match other than `*`; If-Unmodified-Since without If-Match; a body "
     "longer than Upload-Length, cut off or not Ogg; or a digest that does not match the whole file."
 )
 _CREATION_PRECONDITION = (
@@ -490,7 +490,11 @@ SPEC: dict[str, Any] = {
                     *_KEY_PARAMETERS,
                     _IF_MATCH,
                     _IF_NONE_MATCH,
-                    _IF_UNMODIFIED_SINCE,
+                    {
+                        **_IF_UNMODIFIED_SINCE,
+                        "description": _IF_UNMODIFIED_SINCE["description"] + " Not on the IETF draft's creation "
+                        "(400 unless If-Match is given too): an upload keeps If-Match and If-None-Match: * only.",
+                    },
                     *_digest_parameters("the body"),
                     _header(
                         "Expect",

@@ -114,7 +114,8 @@ def _new_upload(case) -> str:  # type: ignore[no-untyped-def]
 def _careful_creation(case) -> bool:  # type: ignore[no-untyped-def]
     """Whether a positive case at a prerecording's key is the IETF draft's creation, with the
     headers it needs together: Upload-Complete (`?1` on a PUT is a plain PUT), metadata naming
-    the type (for a body typed application/partial-upload or none), If-None-Match only `*`."""
+    the type (for a body typed application/partial-upload or none), If-None-Match only `*`, no
+    If-Unmodified-Since."""
     if case.method not in ("PUT", "POST") or INTEROP not in case.headers:
         return False
     case.headers.setdefault("Upload-Complete", "?0")
@@ -123,6 +124,7 @@ def _careful_creation(case) -> bool:  # type: ignore[no-untyped-def]
     case.headers["Upload-Metadata"] = _creation_metadata()
     if "If-None-Match" in case.headers:
         case.headers["If-None-Match"] = "*"
+    case.headers.pop("If-Unmodified-Since", None)
     return True
 
 

@@ -203,6 +203,28 @@ async def test_upload_complete_or_no_interop_header_is_the_plain_put(client: Tes
         await conn.close()
 
 
+async def test_if_unmodified_since_on_a_creation_is_refused_not_ignored(client: TestClient) -> None:
+    # The upload's preconditions are decided when it completes, and only If-Match and
+    # If-None-Match: * are kept: a date ignored would let the upload replace a newer version.
+    stored = ogg(50)
+    assert (await client.put(KEY, data=stored, headers={"Content-Type": "audio/ogg"})).status == 201
+    before = "Mon, 01 Jan 2024 00:00:00 GMT"
+    data = ogg(100)
+    headers = {**V8, "Upload-Complete": "?0", "Upload-Length": "100", "Content-Type": "audio/ogg"}
+    response = await client.put(KEY, data=data, headers={**headers, "If-Unmodified-Since": before})
+    assert response.status == 400
+    assert "If-Unmodified-Since" in (await response.json())["detail"]
+    assert await (await client.get(KEY)).read() == stored
+    # A plain PUT decides it: 412.
+    plain = await client.put(KEY, data=data, headers={"Content-Type": "audio/ogg", "If-Unmodified-Since": before})
+    assert plain.status == 412
+    # With If-Match it is not read (RFC 9110 §13.1.4), so the creation goes on.
+    etag = (await client.head(KEY)).headers["ETag"]
+    taken = await client.put(KEY, data=data, headers={**headers, "If-Unmodified-Since": before, "If-Match": etag})
+    assert taken.status == 204, await taken.text()
+    assert await (await client.get(KEY)).read() == data
+
+
 async def test_expect_continue_refuses_a_bad_creation_before_the_body(client: TestClient) -> None:
     async def ask(content_type: str) -> bytes:
         reader, writer = await asyncio.open_connection(client.host, client.port)
@@ -349,3 +371,13 @@ def test_offset_length_type_and_limit() -> None:
     assert ietf.upload_limit(5, 10, 20) is None
     assert ietf.upload_limit(6, 10, 20) == "max-size=10, expires=20"
     assert ietf.upload_limit(8, 10, 20) == "max-size=10, max-age=20"
+
+
+def test_a_date_precondition_is_refused_only_where_rfc_9110_reads_it() -> None:
+    date = "Mon, 01 Jan 2024 00:00:00 GMT"
+    with pytest.raises(Problem) as refused:
+        ietf.check_no_date_precondition({"If-Unmodified-Since": date})
+    assert refused.value.status == 400
+    ietf.check_no_date_precondition({"If-Unmodified-Since": date, "If-Match": '"a"'})  # not read beside If-Match
+    ietf.check_no_date_precondition({"If-Unmodified-Since": "yesterday"})  # no date: ignored, as by PUT
+    ietf.check_no_date_precondition({})

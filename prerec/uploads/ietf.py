@@ -23,6 +23,7 @@ from aiohttp import hdrs, web
 
 from prerec import digests
 from prerec.auth import check_write_token
+from prerec.conditional import parse_date
 from prerec.config import SETTINGS_KEY
 from prerec.model import OGG, Upload, parse_content_type, parse_count, parse_event, parse_start
 from prerec.problems import Problem
@@ -104,6 +105,17 @@ def creation_type(headers: Mapping[str, str]) -> str:
     if filetype is None:
         raise Problem(415, f"Name the type: Content-Type {OGG} (or Upload-Metadata filetype).")
     return parse_content_type(filetype)
+
+
+def check_no_date_precondition(headers: Mapping[str, str]) -> None:
+    """An upload keeps If-Match and If-None-Match: * for its end, not a date: a creation (at
+    the PUT route, which honours If-Unmodified-Since) that asks for one is refused, never let
+    replace a newer version. RFC 9110 §13.1.4: not read beside If-Match, nor when no date."""
+    if hdrs.IF_MATCH not in headers and parse_date(headers.get(hdrs.IF_UNMODIFIED_SINCE)) is not None:
+        raise Problem(
+            400,
+            "If-Unmodified-Since is not kept for a resumable upload: send If-Match with the current ETag instead.",
+        )
 
 
 def check_patch_type(version: int, headers: Mapping[str, str]) -> None:
@@ -215,6 +227,7 @@ async def _refuse_early(request: web.Request) -> tuple[int, str, int]:
         raise Problem(413, f"The declared length {length} is larger than the limit of {max_bytes} bytes.")
     if request.content_length is not None and request.content_length > length:
         raise Problem(400, f"The body of {request.content_length} bytes is longer than the Upload-Length {length}.")
+    check_no_date_precondition(request.headers)
     return version, creation_type(request.headers), length
 
 
