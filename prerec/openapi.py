@@ -915,7 +915,8 @@ SPEC: dict[str, Any] = {
                         "was cut off, is not Ogg or was stopped by another request taking the upload over, or a "
                         f"digest does not match the complete file. IETF draft: {_INCONSISTENT_TYPE} when "
                         "`Upload-Complete: ?1` was sent but the upload is short of its length (with its "
-                        "Upload-Offset); `Upload-Complete: ?1` also when a digest failed at the end.",
+                        "Upload-Offset), or bytes were sent to a completed upload; `Upload-Complete: ?1` also "
+                        "when a digest failed at the end.",
                         {"Upload-Offset": _UPLOAD_OFFSET, **_UPLOAD_COMPLETE},
                     ),
                     "401": _problem(_UNAUTHORIZED["description"], {**_EITHER, **_UNAUTHORIZED["headers"]}),
@@ -928,7 +929,8 @@ SPEC: dict[str, Any] = {
                     ),
                     "410": _upload_problem(
                         "The upload has ended: finished and asked at another offset, failed, cancelled or "
-                        "expired (IETF draft: `Upload-Complete: ?1` when it was refused at its end).",
+                        "expired (IETF draft: `Upload-Complete: ?1` when it was refused at its end; the problem "
+                        f"type `{ietf.COMPLETED_UPLOAD}` for an empty append to a completed upload).",
                         _UPLOAD_COMPLETE,
                     ),
                     "412": _upload_problem(

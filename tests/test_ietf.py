@@ -188,6 +188,28 @@ async def test_complete_that_does_not_reach_the_length_is_400(client: TestClient
     assert await offset_of(client, location) == 100
 
 
+async def test_appending_to_a_completed_upload_is_refused(client: TestClient) -> None:
+    # Draft §Upload Append: a completed upload is never modified; a non-empty append is an
+    # inconsistent length (400), an empty one may be 410 completed-upload. An empty `?1` at the
+    # end is the lost answer asked again (the upload table keeps it).
+    data = audio(100)
+    location = await create(client, len(data))
+    done = await client.patch(location, data=data, headers={**PARTIAL, "Upload-Offset": "0", "Upload-Complete": "?1"})
+    assert done.status == 201
+    for offset in ("100", "40"):
+        more = await client.patch(
+            location, data=b"more", headers={**PARTIAL, "Upload-Offset": offset, "Upload-Complete": "?1"}
+        )
+        assert more.status == 400, await more.text()
+        assert (await more.json())["type"].endswith("#inconsistent-upload-length")
+    empty = await client.patch(location, data=b"", headers={**PARTIAL, "Upload-Offset": "40", "Upload-Complete": "?1"})
+    assert empty.status == 410
+    assert (await empty.json())["type"] == "https://iana.org/assignments/http-problem-types#completed-upload"
+    again = await client.patch(location, data=b"", headers={**PARTIAL, "Upload-Offset": "100", "Upload-Complete": "?1"})
+    assert again.status == 201 and again.headers["ETag"] == done.headers["ETag"]
+    assert await (await client.get(KEY)).read() == data
+
+
 async def test_upload_complete_or_no_interop_header_is_the_plain_put(client: TestClient, database_url: str) -> None:
     data = ogg(5000)
     response = await client.put(KEY, data=data, headers={**V8, "Upload-Complete": "?1", "Content-Type": "audio/ogg"})

@@ -204,6 +204,8 @@ async def test_ietf_draft_answers_are_documented(client) -> None:  # type: ignor
     assert done.headers["Upload-Complete"] == "?1"  # completed a replacement: PUT's 204
     again = {**partial, "Upload-Offset": "100", "Upload-Complete": "?1"}
     await check(await client.patch(location, data=b"", headers=again), upload, 204)  # the lost answer, again
+    await check(await client.patch(location, data=b"x", headers=again), upload, 400)  # bytes to a completed upload
+    await check(await client.patch(location, data=b"", headers={**again, "Upload-Offset": "7"}), upload, 410)
     await check(await client.delete(location, headers=v8), upload, 410)
     fresh = f"/prerecordings/{EVENT}/2024-01-02T00:00"
     location = (await check(await client.post(fresh, data=b"", headers=creation), key, 201)).headers["Location"]

@@ -37,6 +37,7 @@ VERSIONS = (5, 6, 7, 8)
 PARTIAL_UPLOAD = "application/partial-upload"
 MISMATCHING_OFFSET = "https://iana.org/assignments/http-problem-types#mismatching-upload-offset"
 INCONSISTENT_LENGTH = "https://iana.org/assignments/http-problem-types#inconsistent-upload-length"
+COMPLETED_UPLOAD = "https://iana.org/assignments/http-problem-types#completed-upload"
 
 
 # Parsing (pure)
@@ -185,9 +186,22 @@ async def _appended(request: web.Request, upload_id: uuid.UUID, offset: int, com
             problem.type = MISMATCHING_OFFSET
             problem.members = {"expected-offset": expected, "provided-offset": offset}
             problem.headers.setdefault("Upload-Complete", "?0")
-        elif (await engine.get(upload_id)).state == "failed":
-            # Refused at its end (a precondition, a digest): the upload is over.
-            problem.headers["Upload-Complete"] = "?1"
+        else:
+            upload = await engine.get(upload_id)
+            if upload.state == "failed":
+                # Refused at its end (a precondition, a digest): the upload is over.
+                problem.headers["Upload-Complete"] = "?1"
+            elif upload.state == "finished" and problem.status == 410:
+                # Draft §Upload Append: a completed upload is not modified; bytes sent to it are
+                # an inconsistent length, an empty append a completed-upload.
+                if request.content_length != 0:
+                    raise Problem(
+                        400,
+                        f"The upload is complete ({upload.length} bytes): nothing can be appended to it.",
+                        problem.headers,
+                        type=INCONSISTENT_LENGTH,
+                    ) from None
+                problem.type = COMPLETED_UPLOAD
         raise
     if outcome.result is not None:
         return _finished(outcome.upload, outcome.result)
