@@ -17,7 +17,7 @@ from aiohttp import web
 from prerec.config import SETTINGS_KEY
 from prerec.model import MAX_BIGINT
 from prerec.schemas import SCHEMAS, SSE_ITEM, UUID_PATTERN, ref
-from prerec.uploads import tus
+from prerec.uploads import ietf, tus
 
 # Header values in the forms the server reads. Entity tags as aiohttp parses them (it does not
 # refuse a malformed list: it reads it as naming no tag, so the precondition fails with 412).
@@ -201,10 +201,6 @@ _TUS_PRECONDITION_FAILED = _tus_problem(
     {"Tus-Version": {**_TUS_VERSION["Tus-Version"], "required": False}},
 )
 _TUS_UNAUTHORIZED = _problem(_UNAUTHORIZED["description"], {**_TUS_RESUMABLE, **_UNAUTHORIZED["headers"]})
-_NO_UPLOAD = _tus_problem("No upload with this id (a malformed id included).")
-_UPLOAD_ENDED = _tus_problem(
-    "The upload has ended: finished and asked at another offset, failed, cancelled or expired."
-)
 _RESUME_HERE = {
     "Location": {
         "description": "Set when the upload was created before the body failed: resume it there.",
@@ -219,6 +215,116 @@ _TUS_SHUTDOWN = (
     "The database or the storage folder is not available, or this replica is shutting down (the bytes that "
     "arrived were kept: resume on another replica)."
 )
+
+# The IETF resumable-upload draft (prerec/uploads/ietf.py) shares its routes with tus and with the
+# plain PUT. OpenAPI has one operation per method and path, so each such operation documents every
+# protocol it serves: their request headers as optional parameters (the descriptions say which a
+# request needs together) and the union of their answers, each description saying who gives what.
+_INTEROP_ANSWER = {
+    "description": "IETF draft: the request's interop version, on every answer to a request naming a supported one.",
+    "schema": ref("InteropVersion"),
+}
+_DRAFT = {ietf.INTEROP: _INTEROP_ANSWER}
+_UPLOAD_COMPLETE = {
+    "Upload-Complete": {
+        "description": "IETF draft: `?1` once the upload is over (stored, or refused at its end), else `?0`.",
+        "schema": ref("UploadComplete"),
+    }
+}
+_UPLOAD_LIMIT = {
+    "Upload-Limit": {
+        "description": (
+            "IETF draft, interop 6 and later: `max-size=<PREREC_MAX_UPLOAD_BYTES>, "
+            "max-age=<PREREC_UPLOAD_EXPIRY_SECONDS>` (interop 6 says `expires=` for `max-age=`)."
+        ),
+        "schema": {"type": "string", "pattern": r"^max-size=[0-9]+, (?:max-age|expires)=[0-9]+$"},
+    }
+}
+_INTEROP_PARAMETER = _header(
+    ietf.INTEROP,
+    "IETF draft: the interop version spoken, 5 to 8 (3 and 4 are refused, 400). With it the request is "
+    "the draft's; without it, tus's (on /uploads/{id}) or a plain one.",
+    ref("InteropVersion"),
+)
+_UPLOAD_LOCATION = {"type": "string", "pattern": rf"^/uploads/{_UUID}$"}
+_MISMATCH_TYPE = f"`{ietf.MISMATCHING_OFFSET}`"
+_INCONSISTENT_TYPE = f"`{ietf.INCONSISTENT_LENGTH}`"
+# Answers of /uploads/{id}: tus's carry Tus-Resumable, the draft's its interop version.
+_EITHER = {"Tus-Resumable": {**_TUS_ANSWER, "description": "tus: on every answer."}, **_DRAFT}
+
+
+def _upload_problem(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    return _problem(description, {**_EITHER, **(headers or {})})
+
+
+_NO_UPLOAD = _upload_problem("No upload with this id (a malformed id included).")
+
+
+def _also(response: dict[str, Any], headers: dict[str, Any]) -> dict[str, Any]:
+    """A response of the plain PUT that the draft's creation gives too, with the draft's headers."""
+    return {**response, "headers": {**response.get("headers", {}), **headers}}
+
+
+# A careful creation at the key (PUT with the interop header and `Upload-Complete: ?0`, or POST).
+_CREATION_PARAMETERS = [
+    _header(
+        "Upload-Length",
+        "IETF draft's creation (required there): the whole file's size in bytes; at most PREREC_MAX_UPLOAD_BYTES.",
+        {"type": "integer", "minimum": 1, "maximum": MAX_BIGINT},
+    ),
+    _header(
+        "Upload-Metadata",
+        "IETF draft's creation: tus-style `key base64(value)` pairs (tus-js-client sends them); `filetype` "
+        "gives the type when Content-Type is absent or application/partial-upload.",
+        {"type": "string", "maxLength": tus.MAX_METADATA, "pattern": rf"^{_METADATA_PAIR}(?: *, *{_METADATA_PAIR})*$"},
+    ),
+]
+_CREATED_UPLOAD = {
+    "Location": {
+        "description": "IETF draft's creation: the upload's URL, /uploads/{id}; append there with PATCH.",
+        "schema": _UPLOAD_LOCATION,
+    },
+    "Upload-Offset": {**_UPLOAD_OFFSET, "description": "IETF draft's creation: the bytes received."},
+    **_UPLOAD_COMPLETE,
+    **_UPLOAD_LIMIT,
+    **_DRAFT,
+}
+_CREATED = {
+    "description": (
+        "Created: the prerecording, as JSON (a plain PUT; or, in the IETF draft, the request whose bytes "
+        "completed the upload, with `Upload-Complete: ?1`). IETF draft's careful creation that has not "
+        "received the whole file: no body (`Upload-Complete: ?0`), and the upload's Location. OpenAPI 3.1 "
+        "cannot mark a body optional: generated clients send no interop header and always get the JSON."
+    ),
+    "headers": {"ETag": {"$ref": "#/components/headers/ETag"}},
+    "content": {"application/json": {"schema": ref("Prerecording")}},
+}
+_REPLACED = {
+    "description": (
+        "Replaced (a plain PUT; or, in the IETF draft, the request whose bytes completed the upload, with "
+        "`Upload-Complete: ?1`)."
+    ),
+    "headers": {"ETag": {"$ref": "#/components/headers/ETag"}},
+}
+_CREATION_BAD = (
+    "an unsupported interop version; Upload-Complete, Upload-Length or Upload-Metadata missing or malformed; "
+    "a declared length of 0; If-None-Match other than `*`; If-Unmodified-Since without If-Match; a body "
+    "longer than Upload-Length, cut off or not Ogg; or a digest that does not match the whole file."
+)
+_CREATION_PRECONDITION = (
+    "IETF draft's creation whose body completed the upload: If-Match or If-None-Match: * failed, decided "
+    "when complete (`Upload-Complete: ?1`, the bytes are discarded)."
+)
+_PARTIAL_UPLOAD = {
+    ietf.PARTIAL_UPLOAD: {"schema": {"type": "string", "format": "binary", "contentMediaType": ietf.PARTIAL_UPLOAD}}
+}
+_CREATION_REFUSED = {
+    **_DRAFT,
+    "Location": {
+        "description": "IETF draft's creation: set when the upload was created before its body failed: resume there.",
+        "schema": _UPLOAD_LOCATION,
+    },
+}
 
 
 SPEC: dict[str, Any] = {
@@ -370,19 +476,39 @@ SPEC: dict[str, Any] = {
                     "body. A wrong Content-Type, a declared length over the limit or a failed precondition "
                     "is answered before the body is read (and before `100 Continue`). The bytes are stored "
                     "exactly as sent: a Content-Encoding other than `identity` (415), a transfer coding other "
-                    "than `chunked` (501) and a partial PUT with Content-Range (400) are refused."
+                    "than `chunked` (501) and a partial PUT with Content-Range (400) are refused.\n\n"
+                    "With `Upload-Draft-Interop-Version` and `Upload-Complete: ?0` the PUT is the IETF "
+                    "resumable-upload draft's careful creation, as POST here: `Upload-Length` is required, the "
+                    "type comes from Content-Type (or the `filetype` metadata when it is absent or "
+                    "application/partial-upload), If-None-Match may only be `*`, and the body (possibly empty) "
+                    "is the file's first bytes. The answer is 201 with the upload's Location, no body; when the "
+                    "body was the whole file, the plain PUT's answer with the draft's headers. With "
+                    "`Upload-Complete: ?1` (an optimistic creation) it is a plain PUT: no 104 interim response "
+                    "is ever sent, so such an upload cannot be resumed."
                 ),
                 "parameters": [
                     *_KEY_PARAMETERS,
                     _IF_MATCH,
                     _IF_NONE_MATCH,
-                    _IF_UNMODIFIED_SINCE,
+                    {
+                        **_IF_UNMODIFIED_SINCE,
+                        "description": _IF_UNMODIFIED_SINCE["description"] + " Not on the IETF draft's creation "
+                        "(400 unless If-Match is given too): an upload keeps If-Match and If-None-Match: * only.",
+                    },
                     *_digest_parameters("the body"),
                     _header(
                         "Expect",
                         "The answer comes before the body is sent if it is a refusal.",
                         ref("Expectation"),
                     ),
+                    _INTEROP_PARAMETER,
+                    _header(
+                        "Upload-Complete",
+                        "IETF draft (required with its interop header): `?0` creates a resumable upload; `?1` "
+                        "is a plain PUT.",
+                        ref("UploadComplete"),
+                    ),
+                    *_CREATION_PARAMETERS,
                 ],
                 "requestBody": {
                     "required": True,
@@ -390,40 +516,47 @@ SPEC: dict[str, Any] = {
                     "content": _OGG,
                 },
                 "responses": {
-                    "201": {
-                        "description": "Created.",
-                        "headers": {"ETag": {"$ref": "#/components/headers/ETag"}},
-                        "content": {"application/json": {"schema": ref("Prerecording")}},
-                    },
-                    "204": {
-                        "description": "Replaced.",
-                        "headers": {"ETag": {"$ref": "#/components/headers/ETag"}},
-                    },
+                    "201": _also(_CREATED, _CREATED_UPLOAD),
+                    "204": _also(_REPLACED, _CREATED_UPLOAD),
                     "400": _problem(
                         "A path value or digest header is malformed, the body is empty or not Ogg, a digest "
-                        "does not match, or Content-Range was sent (a partial PUT is not supported)."
+                        "does not match, or Content-Range was sent (a partial PUT is not supported). IETF "
+                        "draft's creation: " + _CREATION_BAD,
+                        _CREATION_REFUSED,
                     ),
-                    "401": _UNAUTHORIZED,
+                    "401": _also(_UNAUTHORIZED, _DRAFT),
                     "408": _problem(
                         "The body stalled, or arrived slower than PREREC_MIN_UPLOAD_RATE_BYTES a second averaged "
-                        "over PREREC_READ_TIMEOUT_SECONDS; nothing was stored."
+                        "over PREREC_READ_TIMEOUT_SECONDS; nothing was stored. IETF draft's creation: " + _STALLED,
+                        _CREATION_REFUSED,
                     ),
-                    "412": _PRECONDITION_FAILED,
-                    "413": _problem("The body is larger than PREREC_MAX_UPLOAD_BYTES."),
+                    "412": _problem(
+                        _PRECONDITION_FAILED["description"] + " " + _CREATION_PRECONDITION,
+                        {**_CREATION_REFUSED, **_UPLOAD_COMPLETE},
+                    ),
+                    "413": _problem(
+                        "The body (IETF draft's creation: Upload-Length) is larger than PREREC_MAX_UPLOAD_BYTES.",
+                        _DRAFT,
+                    ),
                     "415": _problem(
                         "The Content-Type is not audio/ogg, is malformed or longer than 256 characters; or a "
-                        "Content-Encoding other than identity was sent.",
+                        "Content-Encoding other than identity was sent. IETF draft's creation: the type (Content-"
+                        "Type, else the filetype metadata) is not audio/ogg.",
                         {
                             "Accept-Encoding": {
                                 "description": "`identity` when a content coding was refused.",
                                 "schema": {"type": "string", "enum": ["identity"]},
-                            }
+                            },
+                            **_DRAFT,
                         },
                     ),
                     "417": _problem("The Expect header names something other than 100-continue."),
                     "501": _problem("A transfer coding other than chunked was sent."),
-                    "503": _UNAVAILABLE,
-                    "507": _problem("The storage folder is full."),
+                    "503": _also(_UNAVAILABLE, _DRAFT),
+                    "507": _problem(
+                        "The storage folder is full (IETF draft's creation: has less room than Upload-Length).",
+                        _CREATION_REFUSED,
+                    ),
                 },
             },
             "delete": {
@@ -449,59 +582,71 @@ SPEC: dict[str, Any] = {
                     "(a PUT at the key with `Upload-Draft-Interop-Version` and `Upload-Complete: ?0` does "
                     "the same). Interop versions 5 to 8; 3 and 4 are refused (400). No 104 interim response "
                     "is ever sent: the upload's URL comes in the final 201, so a client must create "
-                    "carefully (`Upload-Complete: ?0`, then PATCH). Without the interop header: 405."
+                    "carefully (`Upload-Complete: ?0`, then PATCH). The type comes from Content-Type, or from "
+                    "the `filetype` metadata when Content-Type is absent or application/partial-upload. "
+                    "If-Match, If-None-Match: * and the digest headers (of the whole file) are decided when "
+                    "the upload is complete, as for a PUT. A body is the file's first bytes; when it is the "
+                    "whole file the answer is the PUT's (201 with the JSON item, or 204), with the draft's "
+                    "headers. Refusals that need no body byte come before `100 Continue`. Without the interop "
+                    "header: 405."
                 ),
                 "parameters": [
                     *_KEY_PARAMETERS,
-                    {**_header("Upload-Draft-Interop-Version", "5, 6, 7 or 8."), "required": True},
-                    _header("Upload-Complete", "`?0`: more appends follow (RFC 8941 boolean)."),
-                    _header("Upload-Length", "The whole file's size in bytes."),
-                    _header(
-                        "Upload-Metadata", "tus-style metadata; `filetype` gives the type when Content-Type does not."
-                    ),
-                    _IF_MATCH,
-                    _IF_NONE_MATCH,
-                ],
-                "responses": {
-                    "201": {
-                        "description": "Created; append with PATCH at Location.",
-                        "headers": {
-                            "Location": {"description": "/uploads/{id}", "schema": {"type": "string"}},
-                            "Upload-Offset": {"schema": {"type": "integer", "minimum": 0}},
-                            "Upload-Complete": {"schema": {"type": "string"}},
-                            "Upload-Limit": {
-                                "description": "max-size and max-age (v6: expires).",
-                                "schema": {"type": "string"},
-                            },
-                        },
+                    {**_INTEROP_PARAMETER, "required": True},
+                    {
+                        **_header(
+                            "Upload-Complete",
+                            "`?0`: more appends follow (an RFC 8941 boolean; `?1` is refused, 400).",
+                            ref("CarefulCreation"),
+                        ),
+                        "required": True,
                     },
-                    "400": _problem("An unsupported interop version, or a missing or malformed upload header."),
-                    "401": _UNAUTHORIZED,
+                    {**_CREATION_PARAMETERS[0], "required": True},
+                    *_CREATION_PARAMETERS[1:],
+                    _IF_MATCH,
+                    _header(
+                        "If-None-Match",
+                        "`*`: create only, never replace a stored prerecording (412 when the upload completes).",
+                        ref("CreateOnly"),
+                    ),
+                    *_digest_parameters("the whole file"),
+                    _header(
+                        "Expect",
+                        "The answer comes before the body is sent if it is a refusal.",
+                        ref("Expectation"),
+                    ),
+                ],
+                "requestBody": {
+                    "required": False,
+                    "description": "The file's first bytes (or all of them), from offset 0.",
+                    "content": {**_OGG, **_PARTIAL_UPLOAD},
+                },
+                "responses": {
+                    "201": _also(_CREATED, _CREATED_UPLOAD),
+                    "204": _also(_REPLACED, _CREATED_UPLOAD),
+                    "400": _problem("The key: as for PUT. " + _CREATION_BAD, _CREATION_REFUSED),
+                    "401": _also(_UNAUTHORIZED, _DRAFT),
                     "405": _problem("No Upload-Draft-Interop-Version: POST is not otherwise served here."),
-                    "413": _problem("The declared length is larger than PREREC_MAX_UPLOAD_BYTES."),
-                    "415": _problem("The type (Content-Type or the filetype metadata) is not audio/ogg."),
-                    "503": _UNAVAILABLE,
-                    "507": _problem("The declared length does not fit the storage."),
+                    "408": _problem(_STALLED, _CREATION_REFUSED),
+                    "412": _problem(_CREATION_PRECONDITION, {**_CREATION_REFUSED, **_UPLOAD_COMPLETE}),
+                    "413": _problem("Upload-Length is larger than PREREC_MAX_UPLOAD_BYTES.", _DRAFT),
+                    "415": _problem(
+                        "The type (Content-Type, else the filetype metadata) is not audio/ogg.", _CREATION_REFUSED
+                    ),
+                    "503": _also(_UNAVAILABLE, _DRAFT),
+                    "507": _problem(_FULL, _CREATION_REFUSED),
                 },
             },
             "options": {
                 "operationId": "draftUploadOptions",
                 "summary": "The IETF draft's upload limits",
-                "parameters": [
-                    *_KEY_PARAMETERS,
-                    {**_header("Upload-Draft-Interop-Version", "5, 6, 7 or 8."), "required": True},
-                ],
+                "parameters": [*_KEY_PARAMETERS, {**_INTEROP_PARAMETER, "required": True}],
                 "responses": {
                     "204": {
-                        "description": "The limits (none for version 5).",
-                        "headers": {
-                            "Upload-Limit": {
-                                "description": "max-size and max-age (v6: expires).",
-                                "schema": {"type": "string"},
-                            }
-                        },
+                        "description": "The limits (none for version 5, which has no Upload-Limit).",
+                        "headers": {**_UPLOAD_LIMIT, ietf.INTEROP: {**_INTEROP_ANSWER, "required": True}},
                     },
-                    "400": _problem("An unsupported interop version."),
+                    "400": _problem("An unsupported interop version, or a malformed key (as for PUT).", _DRAFT),
                     "405": _problem("No Upload-Draft-Interop-Version: OPTIONS is not otherwise served here."),
                 },
             },
@@ -666,12 +811,13 @@ SPEC: dict[str, Any] = {
                 "summary": "Where a resumable upload stands (its offset)",
                 "description": (
                     "Waits (briefly) for a request still appending to let go, so the offset is the one to "
-                    "resume from. A complete upload answers Upload-Offset equal to Upload-Length."
+                    "resume from. A complete upload answers Upload-Offset equal to Upload-Length. tus answers "
+                    "200; with `Upload-Draft-Interop-Version` the IETF draft's answer is 204."
                 ),
-                "parameters": _ID_PARAMETERS,
+                "parameters": [*_ID_PARAMETERS, _INTEROP_PARAMETER],
                 "responses": {
                     "200": {
-                        "description": "The upload's state.",
+                        "description": "tus: the upload's state.",
                         "headers": {
                             **_TUS_RESUMABLE,
                             **_UPLOAD_STATE,
@@ -686,12 +832,29 @@ SPEC: dict[str, Any] = {
                             },
                         },
                     },
+                    "204": {
+                        "description": "IETF draft: the upload's state.",
+                        "headers": {
+                            ietf.INTEROP: {**_INTEROP_ANSWER, "required": True},
+                            "Upload-Offset": {**_UPLOAD_OFFSET, "required": True},
+                            "Upload-Complete": {**_UPLOAD_COMPLETE["Upload-Complete"], "required": True},
+                            "Upload-Length": {
+                                "required": True,
+                                "description": "The declared size.",
+                                "schema": {"type": "integer", "minimum": 1},
+                            },
+                            "Cache-Control": {"required": True, "schema": {"type": "string", "enum": ["no-store"]}},
+                            **_UPLOAD_LIMIT,
+                        },
+                    },
+                    "400": _bodiless(_problem("IETF draft: an unsupported interop version.")),
                     "404": _bodiless(_NO_UPLOAD),
-                    "410": _bodiless(_tus_problem("The upload failed, was cancelled or has expired.")),
+                    "410": _bodiless(_upload_problem("The upload failed, was cancelled or has expired.")),
                     "503": _bodiless(
-                        _tus_unavailable(
+                        _upload_problem(
                             "The upload is being finished (ask again after Retry-After), or the database is "
-                            "not available."
+                            "not available.",
+                            _RETRY_AFTER,
                         )
                     ),
                 },
@@ -705,11 +868,23 @@ SPEC: dict[str, Any] = {
                     "names the right one). Bytes that arrive count even when the body is cut off, unless "
                     "Upload-Checksum is given (then all or none). The request that completes the upload "
                     "stores the prerecording before it answers, with its ETag; sent again at the end, it gets "
-                    "that answer again. The file must start with `OggS`."
+                    "that answer again. The file must start with `OggS`.\n\n"
+                    f"tus: `Tus-Resumable: 1.0.0`, `Content-Type: {tus.OFFSET_OCTET_STREAM}`, answered 204. "
+                    "IETF draft (`Upload-Draft-Interop-Version`): `Upload-Complete` (`?1` when this body "
+                    f"ends the file), `Content-Type: {ietf.PARTIAL_UPLOAD}` (any type with interop 5); the "
+                    "request that completes the upload is answered as a PUT would be (201 with the JSON item, "
+                    "or 204), with `Upload-Complete: ?1`. An offset mismatch is the problem type "
+                    f"{_MISMATCH_TYPE} with `expected-offset` and `provided-offset`; `Upload-Complete: ?1` on "
+                    f"a body that does not reach the length is 400 {_INCONSISTENT_TYPE} (the bytes are kept)."
                 ),
                 "parameters": [
                     *_ID_PARAMETERS,
-                    _TUS_RESUMABLE_PARAMETER,
+                    {
+                        **_TUS_RESUMABLE_PARAMETER,
+                        "required": False,
+                        "description": "tus (required there, 412 without): the tus version the client speaks.",
+                    },
+                    _INTEROP_PARAMETER,
                     {
                         "name": "Upload-Offset",
                         "in": "header",
@@ -717,52 +892,117 @@ SPEC: dict[str, Any] = {
                         "description": "Where this body's bytes begin.",
                         "schema": {"type": "integer", "minimum": 0, "maximum": MAX_BIGINT},
                     },
-                    _UPLOAD_CHECKSUM,
+                    _header(
+                        "Upload-Complete",
+                        "IETF draft (required there, 400 without): `?1` if this body ends the file, else `?0`.",
+                        ref("UploadComplete"),
+                    ),
+                    {**_UPLOAD_CHECKSUM, "description": "tus: " + _UPLOAD_CHECKSUM["description"]},
                 ],
                 "requestBody": {
                     "required": True,
                     "description": "The file's bytes from the offset on.",
-                    "content": _OFFSET_OCTET_STREAM,
+                    "content": {**_OFFSET_OCTET_STREAM, **_PARTIAL_UPLOAD},
                 },
                 "responses": {
-                    "204": {
-                        "description": "Appended; on the request that completed the upload, stored too.",
-                        "headers": {**_TUS_RESUMABLE, **_UPLOAD_STATE, **_TUS_ETAG},
+                    "201": {
+                        "description": (
+                            "IETF draft: this request completed the upload and created the prerecording: the "
+                            "answer a PUT would have given."
+                        ),
+                        "headers": {
+                            "ETag": {**_TUS_ETAG["ETag"], "description": "The prerecording's ETag.", "required": True},
+                            "Upload-Complete": {**_UPLOAD_COMPLETE["Upload-Complete"], "required": True},
+                            "Upload-Offset": {**_UPLOAD_OFFSET, "required": True},
+                            ietf.INTEROP: {**_INTEROP_ANSWER, "required": True},
+                        },
+                        "content": {"application/json": {"schema": ref("Prerecording")}},
                     },
-                    "400": _tus_problem(
+                    "204": {
+                        "description": (
+                            "Appended; on the request that completed the upload, stored too (then with the ETag; "
+                            "in the IETF draft with `Upload-Complete: ?1`, when it replaced a prerecording)."
+                        ),
+                        "headers": {
+                            **_EITHER,
+                            "Upload-Offset": {**_UPLOAD_OFFSET, "required": True},
+                            "Upload-Expires": {
+                                **_UPLOAD_EXPIRES,
+                                "description": "tus: " + _UPLOAD_EXPIRES["description"],
+                            },
+                            "Cache-Control": {
+                                "description": "tus: on every answer of this kind.",
+                                "schema": {"type": "string", "enum": ["no-store"]},
+                            },
+                            **_TUS_ETAG,
+                            **_UPLOAD_COMPLETE,
+                        },
+                    },
+                    "400": _upload_problem(
                         "A header is malformed or missing, the body is empty, goes past the declared length, "
                         "was cut off, is not Ogg or was stopped by another request taking the upload over, or a "
-                        "digest does not match the complete file."
+                        f"digest does not match the complete file. IETF draft: {_INCONSISTENT_TYPE} when "
+                        "`Upload-Complete: ?1` was sent but the upload is short of its length (with its "
+                        "Upload-Offset), or bytes were sent to a completed upload; `Upload-Complete: ?1` also "
+                        "when a digest failed at the end.",
+                        {"Upload-Offset": _UPLOAD_OFFSET, **_UPLOAD_COMPLETE},
                     ),
-                    "401": _TUS_UNAUTHORIZED,
+                    "401": _problem(_UNAUTHORIZED["description"], {**_EITHER, **_UNAUTHORIZED["headers"]}),
                     "404": _NO_UPLOAD,
-                    "408": _tus_problem(_STALLED),
-                    "409": _tus_problem(
+                    "408": _upload_problem(_STALLED),
+                    "409": _upload_problem(
                         "Upload-Offset is not the upload's offset, or another request took the upload over: "
-                        "resume from the Upload-Offset given.",
-                        {"Upload-Offset": {**_UPLOAD_OFFSET, "required": True}},
+                        f"resume from the Upload-Offset given. IETF draft: the problem type {_MISMATCH_TYPE}.",
+                        {"Upload-Offset": {**_UPLOAD_OFFSET, "required": True}, **_UPLOAD_COMPLETE},
                     ),
-                    "410": _UPLOAD_ENDED,
-                    "412": _TUS_PRECONDITION_FAILED,
-                    "415": _tus_problem(f"The Content-Type is not {tus.OFFSET_OCTET_STREAM}."),
-                    "460": _tus_problem(_CHECKSUM_MISMATCH),
-                    "503": _tus_unavailable(_TUS_SHUTDOWN),
-                    "507": _tus_problem(_FULL),
+                    "410": _upload_problem(
+                        "The upload has ended: finished and asked at another offset, failed, cancelled or "
+                        "expired (IETF draft: `Upload-Complete: ?1` when it was refused at its end; the problem "
+                        f"type `{ietf.COMPLETED_UPLOAD}` for an empty append to a completed upload).",
+                        _UPLOAD_COMPLETE,
+                    ),
+                    "412": _upload_problem(
+                        "tus: Tus-Resumable is missing or not 1.0.0 (then with Tus-Version). If-Match or "
+                        "If-None-Match: * of the creation failed when the upload was complete (the bytes are "
+                        "discarded; IETF draft: `Upload-Complete: ?1`).",
+                        {"Tus-Version": {**_TUS_VERSION["Tus-Version"], "required": False}, **_UPLOAD_COMPLETE},
+                    ),
+                    "415": _upload_problem(
+                        f"tus: the Content-Type is not {tus.OFFSET_OCTET_STREAM}. IETF draft from interop 6: "
+                        f"it is not {ietf.PARTIAL_UPLOAD}."
+                    ),
+                    "460": _tus_problem("tus: " + _CHECKSUM_MISMATCH),
+                    "503": _problem(_TUS_SHUTDOWN, {**_EITHER, **_RETRY_AFTER}),
+                    "507": _upload_problem(_FULL),
                 },
             },
             "delete": {
                 "operationId": "cancelUpload",
                 "security": _WRITE_SECURITY,
                 "summary": "Cancel a resumable upload (tus termination)",
-                "description": "A PATCH under way stops; the bytes received are removed.",
-                "parameters": [*_ID_PARAMETERS, _TUS_RESUMABLE_PARAMETER],
+                "description": (
+                    "A PATCH under way stops; the bytes received are removed. tus needs `Tus-Resumable`; "
+                    "with `Upload-Draft-Interop-Version` it is the IETF draft's cancellation."
+                ),
+                "parameters": [
+                    *_ID_PARAMETERS,
+                    {
+                        **_TUS_RESUMABLE_PARAMETER,
+                        "required": False,
+                        "description": "tus (required there, 412 without): the tus version the client speaks.",
+                    },
+                    _INTEROP_PARAMETER,
+                ],
                 "responses": {
-                    "204": {"description": "Cancelled.", "headers": _TUS_RESUMABLE},
-                    "401": _TUS_UNAUTHORIZED,
+                    "204": {"description": "Cancelled.", "headers": _EITHER},
+                    "400": _problem("IETF draft: an unsupported interop version."),
+                    "401": _problem(_UNAUTHORIZED["description"], {**_EITHER, **_UNAUTHORIZED["headers"]}),
                     "404": _NO_UPLOAD,
-                    "410": _tus_problem("The upload has already ended (finished, failed, cancelled or expired)."),
-                    "412": _problem("Tus-Resumable is missing or not 1.0.0.", {**_TUS_RESUMABLE, **_TUS_VERSION}),
-                    "503": _tus_unavailable("The database is not available, or this replica is shutting down."),
+                    "410": _upload_problem("The upload has already ended (finished, failed, cancelled or expired)."),
+                    "412": _problem("tus: Tus-Resumable is missing or not 1.0.0.", {**_TUS_RESUMABLE, **_TUS_VERSION}),
+                    "503": _problem(
+                        "The database is not available, or this replica is shutting down.", {**_EITHER, **_RETRY_AFTER}
+                    ),
                 },
             },
         },

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from prerec.model import EVENT_TYPES, MAX_BIGINT
+from prerec.uploads.ietf import VERSIONS as INTEROP_VERSIONS
 from prerec.uploads.tus import VERSION as TUS_VERSION
 
 # A calendar date that exists: month lengths spelled out, and 29 February only in leap years
@@ -96,6 +97,21 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "EventType": {"type": "string", "enum": list(EVENT_TYPES)},
     "Expectation": {"type": "string", "enum": ["100-continue"], "description": "The one Expect value served."},
     "TusVersion": {"type": "string", "enum": [TUS_VERSION], "description": "The one tus version served."},
+    "InteropVersion": {
+        "type": "string",
+        "enum": [str(version) for version in INTEROP_VERSIONS],
+        "description": "The IETF resumable-upload draft's interop versions served.",
+    },
+    "UploadComplete": {
+        "type": "string",
+        "enum": ["?0", "?1"],
+        "description": "IETF draft: whether the upload ends with this request (an RFC 8941 boolean).",
+    },
+    "CarefulCreation": {
+        "type": "string",
+        "enum": ["?0"],
+        "description": "Upload-Complete on the IETF draft's creation by POST: `?0`, the bytes follow by PATCH.",
+    },
     "CreateOnly": {
         "type": "string",
         "enum": ["*"],
@@ -214,7 +230,19 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "title": {"type": "string"},
             "status": {"type": "integer", "minimum": 400, "maximum": 599},
             "detail": {"type": "string"},
+            # RFC 9457 extension members of the IETF resumable-upload draft's mismatching-upload-offset.
+            "expected-offset": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "IETF draft, offset mismatch: the upload's offset, where to resume.",
+            },
+            "provided-offset": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "IETF draft, offset mismatch: the Upload-Offset the request gave.",
+            },
         },
+        ["type", "title", "status", "detail"],
     ),
     "Readiness": _closed("The replica may take traffic.", {"status": {"type": "string", "const": "ready"}}),
     # Not a shape of ours: the OpenAPI 3.1 document, whose own schema is OpenAPI's.

@@ -140,11 +140,12 @@ async def test_typescript_client_lists_uploads_and_downloads(server, tmp_path: P
 
 
 PYTHON_CLIENT_CONFIG = """\
-# audio/ogg and tus's application/offset+octet-stream are content types the generator does not
-# know; its documented switch treats them as bytes.
+# audio/ogg, tus's application/offset+octet-stream and the IETF draft's application/partial-upload
+# are content types the generator does not know; its documented switch treats them as bytes.
 content_type_overrides:
   audio/ogg: application/octet-stream
   application/offset+octet-stream: application/octet-stream
+  application/partial-upload: application/octet-stream
 package_name_override: prerec_client
 post_hooks: []
 """
@@ -183,9 +184,11 @@ async def test_python_client_lists_uploads_and_downloads(server, tmp_path: Path,
 
     # Models named after the document's components, none after an operation or a status.
     assert set(models.__all__) == {
+        "CarefulCreation",
         "CreateOnly",
         "EventType",
         "Expectation",
+        "InteropVersion",
         "OpenAPIDocument",
         "Order",
         "Prerecording",
@@ -206,6 +209,7 @@ async def test_python_client_lists_uploads_and_downloads(server, tmp_path: Path,
         "UploadList",
         "UploadProgress",
         "UploadProgressEvent",
+        "UploadComplete",
     }
     hints = typing.get_type_hints(list_prerecordings.sync)
     assert int in typing.get_args(hints["limit"]) and int in typing.get_args(hints["offset"])

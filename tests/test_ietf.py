@@ -187,6 +187,28 @@ async def test_complete_that_does_not_reach_the_length_is_400(client: TestClient
     assert await offset_of(client, location) == 100
 
 
+async def test_appending_to_a_completed_upload_is_refused(client: TestClient) -> None:
+    # Draft §Upload Append: a completed upload is never modified; a non-empty append is an
+    # inconsistent length (400), an empty one may be 410 completed-upload. An empty `?1` at the
+    # end is the lost answer asked again (the upload table keeps it).
+    data = audio(100)
+    location = await create(client, len(data))
+    done = await client.patch(location, data=data, headers={**PARTIAL, "Upload-Offset": "0", "Upload-Complete": "?1"})
+    assert done.status == 201
+    for offset in ("100", "40"):
+        more = await client.patch(
+            location, data=b"more", headers={**PARTIAL, "Upload-Offset": offset, "Upload-Complete": "?1"}
+        )
+        assert more.status == 400, await more.text()
+        assert (await more.json())["type"].endswith("#inconsistent-upload-length")
+    empty = await client.patch(location, data=b"", headers={**PARTIAL, "Upload-Offset": "40", "Upload-Complete": "?1"})
+    assert empty.status == 410
+    assert (await empty.json())["type"] == "https://iana.org/assignments/http-problem-types#completed-upload"
+    again = await client.patch(location, data=b"", headers={**PARTIAL, "Upload-Offset": "100", "Upload-Complete": "?1"})
+    assert again.status == 201 and again.headers["ETag"] == done.headers["ETag"]
+    assert await (await client.get(KEY)).read() == data
+
+
 async def test_upload_complete_or_no_interop_header_is_the_plain_put(client: TestClient, database_url: str) -> None:
     data = ogg(5000)
     response = await client.put(KEY, data=data, headers={**V8, "Upload-Complete": "?1", "Content-Type": "audio/ogg"})
@@ -249,6 +271,28 @@ async def test_expect_continue_refuses_a_creation_whose_precondition_fails_befor
 
     assert b" 412 " in await ask("If-None-Match: *")
     assert b" 100 " in await ask("If-Match: *")  # the negative control: it holds, the body is asked for
+
+
+async def test_if_unmodified_since_on_a_creation_is_refused_not_ignored(client: TestClient) -> None:
+    # The upload's preconditions are decided when it completes, and only If-Match and
+    # If-None-Match: * are kept: a date ignored would let the upload replace a newer version.
+    stored = ogg(50)
+    assert (await client.put(KEY, data=stored, headers={"Content-Type": "audio/ogg"})).status == 201
+    before = "Mon, 01 Jan 2024 00:00:00 GMT"
+    data = ogg(100)
+    headers = {**V8, "Upload-Complete": "?0", "Upload-Length": "100", "Content-Type": "audio/ogg"}
+    response = await client.put(KEY, data=data, headers={**headers, "If-Unmodified-Since": before})
+    assert response.status == 400
+    assert "If-Unmodified-Since" in (await response.json())["detail"]
+    assert await (await client.get(KEY)).read() == stored
+    # A plain PUT decides it: 412.
+    plain = await client.put(KEY, data=data, headers={"Content-Type": "audio/ogg", "If-Unmodified-Since": before})
+    assert plain.status == 412
+    # With If-Match it is not read (RFC 9110 §13.1.4), so the creation goes on.
+    etag = (await client.head(KEY)).headers["ETag"]
+    taken = await client.put(KEY, data=data, headers={**headers, "If-Unmodified-Since": before, "If-Match": etag})
+    assert taken.status == 204, await taken.text()
+    assert await (await client.get(KEY)).read() == data
 
 
 async def test_expect_continue_refuses_a_bad_creation_before_the_body(client: TestClient) -> None:
@@ -412,3 +456,13 @@ def test_offset_length_type_and_limit() -> None:
     assert ietf.upload_limit(5, 10, 20) is None
     assert ietf.upload_limit(6, 10, 20) == "max-size=10, expires=20"
     assert ietf.upload_limit(8, 10, 20) == "max-size=10, max-age=20"
+
+
+def test_a_date_precondition_is_refused_only_where_rfc_9110_reads_it() -> None:
+    date = "Mon, 01 Jan 2024 00:00:00 GMT"
+    with pytest.raises(Problem) as refused:
+        ietf.check_no_date_precondition({"If-Unmodified-Since": date})
+    assert refused.value.status == 400
+    ietf.check_no_date_precondition({"If-Unmodified-Since": date, "If-Match": '"a"'})  # not read beside If-Match
+    ietf.check_no_date_precondition({"If-Unmodified-Since": "yesterday"})  # no date: ignored, as by PUT
+    ietf.check_no_date_precondition({})

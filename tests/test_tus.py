@@ -136,6 +136,18 @@ async def test_patches_append_and_the_last_one_finishes(client: TestClient, data
     assert await created_events(database_url) == 1
 
 
+async def test_bytes_sent_to_a_finished_upload_are_refused_not_taken_for_its_answer(client: TestClient) -> None:
+    data = audio(100)
+    location = await create(client, len(data))
+    done = await client.patch(location, data=data, headers={**PATCH, "Upload-Offset": "0"})
+    assert done.status == 204
+    # At its end, with bytes: they go past the length. Only an empty body asks for the answer again.
+    response = await client.patch(location, data=b"more", headers={**PATCH, "Upload-Offset": "100"})
+    assert response.status == 410, await response.text()
+    assert "finished" in (await response.json())["detail"]
+    assert await stored(client) == data
+
+
 async def test_creation_with_upload(client: TestClient) -> None:
     data = audio(2000)
     response = await client.post(

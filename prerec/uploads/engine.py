@@ -330,7 +330,7 @@ class Engine:
         counts until the whole body matched."""
         upload = await self.get(upload_id)
         if upload.state != "receiving" or upload.durable != offset:
-            replay = _replay(upload, offset)
+            replay = _replay(upload, offset, content_length)
             if replay is not None:
                 return replay
             ended(upload)
@@ -344,7 +344,10 @@ class Engine:
         except Problem as problem:
             # Finished by another request while this one waited for the lease (a client that
             # retried the last PATCH): that answer, not a 410.
-            if problem.status == 410 and (replay := _replay(await self.get(upload_id), offset)) is not None:
+            if (
+                problem.status == 410
+                and (replay := _replay(await self.get(upload_id), offset, content_length)) is not None
+            ):
                 return replay
             raise
         generation = upload.generation
@@ -744,9 +747,10 @@ def ended(upload: Upload) -> None:
     raise Problem(410, f"The upload {upload.id} has ended ({upload.state}).")
 
 
-def _replay(upload: Upload, offset: int) -> Outcome | None:
-    """A finished upload asked again at its end: the answer it gave (the client lost it)."""
-    if upload.state == "finished" and offset == upload.length:
+def _replay(upload: Upload, offset: int, content_length: int | None) -> Outcome | None:
+    """A finished upload asked again at its end: the answer it gave (the client lost it). Not
+    for a body with bytes: they go past the length, and are refused as at any other offset."""
+    if upload.state == "finished" and offset == upload.length and not content_length:
         return Outcome(upload, upload.result)
     return None
 

@@ -23,6 +23,7 @@ from aiohttp import hdrs, web
 
 from prerec import digests
 from prerec.auth import check_write_token
+from prerec.conditional import parse_date
 from prerec.config import SETTINGS_KEY
 from prerec.model import OGG, Upload, parse_content_type, parse_count, parse_event, parse_start
 from prerec.problems import Problem
@@ -36,6 +37,7 @@ VERSIONS = (5, 6, 7, 8)
 PARTIAL_UPLOAD = "application/partial-upload"
 MISMATCHING_OFFSET = "https://iana.org/assignments/http-problem-types#mismatching-upload-offset"
 INCONSISTENT_LENGTH = "https://iana.org/assignments/http-problem-types#inconsistent-upload-length"
+COMPLETED_UPLOAD = "https://iana.org/assignments/http-problem-types#completed-upload"
 
 
 # Parsing (pure)
@@ -106,6 +108,17 @@ def creation_type(headers: Mapping[str, str]) -> str:
     return parse_content_type(filetype)
 
 
+def check_no_date_precondition(headers: Mapping[str, str]) -> None:
+    """An upload keeps If-Match and If-None-Match: * for its end, not a date: a creation (at
+    the PUT route, which honours If-Unmodified-Since) that asks for one is refused, never let
+    replace a newer version. RFC 9110 §13.1.4: not read beside If-Match, nor when no date."""
+    if hdrs.IF_MATCH not in headers and parse_date(headers.get(hdrs.IF_UNMODIFIED_SINCE)) is not None:
+        raise Problem(
+            400,
+            "If-Unmodified-Since is not kept for a resumable upload: send If-Match with the current ETag instead.",
+        )
+
+
 def check_patch_type(version: int, headers: Mapping[str, str]) -> None:
     # Interop 5 (draft -03) named no type; from 6 on an append is application/partial-upload.
     if version < 6:
@@ -173,9 +186,22 @@ async def _appended(request: web.Request, upload_id: uuid.UUID, offset: int, com
             problem.type = MISMATCHING_OFFSET
             problem.members = {"expected-offset": expected, "provided-offset": offset}
             problem.headers.setdefault("Upload-Complete", "?0")
-        elif (await engine.get(upload_id)).state == "failed":
-            # Refused at its end (a precondition, a digest): the upload is over.
-            problem.headers["Upload-Complete"] = "?1"
+        else:
+            upload = await engine.get(upload_id)
+            if upload.state == "failed":
+                # Refused at its end (a precondition, a digest): the upload is over.
+                problem.headers["Upload-Complete"] = "?1"
+            elif upload.state == "finished" and problem.status == 410:
+                # Draft §Upload Append: a completed upload is not modified; bytes sent to it are
+                # an inconsistent length, an empty append a completed-upload.
+                if request.content_length != 0:
+                    raise Problem(
+                        400,
+                        f"The upload is complete ({upload.length} bytes): nothing can be appended to it.",
+                        problem.headers,
+                        type=INCONSISTENT_LENGTH,
+                    ) from None
+                problem.type = COMPLETED_UPLOAD
         raise
     if outcome.result is not None:
         return _finished(outcome.upload, outcome.result)
@@ -215,6 +241,7 @@ async def _refuse_early(request: web.Request) -> tuple[int, str, int]:
         raise Problem(413, f"The declared length {length} is larger than the limit of {max_bytes} bytes.")
     if request.content_length is not None and request.content_length > length:
         raise Problem(400, f"The body of {request.content_length} bytes is longer than the Upload-Length {length}.")
+    check_no_date_precondition(request.headers)
     return version, creation_type(request.headers), length
 
 
