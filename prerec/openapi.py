@@ -49,7 +49,7 @@ def _problem(description: str, headers: dict[str, Any] | None = None) -> dict[st
 
 
 _RETRY_AFTER = {"Retry-After": {"$ref": "#/components/headers/Retry-After"}}
-_UNAVAILABLE = _problem("The database or the storage folder is not available right now.", _RETRY_AFTER)
+_UNAVAILABLE = _problem("The database or the store (folder or bucket) is not available right now.", _RETRY_AFTER)
 _BAD_REQUEST = _problem("A path or query value is malformed; the detail names it.")
 _NOT_FOUND = _problem("No prerecording of that event at that start.")
 _KEY_PARAMETERS = [{"$ref": "#/components/parameters/event"}, {"$ref": "#/components/parameters/start"}]
@@ -197,7 +197,8 @@ _TUS_VERSION = {
 }
 _TUS_PRECONDITION_FAILED = _tus_problem(
     "Tus-Resumable is missing or not 1.0.0 (then with Tus-Version); or the creation's If-Match or "
-    "If-None-Match: * failed when the upload was complete.",
+    "If-None-Match: * failed: at creation (no upload is made; the same body as a PUT's 412) or when the "
+    "upload was complete.",
     {"Tus-Version": {**_TUS_VERSION["Tus-Version"], "required": False}},
 )
 _TUS_UNAUTHORIZED = _problem(_UNAUTHORIZED["description"], {**_TUS_RESUMABLE, **_UNAUTHORIZED["headers"]})
@@ -720,8 +721,9 @@ SPEC: dict[str, Any] = {
                     "Upload-Metadata names the prerecording the upload becomes: `event` (a UUID), `start` (as "
                     "in the path of /prerecordings) and `filetype` (`audio/ogg`, 415 otherwise), each value "
                     "base64 of UTF-8; other keys are kept and given back by HEAD. The file must start with "
-                    "`OggS`. If-Match, If-None-Match: * and the digest headers (of the whole file) are "
-                    "decided when the upload is complete, as for a PUT. A body "
+                    "`OggS`. If-Match and If-None-Match: * are checked at creation (412, no upload made) and "
+                    "again when the upload is complete, as for a PUT; the digest headers (of the whole file) "
+                    "are checked when it is complete. A body "
                     f"(`Content-Type: {tus.OFFSET_OCTET_STREAM}`) is the file's first bytes (creation-with-"
                     "upload); when it is the whole file the prerecording is stored before the answer, which "
                     "then carries its ETag. Upload-Defer-Length and Upload-Concat are refused (400)."
