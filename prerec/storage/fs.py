@@ -244,9 +244,14 @@ class Segment:
 
     def write(self, piece: memoryview, offset: int, hashers: dict[str, Any]) -> None:
         """Write the piece at its upload offset, and feed it to the hashers (in order)."""
+        position = offset - self.start
         done = 0
         while done < len(piece):
-            done += os.pwrite(self.fd, piece[done:], offset - self.start + done)
+            done += os.pwrite(self.fd, piece[done:], position + done)
+        # Each piece at once, not every WRITEBACK_STEP as a staged file does: the next fdatasync
+        # comes within a second, or at the end of a PATCH of a few megabytes, which answers
+        # only once all of it is on disk.
+        _start_writeback(self.fd, position, len(piece))
         for hasher in hashers.values():
             hasher.update(piece)
 

@@ -423,6 +423,8 @@ class Engine:
         stop: BaseException | None = None
         last_commit = time.monotonic()
         committed_bytes = upload.durable
+        syncing: asyncio.Future[None] | None = None  # a commit() behind the reading
+        syncing_call: concurrent.futures.Future[None] | None = None  # its fdatasync
         checked = upload.durable >= len(OGG_CAPTURE_PATTERN)
         head = b""
         try:
@@ -448,24 +450,45 @@ class Engine:
                 if wait:
                     await settle()
 
-            async def commit() -> None:
-                nonlocal upload, last_commit, committed_bytes
-                await flush(wait=True)
-                last_commit = time.monotonic()
-                if written == upload.durable:
-                    return
-                await on_disk(segment.sync)
+            async def record(upto: int) -> None:
+                """Make the bytes below `upto` (all written) durable, then record them."""
+                nonlocal upload, syncing_call
+                syncing_call = DISK.submit(segment.sync)
+                try:
+                    await asyncio.wrap_future(syncing_call)
+                except OSError as error:
+                    raise storage_problem(error) from error
                 async with self._connection() as conn:
                     upload = await db.advance(
                         conn,
                         upload.id,
                         generation,
                         upload.durable,
-                        written,
+                        upto,
                         self.expiry,
-                        pieces=[Piece(segment.start, written - segment.start, segment_generation)],
+                        pieces=[Piece(segment.start, upto - segment.start, segment_generation)],
                     )
+
+            async def commit(behind: bool = False) -> None:
+                """Record what is written. `behind`: while the body goes on being read (an
+                fdatasync can take a good part of a second, in which the client would stall),
+                only what had been written when it began; at most one such commit at a time."""
+                nonlocal syncing, last_commit, committed_bytes
+                if syncing is not None:
+                    if behind and not syncing.done():
+                        return
+                    task, syncing = syncing, None
+                    await task  # its error (Fenced, a storage problem) is this one's
+                if not behind:
+                    await flush(wait=True)
+                last_commit = time.monotonic()
+                if written == upload.durable:
+                    return
                 committed_bytes = written
+                if behind:
+                    syncing = asyncio.ensure_future(record(written))
+                else:
+                    await record(written)
 
             idle = 0.0
             while True:
@@ -523,7 +546,7 @@ class Engine:
                 if checksum is None and (
                     time.monotonic() - last_commit >= COMMIT_SECONDS or sent - committed_bytes >= COMMIT_BYTES
                 ):
-                    await commit()
+                    await commit(behind=True)
             if sent + filled == upload.durable and stop is None:
                 raise Problem(400, "The PATCH has no body: send the bytes from the offset on.")
             if checksum is not None:
@@ -541,12 +564,14 @@ class Engine:
                     )
             await commit()
         except BaseException:
-            # A write still in its thread must end before its file is closed under it.
-            leftover = in_flight
+            # A commit behind the reading is let finish (what it records is durable), and a
+            # write or fdatasync still in its thread must end before its file is closed under it.
+            if syncing is not None:
+                await asyncio.gather(syncing, return_exceptions=True)
+            leftover = [call for call in (in_flight, syncing_call) if call is not None]
 
             def close() -> None:
-                if leftover is not None:
-                    concurrent.futures.wait([leftover])
+                concurrent.futures.wait(leftover)
                 segment.close()
 
             await asyncio.shield(on_disk(close))
