@@ -218,6 +218,11 @@ class Weed:
             "-webdav=false",
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
+            # One bucket per test is one collection, with volumes of its own: with the defaults
+            # (volumes up to 1 GiB, as many as fit the free disk) the 63rd bucket found no free
+            # volume (InternalError). Small volumes, and room for many (they are sparse files).
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=10000",
             *(f"-{name}={port}" for name, port in self.ports.items()),
             f"-s3.config={self.root / 's3.json'}",
         ]

@@ -210,9 +210,14 @@ async def test_ietf_draft_answers_are_documented(client) -> None:  # type: ignor
     fresh = f"/prerecordings/{EVENT}/2024-01-02T00:00"
     location = (await check(await client.post(fresh, data=b"", headers=creation), key, 201)).headers["Location"]
     await check(await client.patch(location, data=ogg(100), headers={**append, "Upload-Offset": "0"}), upload, 201)
+    # If-None-Match: * is checked at creation (the prerecording exists: 412, no upload made) ...
+    await check(await client.put(fresh, data=b"", headers={**creation, "If-None-Match": "*"}), key, 412)
+    # ... and again at the end, when a PUT made it meanwhile.
+    later = f"/prerecordings/{EVENT}/2024-01-03T00:00"
     location = (
-        await check(await client.put(fresh, data=b"", headers={**creation, "If-None-Match": "*"}), key, 201)
+        await check(await client.put(later, data=b"", headers={**creation, "If-None-Match": "*"}), key, 201)
     ).headers["Location"]
+    assert (await client.put(later, data=ogg(30), headers={"Content-Type": "audio/ogg"})).status == 201
     refused = await check(
         await client.patch(location, data=ogg(100), headers={**append, "Upload-Offset": "0", "Upload-Complete": "?1"}),
         upload,
