@@ -37,9 +37,21 @@ START = "2026-12-01T20:00"
 KEY = f"/prerecordings/{EVENT}/{START}"
 pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (.ci/run installs nginx-light)")
 SPACING = 16 * 1024 * 1024
-# At most this much of what a client sent sits in buffers between it and the server (nginx's,
-# the kernel's socket buffers) when its link drops; seen: a few KiB.
-IN_FLIGHT = 8 * 1024 * 1024
+
+
+def _socket_buffers_max() -> int:
+    """The most a loopback TCP connection can hold in flight: the kernel's largest receive
+    buffer plus its largest send buffer (autotuning grows them up to these under load)."""
+    try:
+        return sum(int(Path(f"/proc/sys/net/ipv4/tcp_{which}").read_text().split()[2]) for which in ("rmem", "wmem"))
+    except (OSError, IndexError, ValueError):
+        return 8 * 1024 * 1024
+
+
+# At most this much of what a client sent sits in buffers between it and the server when its
+# link drops (an RST discards them): two connections' socket buffers (proxy to nginx, nginx to
+# the replica). Usually a few KiB; 13 MB seen under load, with 36 MiB per connection allowed.
+IN_FLIGHT = 2 * _socket_buffers_max()
 METADATA = {"event": EVENT, "start": START, "filetype": "audio/ogg"}
 
 # tus-js-client as Uppy runs it: defaults throughout (chunkSize unset: the whole file in one
