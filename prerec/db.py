@@ -418,6 +418,7 @@ async def acquire_lease(
     pid: int | None,
     *,
     force: bool = False,
+    progress: bool = False,
     lease_seconds: float = LEASE_SECONDS,
 ) -> Upload | None:
     """Take the upload's lease under a new generation; None while someone else holds it (or
@@ -434,11 +435,15 @@ async def acquire_lease(
     continued only after a clean release (its writes joined and synced); any other takeover
     starts a segment of its own, so a zombie's late writes can never land in the new one.
 
+    `progress`: an upload-progress event tells watchers the upload moves again (a resume),
+    within the cadence (see report_progress), in this same statement.
+
     pg_stat_activity is read once per transaction: call this outside a long transaction."""
     # One UPDATE: when two replicas race, the second waits on the row lock, then re-evaluates
     # the condition on the winner's row, finds a live lease and changes nothing.
     row = await conn.fetchrow(
         f"""
+        WITH taken AS (
         UPDATE uploads
            SET generation = generation + 1, state = 'receiving',
                lease_owner = $2, lease_pid = $3, lease_expires = now() + make_interval(secs => $5),
@@ -451,12 +456,16 @@ async def acquire_lease(
                         OR lease_pid IS NOT NULL
                            AND NOT EXISTS (SELECT FROM pg_stat_activity a WHERE a.pid = uploads.lease_pid)))
         RETURNING {_UPLOAD_COLUMNS}
+        ), {_progress_event(f"SELECT {_event_json('taken')} AS data FROM taken WHERE $6::boolean", 7)}
+        SELECT * FROM taken
         """,
         upload_id,
         owner,
         pid,
         force,
         lease_seconds,
+        progress,
+        *_progress_arguments(),
     )
     return None if row is None else _upload(row)
 
@@ -516,10 +525,17 @@ async def advance(
     pieces: Sequence[Piece] = (),
     tail: Tail | None = None,
     lease_seconds: float = LEASE_SECONDS,
+    progress: bool = False,
+    release: bool = False,
     fenced: bool = True,
 ) -> Upload:
     """Record that bytes up to `to_offset` are durable, with the pieces that hold them (new or
     grown) and the tail as it now is (None: no tail); renew the lease and push expiry back.
+
+    `progress`: log an upload-progress event within the cadence (see report_progress).
+    `release`: let go of the lease too, cleanly (every write of this generation is joined and
+    synced: the next holder may continue its segment), as release_lease would: a PATCH that
+    ends short of the length records and lets go in one statement.
 
     Fenced unless this generation holds the upload, the offset is still `from_offset` and the
     upload is receiving: a zombie can never move the offset, nor record a piece or a tail.
@@ -540,7 +556,10 @@ async def advance(
                SET durable = $4,
                    progressed_at = CASE WHEN $4 > durable THEN now() ELSE progressed_at END,
                    expires_at = CASE WHEN $4 > durable THEN now() + make_interval(secs => $5) ELSE expires_at END,
-                   lease_expires = now() + make_interval(secs => $6)
+                   lease_expires = CASE WHEN $15::boolean THEN NULL ELSE now() + make_interval(secs => $6) END,
+                   lease_owner = CASE WHEN $15 THEN NULL ELSE lease_owner END,
+                   lease_pid = CASE WHEN $15 THEN NULL ELSE lease_pid END,
+                   released_clean = $15 OR released_clean
              WHERE id = $1 AND {generation_holds} AND durable = $3 AND state = 'receiving'
             RETURNING {_UPLOAD_COLUMNS}
         ), recorded AS (
@@ -557,7 +576,7 @@ async def advance(
             INSERT INTO upload_tails (upload_id, start, data)
             SELECT moved.id, $12, $13::bytea FROM moved WHERE $12::bigint IS NOT NULL
             ON CONFLICT (upload_id) DO UPDATE SET start = excluded.start, data = excluded.data
-        )
+        ), {_progress_event(f"SELECT {_event_json('moved')} AS data FROM moved WHERE $14::boolean", 16)}
         SELECT * FROM moved
         """,
         upload_id,
@@ -573,6 +592,9 @@ async def advance(
         [piece.etag for piece in pieces],
         None if tail is None else tail.start,
         None if tail is None else tail.data,
+        progress,
+        release,
+        *_progress_arguments(),
     )
     return _fenced(row, upload_id, generation)
 
@@ -773,26 +795,66 @@ async def report_progress(conn: asyncpg.Connection, upload: Upload) -> int | Non
     PROGRESS_EVENT_SECONDS ago (None then). The log itself keeps the cadence, in the database's clock:
     replicas that take turns on one upload share it, and no column is needed. The key stands
     for the upload because events carry no upload ids; two uploads to one key at once (rare)
-    share one cadence.
+    share one cadence. acquire_lease and advance log the same event in their own statement."""
+    event_id: int | None = await conn.fetchval(
+        f"""
+        WITH {_progress_event("SELECT $1::jsonb AS data", 2)}
+        SELECT id FROM logged
+        """,
+        json.dumps(upload.event_json()),
+        *_progress_arguments(),
+    )
+    return event_id
+
+
+def _iso_text(naive: str) -> str:
+    """SQL for Python's isoformat() of a timestamp without zone: the fraction only when it is
+    not zero (model.format_start, and format_utc in UTC)."""
+    return (
+        f"""to_char({naive}, 'YYYY-MM-DD"T"HH24:MI:SS') || CASE WHEN extract(microseconds FROM {naive})::bigint """
+        f"""% 1000000 = 0 THEN '' ELSE to_char({naive}, '.US') END"""
+    )
+
+
+def _event_json(row: str) -> str:
+    """SQL for Upload.event_json() of the row `row`, so a statement that changes an upload can
+    log its event without a round trip back here (test_db_uploads holds the two equal)."""
+    return f"""
+        jsonb_build_object('upload', jsonb_build_object(
+            'event', {row}.event::text, 'start', {_iso_text(f"{row}.start")},
+            'offset', {row}.durable, 'length', {row}.length,
+            'started', {_iso_text(f"({row}.created_at AT TIME ZONE 'UTC')")} || 'Z',
+            'progressed', {_iso_text(f"({row}.progressed_at AT TIME ZONE 'UTC')")} || 'Z'))"""
+
+
+def _progress_event(told: str, first: int) -> str:
+    """CTEs for a WITH list: an upload-progress event with the data `told` selects (no row:
+    no event), unless one for its key is younger than the cadence. Parameters $`first` on are
+    _progress_arguments().
+
+    When `told` reads the row the statement changes, the event lock is taken only once that
+    row is changed (the lock reads from it): the usual order, row lock then event lock, which
+    is then held until the commit.
 
     now() (the transaction's start), not clock_timestamp(): a volatile bound keeps the planner
     off events_created_at, and each commit would scan a day of events. Events are stamped later
     than now(), so the spacing is still at least `PROGRESS_EVENT_SECONDS`."""
-    item = upload.event_json()["upload"]
-    recent = await conn.fetchval(
-        """
-        SELECT EXISTS (
-            SELECT FROM events
-             WHERE created_at > now() - make_interval(secs => $3) AND type = 'upload-progress'
-               AND data->'upload'->>'event' = $1 AND data->'upload'->>'start' = $2)
-        """,
-        item["event"],
-        item["start"],
-        PROGRESS_EVENT_SECONDS,  # read here, not bound at import: tests switch the cadence off
-    )
-    if recent:
-        return None
-    return await append_upload_event(conn, "upload-progress", upload)
+    return f"""told AS ({told}), locked AS (
+            SELECT pg_advisory_xact_lock(${first + 1}::int, ${first + 2}::int) AS locked FROM told
+             WHERE NOT EXISTS (
+                SELECT FROM events
+                 WHERE created_at > now() - make_interval(secs => ${first}) AND type = 'upload-progress'
+                   AND data->'upload'->>'event' = told.data->'upload'->>'event'
+                   AND data->'upload'->>'start' = told.data->'upload'->>'start')
+        ), logged AS (
+            INSERT INTO events (type, data) SELECT 'upload-progress', told.data FROM told, locked
+            RETURNING id, pg_notify(${first + 3}, id::text)
+        )"""
+
+
+def _progress_arguments() -> tuple[Any, ...]:
+    # The cadence is read here, not bound at import: tests switch it off.
+    return (PROGRESS_EVENT_SECONDS, *EVENT_LOCK, NOTIFY_CHANNEL)
 
 
 @dataclass(frozen=True)

@@ -286,6 +286,10 @@ class Engine:
 
     # Appending
 
+    async def _take(self, conn: asyncpg.Connection, upload_id: uuid.UUID, force: bool = False) -> Upload | None:
+        # A resume: whoever watches sees the upload move again (within the cadence).
+        return await db.acquire_lease(conn, upload_id, self.owner, self.listener_pid(), force=force, progress=True)
+
     async def _acquire(self, upload_id: uuid.UUID) -> Upload:
         """Take the lease: ask a live holder to let go, poll, force after TAKEOVER_SECONDS.
         Never an endless 423: the wait is bounded, and the upload is taken in the end."""
@@ -294,11 +298,7 @@ class Engine:
         while True:
             force = time.monotonic() >= deadline
             async with self._connection() as conn:
-                async with conn.transaction():
-                    taken = await db.acquire_lease(conn, upload_id, self.owner, self.listener_pid(), force=force)
-                    if taken is not None:
-                        # A resume: whoever watches sees the upload move again (within the cadence).
-                        await db.report_progress(conn, taken)
+                taken = await self._take(conn, upload_id, force=force)
                 if taken is not None:
                     return taken
                 upload = await db.get_upload(conn, upload_id)
@@ -328,28 +328,16 @@ class Engine:
         Every byte that reached this process counts, also when the body is cut: what arrived
         is made durable and recorded before the error is answered. With a checksum nothing
         counts until the whole body matched."""
-        upload = await self.get(upload_id)
-        if upload.state != "receiving" or upload.durable != offset:
-            replay = _replay(upload, offset, content_length)
-            if replay is not None:
-                return replay
-            ended(upload)
-            if upload.durable != offset:
-                upload = await self.settled(upload_id)
-                ended(upload)
-                if upload.durable != offset:
-                    raise _mismatch(upload, offset)
-        try:
-            upload = await self._acquire(upload_id)
-        except Problem as problem:
-            # Finished by another request while this one waited for the lease (a client that
-            # retried the last PATCH): that answer, not a 410.
-            if (
-                problem.status == 410
-                and (replay := _replay(await self.get(upload_id), offset, content_length)) is not None
-            ):
-                return replay
-            raise
+        # The common case in one statement: nobody holds the upload and the offset is right
+        # (a client's next chunk). Anything else goes the careful way below.
+        async with self._connection() as conn:
+            taken = await self._take(conn, upload_id)
+            if taken is not None and taken.durable != offset:
+                await db.release_lease(conn, upload_id, taken.generation, clean=True)
+                taken = None
+        upload = taken if taken is not None else await self._careful_acquire(upload_id, offset, content_length)
+        if isinstance(upload, Outcome):
+            return upload
         generation = upload.generation
         self.writers[upload_id] = _Writer(generation, body)
         # In a task of its own: a server that cancels its handler when the client leaves
@@ -366,6 +354,32 @@ class Engine:
         finally:
             if (writer := self.writers.get(upload_id)) is not None and writer.generation == generation:
                 del self.writers[upload_id]
+
+    async def _careful_acquire(self, upload_id: uuid.UUID, offset: int, content_length: int | None) -> Upload | Outcome:
+        """The lease for an append at `offset`, when it was not free at once or the offset
+        looked wrong: a replay, a wait for the holder, a 409 or 410 decided on the row."""
+        upload = await self.get(upload_id)
+        if upload.state != "receiving" or upload.durable != offset:
+            replay = _replay(upload, offset, content_length)
+            if replay is not None:
+                return replay
+            ended(upload)
+            if upload.durable != offset:
+                upload = await self.settled(upload_id)
+                ended(upload)
+                if upload.durable != offset:
+                    raise _mismatch(upload, offset)
+        try:
+            return await self._acquire(upload_id)
+        except Problem as problem:
+            # Finished by another request while this one waited for the lease (a client that
+            # retried the last PATCH): that answer, not a 410.
+            if (
+                problem.status == 410
+                and (replay := _replay(await self.get(upload_id), offset, content_length)) is not None
+            ):
+                return replay
+            raise
 
     async def _append_held(
         self, upload: Upload, offset: int, body: StreamReader, content_length: int | None, checksum: Checksum | None
@@ -405,9 +419,10 @@ class Engine:
                 {"Upload-Offset": str(current.durable), "Connection": "close"},
             ) from None
         finally:
-            with contextlib.suppress(Exception):
-                async with self._connection() as conn:
-                    await db.release_lease(conn, upload.id, generation, clean)
+            if upload.lease_owner is not None:  # not let go with the last progress commit
+                with contextlib.suppress(Exception):
+                    async with self._connection() as conn:
+                        await db.release_lease(conn, upload.id, generation, clean)
 
     async def _receive(self, upload: Upload, body: StreamReader, checksum: Checksum | None) -> tuple[Upload, bool]:
         """Read the body into the segment, recording progress as it goes; returns the row and
@@ -446,15 +461,16 @@ class Engine:
         head = b""
         try:
 
-            async def record(upto: int) -> None:
-                """Make the bytes below `upto` (all written) durable, then record them."""
+            async def record(upto: int, last: bool = False) -> None:
+                """Make the bytes below `upto` (all written) durable, then record them; the
+                `last` record of a body short of the length lets go of the lease with it."""
                 nonlocal upload, syncing_call
                 syncing_call = DISK.submit(segment.sync)
                 try:
                     await asyncio.wrap_future(syncing_call)
                 except OSError as error:
                     raise storage_problem(error) from error
-                async with self._connection() as conn, conn.transaction():
+                async with self._connection() as conn:
                     upload = await db.advance(
                         conn,
                         upload.id,
@@ -463,10 +479,11 @@ class Engine:
                         upto,
                         self.expiry,
                         pieces=[Piece(segment.start, upto - segment.start, segment_generation)],
+                        progress=True,
+                        release=last and upto < upload.length,
                     )
-                    await db.report_progress(conn, upload)
 
-            async def commit(behind: bool = False) -> None:
+            async def commit(behind: bool = False, last: bool = False) -> None:
                 """Record what is written. `behind`: while the body goes on being read (an
                 fdatasync can take a good part of a second, in which the client would stall),
                 only what had been written when it began; at most one such commit at a time."""
@@ -486,7 +503,7 @@ class Engine:
                 if behind:
                     syncing = asyncio.ensure_future(record(written))
                 else:
-                    await record(written)
+                    await record(written, last)
 
             idle = 0.0
             while True:
@@ -559,7 +576,7 @@ class Engine:
                         f"The Upload-Checksum ({checksum.algorithm}) does not match the body received; none of "
                         f"its bytes were kept (the offset stays {upload.durable}).",
                     )
-            await commit()
+            await commit(last=True)
         except BaseException:
             # A commit behind the reading is let finish (what it records is durable), and the
             # writes, hashing and fdatasync still in threads must end before the file is closed
