@@ -582,6 +582,53 @@ async def test_progress_is_logged_at_most_once_a_second_per_upload_key(conn) -> 
     assert await db.report_progress(conn, cancelled) is not None
 
 
+async def logged_progress(conn: asyncpg.Connection) -> list[dict]:
+    rows = await conn.fetch("SELECT data::text FROM events WHERE type = 'upload-progress' ORDER BY id")
+    return [json.loads(row["data"]) for row in rows]
+
+
+async def test_a_take_and_a_progress_commit_log_their_event_in_their_own_statement(conn, connect, monkeypatch) -> None:
+    listener = await connect()
+    notified: list[str] = []
+    await listener.add_listener(db.NOTIFY_CHANNEL, lambda *args: notified.append(args[3]))
+    monkeypatch.setattr(db, "PROGRESS_EVENT_SECONDS", 0.0)
+    # A start with a fraction and a creation on a whole second: both of isoformat()'s shapes.
+    upload = await new_upload(conn, start=START.replace(microsecond=250))
+    await conn.execute("UPDATE uploads SET created_at = date_trunc('second', created_at) WHERE id = $1", upload.id)
+    taken = await db.acquire_lease(conn, upload.id, "a", None, progress=True)
+    moved = await db.advance(conn, upload.id, taken.generation, 0, 100, DAY, progress=True)
+    quiet = await db.advance(conn, upload.id, taken.generation, 100, 200, DAY)
+    with pytest.raises(db.Fenced):  # a fenced commit tells nothing
+        await db.advance(conn, upload.id, taken.generation + 1, 200, 300, DAY, progress=True)
+    assert await logged_progress(conn) == [taken.event_json(), moved.event_json()]
+    assert "." not in taken.event_json()["upload"]["started"]  # no fraction at all
+    assert taken.event_json()["upload"]["start"].endswith(".000250")
+    await wait_for(lambda: len(notified) == 2)
+    # Within the cadence the statements change the row and log nothing.
+    monkeypatch.setattr(db, "PROGRESS_EVENT_SECONDS", 60.0)
+    await db.release_lease(conn, upload.id, taken.generation, clean=True)
+    again = await db.acquire_lease(conn, upload.id, "a", None, progress=True)
+    assert (await db.advance(conn, upload.id, again.generation, 200, 300, DAY, progress=True)).offset == 300
+    assert len(await logged_progress(conn)) == 2 and quiet.offset == 200
+
+
+async def test_the_last_progress_commit_of_a_body_lets_go_of_the_lease_cleanly(conn, connect) -> None:
+    upload = await new_upload(conn)
+    lease = await db.acquire_lease(conn, upload.id, "a", conn.get_server_pid())
+    held = await db.advance(conn, upload.id, lease.generation, 0, 100, DAY, pieces=[Piece(0, 100, 1)])
+    assert (held.lease_owner, held.released_clean) == ("a", False)
+    let_go = await db.advance(conn, upload.id, lease.generation, 100, 200, DAY, pieces=[Piece(0, 200, 1)], release=True)
+    assert (let_go.offset, let_go.lease_owner, let_go.lease_pid, let_go.lease_expires) == (200, None, None, None)
+    assert let_go.released_clean
+    # The next holder continues the segment, and the one that let go can write nothing more.
+    other = await connect()
+    after = await db.acquire_lease(other, upload.id, "b", other.get_server_pid())
+    assert (after.generation, after.segment_generation) == (2, 1)
+    with pytest.raises(db.Fenced):
+        await db.advance(conn, upload.id, lease.generation, 200, 300, DAY, release=True)
+    assert (await db.get_upload(conn, upload.id)).lease_owner == "b"
+
+
 async def test_a_release_request_reaches_the_holders_listening_connection(conn, connect) -> None:
     listener = await connect()
     received: list[str] = []
