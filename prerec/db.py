@@ -436,7 +436,7 @@ async def acquire_lease(
     starts a segment of its own, so a zombie's late writes can never land in the new one.
 
     `progress`: an upload-progress event tells watchers the upload moves again (a resume),
-    within the cadence (see report_progress), in this same statement.
+    within the cadence (see _progress_event), in this same statement.
 
     pg_stat_activity is read once per transaction: call this outside a long transaction."""
     # One UPDATE: when two replicas race, the second waits on the row lock, then re-evaluates
@@ -532,7 +532,7 @@ async def advance(
     """Record that bytes up to `to_offset` are durable, with the pieces that hold them (new or
     grown) and the tail as it now is (None: no tail); renew the lease and push expiry back.
 
-    `progress`: log an upload-progress event within the cadence (see report_progress).
+    `progress`: log an upload-progress event within the cadence (see _progress_event).
     `release`: let go of the lease too, cleanly (every write of this generation is joined and
     synced: the next holder may continue its segment), as release_lease would: a PATCH that
     ends short of the length records and lets go in one statement.
@@ -790,23 +790,6 @@ async def append_upload_event(conn: asyncpg.Connection, type_: str, upload: Uplo
     return await _append_event(conn, type_, upload.event_json())
 
 
-async def report_progress(conn: asyncpg.Connection, upload: Upload) -> int | None:
-    """An upload-progress event, unless one for the upload's key was logged less than
-    PROGRESS_EVENT_SECONDS ago (None then). The log itself keeps the cadence, in the database's clock:
-    replicas that take turns on one upload share it, and no column is needed. The key stands
-    for the upload because events carry no upload ids; two uploads to one key at once (rare)
-    share one cadence. acquire_lease and advance log the same event in their own statement."""
-    event_id: int | None = await conn.fetchval(
-        f"""
-        WITH {_progress_event("SELECT $1::jsonb AS data", 2)}
-        SELECT id FROM logged
-        """,
-        json.dumps(upload.event_json()),
-        *_progress_arguments(),
-    )
-    return event_id
-
-
 def _iso_text(naive: str) -> str:
     """SQL for Python's isoformat() of a timestamp without zone: the fraction only when it is
     not zero (model.format_start, and format_utc in UTC)."""
@@ -829,8 +812,12 @@ def _event_json(row: str) -> str:
 
 def _progress_event(told: str, first: int) -> str:
     """CTEs for a WITH list: an upload-progress event with the data `told` selects (no row:
-    no event), unless one for its key is younger than the cadence. Parameters $`first` on are
-    _progress_arguments().
+    no event), unless one for its key was logged less than PROGRESS_EVENT_SECONDS ago.
+    Parameters $`first` on are _progress_arguments().
+
+    The log itself keeps the cadence, in the database's clock: replicas that take turns on one
+    upload share it, and no column is needed. The key stands for the upload because events
+    carry no upload ids; two uploads to one key at once (rare) share one cadence.
 
     When `told` reads the row the statement changes, the event lock is taken only once that
     row is changed (the lock reads from it): the usual order, row lock then event lock, which

@@ -563,23 +563,31 @@ async def test_uploads_in_progress_lists_only_that_events_open_uploads(conn) -> 
 
 
 async def test_progress_is_logged_at_most_once_a_second_per_upload_key(conn) -> None:
+    async def resumed(upload: Upload) -> int | None:
+        """The id of the upload-progress event a take logged, if it logged one."""
+        before = await conn.fetchval("SELECT coalesce(max(id), 0) FROM events")
+        taken = await db.acquire_lease(conn, upload.id, "a", None, progress=True)
+        await db.release_lease(conn, upload.id, taken.generation, clean=True)
+        return await conn.fetchval("SELECT max(id) FROM events WHERE id > $1 AND type = 'upload-progress'", before)
+
     upload = await new_upload(conn)
-    first = await db.report_progress(conn, upload)
+    first = await resumed(upload)
     assert first is not None
-    assert await db.report_progress(conn, upload) is None  # within the second: folded
+    assert await resumed(upload) is None  # within the second: folded
     elsewhere = await new_upload(conn, start=START + timedelta(hours=1))
-    assert await db.report_progress(conn, elsewhere) is not None  # another key has its own cadence
+    assert await resumed(elsewhere) is not None  # another key has its own cadence
     # A second on (the log's clock moved back instead): told again.
     await conn.execute("UPDATE events SET created_at = created_at - interval '1 s' WHERE id = $1", first)
-    again = await db.report_progress(conn, upload)
+    again = await resumed(upload)
     assert again is not None
     [(event_type, data)] = await conn.fetch("SELECT type, data::text FROM events WHERE id = $1", again)
-    assert event_type == "upload-progress" and json.loads(data) == upload.event_json()
+    assert event_type == "upload-progress" and json.loads(data) == (await db.get_upload(conn, upload.id)).event_json()
     # Other upload events never count against the cadence.
-    cancelled = await db.cancel_upload(conn, (await new_upload(conn, start=START + timedelta(hours=2))).id, DAY)
+    later = START + timedelta(hours=2)
+    cancelled = await db.cancel_upload(conn, (await new_upload(conn, start=later)).id, DAY)
     assert cancelled is not None
     await db.append_upload_event(conn, "upload-cancelled", cancelled)
-    assert await db.report_progress(conn, cancelled) is not None
+    assert await resumed(await new_upload(conn, start=later)) is not None
 
 
 async def logged_progress(conn: asyncpg.Connection) -> list[dict]:
