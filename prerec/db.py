@@ -353,7 +353,7 @@ class Fenced(Exception):
     moved, or the upload ended. The writer must stop and never retry; its transaction is void."""
 
 
-def _upload(row: asyncpg.Record) -> Upload:
+def _upload(row: asyncpg.Record | dict[str, Any]) -> Upload:
     values = dict(row)
     for name in _JSON_COLUMNS:
         if values[name] is not None:
@@ -439,9 +439,64 @@ async def acquire_lease(
     within the cadence (see _progress_event), in this same statement.
 
     pg_stat_activity is read once per transaction: call this outside a long transaction."""
+    row = await _take(conn, upload_id, owner, pid, force, progress, lease_seconds, segment=False)
+    return None if row is None else _upload(row)
+
+
+async def take_for_append(
+    conn: asyncpg.Connection, upload_id: uuid.UUID, owner: str, pid: int | None, *, untouched: bool = True
+) -> Segmented | None:
+    """acquire_lease (not forced, with progress) for an append, with where the segment to
+    write begins, all in one statement; None when the lease is not free, or when the row
+    changed between the statement's snapshot and its row lock (the caller then takes the
+    lease the usual way and reads the pieces afterwards).
+
+    That second None is what makes the segment start sound: the pieces are read in the
+    statement's snapshot, but the row it changes is the newest one (READ COMMITTED re-reads a
+    row that changed under it). A writer that took, wrote its first piece and let go in
+    between would leave a row that continues its segment while the snapshot has no piece of
+    it: the segment would be opened at the offset instead of its start, and written over.
+    untouched=False leaves that condition out; only tests pass it, as the negative control."""
+    row = await _take(conn, upload_id, owner, pid, False, True, LEASE_SECONDS, segment=True, untouched=untouched)
+    if row is None:
+        return None
+    values = dict(row)
+    start = values.pop("segment_start")
+    return Segmented(_upload(values), start)
+
+
+@dataclass(frozen=True)
+class Segmented:
+    """A lease just taken, and the upload offset of its segment's first byte."""
+
+    upload: Upload
+    segment_start: int
+
+
+async def _take(
+    conn: asyncpg.Connection,
+    upload_id: uuid.UUID,
+    owner: str,
+    pid: int | None,
+    force: bool,
+    progress: bool,
+    lease_seconds: float,
+    *,
+    segment: bool,
+    untouched: bool = True,
+) -> asyncpg.Record | None:
+    fresh = "AND xmin = (SELECT xmin FROM uploads WHERE id = $1)" if segment and untouched else ""
+    start = (
+        """
+        , coalesce((SELECT min(p.start) FROM upload_pieces p
+                     WHERE p.upload_id = taken.id AND p.generation = taken.segment_generation),
+                   taken.durable) AS segment_start"""
+        if segment
+        else ""
+    )
     # One UPDATE: when two replicas race, the second waits on the row lock, then re-evaluates
     # the condition on the winner's row, finds a live lease and changes nothing.
-    row = await conn.fetchrow(
+    return await conn.fetchrow(
         f"""
         WITH taken AS (
         UPDATE uploads
@@ -449,7 +504,7 @@ async def acquire_lease(
                lease_owner = $2, lease_pid = $3, lease_expires = now() + make_interval(secs => $5),
                segment_generation = CASE WHEN released_clean THEN segment_generation ELSE generation + 1 END,
                released_clean = false
-         WHERE id = $1 AND expires_at > now()
+         WHERE id = $1 AND expires_at > now() {fresh}
            AND (state = 'receiving' AND $4
                 OR state IN ('receiving', 'finishing')
                    AND (lease_owner IS NULL OR lease_expires < now()
@@ -457,7 +512,7 @@ async def acquire_lease(
                            AND NOT EXISTS (SELECT FROM pg_stat_activity a WHERE a.pid = uploads.lease_pid)))
         RETURNING {_UPLOAD_COLUMNS}
         ), {_progress_event(f"SELECT {_event_json('taken')} AS data FROM taken WHERE $6::boolean", 7)}
-        SELECT * FROM taken
+        SELECT taken.*{start} FROM taken
         """,
         upload_id,
         owner,
@@ -467,7 +522,6 @@ async def acquire_lease(
         progress,
         *_progress_arguments(),
     )
-    return None if row is None else _upload(row)
 
 
 async def renew_lease(

@@ -303,6 +303,54 @@ async def test_the_segment_is_continued_only_after_a_clean_release(conn) -> None
     assert (third.generation, third.segment_generation) == (3, 3)
 
 
+async def test_a_take_for_an_append_says_where_the_segment_begins(conn) -> None:
+    upload = await new_upload(conn)
+    first = await db.take_for_append(conn, upload.id, "a", None)
+    assert (first.upload.generation, first.segment_start) == (1, 0)
+    await db.advance(conn, upload.id, 1, 0, 100, DAY, pieces=[Piece(0, 100, 1)], release=True)
+    continued = await db.take_for_append(conn, upload.id, "b", None)
+    assert (continued.upload.segment_generation, continued.segment_start) == (1, 0)  # not the offset
+    assert await db.take_for_append(conn, upload.id, "c", None) is None  # held
+    await db.release_lease(conn, upload.id, 2, clean=False)
+    fresh = await db.take_for_append(conn, upload.id, "c", None)
+    assert (fresh.upload.segment_generation, fresh.segment_start) == (3, 100)
+
+
+async def take_behind_a_writer(conn: asyncpg.Connection, connect: Connect, untouched: bool) -> db.Segmented | None:
+    """A take whose snapshot comes before a writer that takes, writes its first piece and lets
+    go cleanly, and whose row lock comes after it: the row then continues that writer's new
+    segment, which the take's snapshot has no piece of."""
+    other, observer = await connect(), await connect()
+    upload = await new_upload(conn)
+    lease = await db.acquire_lease(conn, upload.id, "a", None)
+    await db.release_lease(conn, upload.id, lease.generation, clean=False)  # the next one starts a segment
+    writer = other.transaction()
+    await writer.start()
+    taken = await db.acquire_lease(other, upload.id, "b", None)
+    await db.advance(other, upload.id, taken.generation, 0, 100, DAY, pieces=[Piece(0, 100, 2)], release=True)
+    racing = asyncio.ensure_future(db.take_for_append(conn, upload.id, "c", None, untouched=untouched))
+    await wait_for(lambda: waiting_on_a_lock(observer, conn), timeout=5.0)
+    await writer.commit()
+    return await racing
+
+
+async def waiting_on_a_lock(observer: asyncpg.Connection, waiter: asyncpg.Connection) -> bool:
+    return await observer.fetchval(
+        "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", waiter.get_server_pid()
+    )
+
+
+async def test_a_take_behind_a_writer_that_let_go_is_refused_not_misplaced(conn, connect) -> None:
+    assert await take_behind_a_writer(conn, connect, untouched=True) is None
+
+
+async def test_without_the_untouched_row_condition_the_segment_start_is_wrong(conn, connect) -> None:
+    """The negative control: the take continues segment 2, which begins at 0, but says 100,
+    and the next bytes would be written over the first ones."""
+    taken = await take_behind_a_writer(conn, connect, untouched=False)
+    assert (taken.upload.segment_generation, taken.upload.offset, taken.segment_start) == (2, 100, 100)
+
+
 async def test_nothing_is_leased_past_its_expiry_or_once_ended(conn) -> None:
     due, ended = await new_upload(conn), await new_upload(conn)
     await make_due(conn, due)

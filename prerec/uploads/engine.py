@@ -286,10 +286,6 @@ class Engine:
 
     # Appending
 
-    async def _take(self, conn: asyncpg.Connection, upload_id: uuid.UUID, force: bool = False) -> Upload | None:
-        # A resume: whoever watches sees the upload move again (within the cadence).
-        return await db.acquire_lease(conn, upload_id, self.owner, self.listener_pid(), force=force, progress=True)
-
     async def _acquire(self, upload_id: uuid.UUID) -> Upload:
         """Take the lease: ask a live holder to let go, poll, force after TAKEOVER_SECONDS.
         Never an endless 423: the wait is bounded, and the upload is taken in the end."""
@@ -298,7 +294,10 @@ class Engine:
         while True:
             force = time.monotonic() >= deadline
             async with self._connection() as conn:
-                taken = await self._take(conn, upload_id, force=force)
+                # A resume: whoever watches sees the upload move again (within the cadence).
+                taken = await db.acquire_lease(
+                    conn, upload_id, self.owner, self.listener_pid(), force=force, progress=True
+                )
                 if taken is not None:
                     return taken
                 upload = await db.get_upload(conn, upload_id)
@@ -330,20 +329,25 @@ class Engine:
         counts until the whole body matched."""
         # The common case in one statement: nobody holds the upload and the offset is right
         # (a client's next chunk). Anything else goes the careful way below.
+        segment_start: int | None = None
         async with self._connection() as conn:
-            taken = await self._take(conn, upload_id)
-            if taken is not None and taken.durable != offset:
-                await db.release_lease(conn, upload_id, taken.generation, clean=True)
+            taken = await db.take_for_append(conn, upload_id, self.owner, self.listener_pid())
+            if taken is not None and taken.upload.durable != offset:
+                await db.release_lease(conn, upload_id, taken.upload.generation, clean=True)
                 taken = None
-        upload = taken if taken is not None else await self._careful_acquire(upload_id, offset, content_length)
-        if isinstance(upload, Outcome):
-            return upload
+        if taken is not None:
+            upload, segment_start = taken.upload, taken.segment_start
+        else:
+            careful = await self._careful_acquire(upload_id, offset, content_length)
+            if isinstance(careful, Outcome):
+                return careful
+            upload = careful
         generation = upload.generation
         self.writers[upload_id] = _Writer(generation, body)
         # In a task of its own: a server that cancels its handler when the client leaves
         # (aiohttp's handler_cancellation, on in its test server) must still have the bytes
         # that arrived recorded. The cancelled handler cuts the body and waits for that.
-        work = asyncio.ensure_future(self._append_held(upload, offset, body, content_length, checksum))
+        work = asyncio.ensure_future(self._append_held(upload, offset, body, content_length, checksum, segment_start))
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -382,7 +386,13 @@ class Engine:
             raise
 
     async def _append_held(
-        self, upload: Upload, offset: int, body: StreamReader, content_length: int | None, checksum: Checksum | None
+        self,
+        upload: Upload,
+        offset: int,
+        body: StreamReader,
+        content_length: int | None,
+        checksum: Checksum | None,
+        segment_start: int | None,
     ) -> Outcome:
         generation = upload.generation
         clean = True
@@ -400,7 +410,7 @@ class Engine:
                     f"(offset {offset}, {left} bytes left).",
                     {"Connection": "close"},
                 )
-            upload, clean = await self._receive(upload, body, checksum)
+            upload, clean = await self._receive(upload, body, checksum, segment_start)
             if upload.durable == upload.length:
                 return Outcome(upload, await self._finish(upload))
             return Outcome(upload)
@@ -424,18 +434,21 @@ class Engine:
                     async with self._connection() as conn:
                         await db.release_lease(conn, upload.id, generation, clean)
 
-    async def _receive(self, upload: Upload, body: StreamReader, checksum: Checksum | None) -> tuple[Upload, bool]:
-        """Read the body into the segment, recording progress as it goes; returns the row and
-        whether every write was joined and synced (a clean release)."""
+    async def _receive(
+        self, upload: Upload, body: StreamReader, checksum: Checksum | None, segment_start: int | None
+    ) -> tuple[Upload, bool]:
+        """Read the body into the segment (beginning at `segment_start`, when the lease's
+        statement said), recording progress as it goes; returns the row and whether every
+        write was joined and synced (a clean release)."""
         generation = upload.generation
         segment_generation = upload.segment_generation
         assert segment_generation is not None
-        async with self._connection() as conn:
-            pieces = await db.upload_pieces(conn, upload.id)
-        continued = [piece for piece in pieces if piece.generation == segment_generation]
-        segment = await self.storage.segment(
-            upload.id, segment_generation, continued[0].start if continued else upload.durable
-        )
+        if segment_start is None:
+            async with self._connection() as conn:
+                pieces = await db.upload_pieces(conn, upload.id)
+            continued = [piece for piece in pieces if piece.generation == segment_generation]
+            segment_start = continued[0].start if continued else upload.durable
+        segment = await self.storage.segment(upload.id, segment_generation, segment_start)
         kept = self.hashers.pop(upload.id, None)
         hashers = kept if kept is not None and kept.position == upload.durable else None
         if checksum is not None:
