@@ -353,7 +353,7 @@ class Fenced(Exception):
     moved, or the upload ended. The writer must stop and never retry; its transaction is void."""
 
 
-def _upload(row: asyncpg.Record) -> Upload:
+def _upload(row: asyncpg.Record | dict[str, Any]) -> Upload:
     values = dict(row)
     for name in _JSON_COLUMNS:
         if values[name] is not None:
@@ -418,6 +418,7 @@ async def acquire_lease(
     pid: int | None,
     *,
     force: bool = False,
+    progress: bool = False,
     lease_seconds: float = LEASE_SECONDS,
 ) -> Upload | None:
     """Take the upload's lease under a new generation; None while someone else holds it (or
@@ -434,31 +435,93 @@ async def acquire_lease(
     continued only after a clean release (its writes joined and synced); any other takeover
     starts a segment of its own, so a zombie's late writes can never land in the new one.
 
+    `progress`: an upload-progress event tells watchers the upload moves again (a resume),
+    within the cadence (see _progress_event), in this same statement.
+
     pg_stat_activity is read once per transaction: call this outside a long transaction."""
+    row = await _take(conn, upload_id, owner, pid, force, progress, lease_seconds, segment=False)
+    return None if row is None else _upload(row)
+
+
+async def take_for_append(
+    conn: asyncpg.Connection, upload_id: uuid.UUID, owner: str, pid: int | None, *, untouched: bool = True
+) -> Segmented | None:
+    """acquire_lease (not forced, with progress) for an append, with where the segment to
+    write begins, all in one statement; None when the lease is not free, or when the row
+    changed between the statement's snapshot and its row lock (the caller then takes the
+    lease the usual way and reads the pieces afterwards).
+
+    That second None is what makes the segment start sound: the pieces are read in the
+    statement's snapshot, but the row it changes is the newest one (READ COMMITTED re-reads a
+    row that changed under it). A writer that took, wrote its first piece and let go in
+    between would leave a row that continues its segment while the snapshot has no piece of
+    it: the segment would be opened at the offset instead of its start, and written over.
+    untouched=False leaves that condition out; only tests pass it, as the negative control."""
+    row = await _take(conn, upload_id, owner, pid, False, True, LEASE_SECONDS, segment=True, untouched=untouched)
+    if row is None:
+        return None
+    values = dict(row)
+    start = values.pop("segment_start")
+    return Segmented(_upload(values), start)
+
+
+@dataclass(frozen=True)
+class Segmented:
+    """A lease just taken, and the upload offset of its segment's first byte."""
+
+    upload: Upload
+    segment_start: int
+
+
+async def _take(
+    conn: asyncpg.Connection,
+    upload_id: uuid.UUID,
+    owner: str,
+    pid: int | None,
+    force: bool,
+    progress: bool,
+    lease_seconds: float,
+    *,
+    segment: bool,
+    untouched: bool = True,
+) -> asyncpg.Record | None:
+    fresh = "AND xmin = (SELECT xmin FROM uploads WHERE id = $1)" if segment and untouched else ""
+    start = (
+        """
+        , coalesce((SELECT min(p.start) FROM upload_pieces p
+                     WHERE p.upload_id = taken.id AND p.generation = taken.segment_generation),
+                   taken.durable) AS segment_start"""
+        if segment
+        else ""
+    )
     # One UPDATE: when two replicas race, the second waits on the row lock, then re-evaluates
     # the condition on the winner's row, finds a live lease and changes nothing.
-    row = await conn.fetchrow(
+    return await conn.fetchrow(
         f"""
+        WITH taken AS (
         UPDATE uploads
            SET generation = generation + 1, state = 'receiving',
                lease_owner = $2, lease_pid = $3, lease_expires = now() + make_interval(secs => $5),
                segment_generation = CASE WHEN released_clean THEN segment_generation ELSE generation + 1 END,
                released_clean = false
-         WHERE id = $1 AND expires_at > now()
+         WHERE id = $1 AND expires_at > now() {fresh}
            AND (state = 'receiving' AND $4
                 OR state IN ('receiving', 'finishing')
                    AND (lease_owner IS NULL OR lease_expires < now()
                         OR lease_pid IS NOT NULL
                            AND NOT EXISTS (SELECT FROM pg_stat_activity a WHERE a.pid = uploads.lease_pid)))
         RETURNING {_UPLOAD_COLUMNS}
+        ), {_progress_event(f"SELECT {_event_json('taken')} AS data FROM taken WHERE $6::boolean", 7)}
+        SELECT taken.*{start} FROM taken
         """,
         upload_id,
         owner,
         pid,
         force,
         lease_seconds,
+        progress,
+        *_progress_arguments(),
     )
-    return None if row is None else _upload(row)
 
 
 async def renew_lease(
@@ -516,10 +579,17 @@ async def advance(
     pieces: Sequence[Piece] = (),
     tail: Tail | None = None,
     lease_seconds: float = LEASE_SECONDS,
+    progress: bool = False,
+    release: bool = False,
     fenced: bool = True,
 ) -> Upload:
     """Record that bytes up to `to_offset` are durable, with the pieces that hold them (new or
     grown) and the tail as it now is (None: no tail); renew the lease and push expiry back.
+
+    `progress`: log an upload-progress event within the cadence (see _progress_event).
+    `release`: let go of the lease too, cleanly (every write of this generation is joined and
+    synced: the next holder may continue its segment), as release_lease would: a PATCH that
+    ends short of the length records and lets go in one statement.
 
     Fenced unless this generation holds the upload, the offset is still `from_offset` and the
     upload is receiving: a zombie can never move the offset, nor record a piece or a tail.
@@ -540,7 +610,10 @@ async def advance(
                SET durable = $4,
                    progressed_at = CASE WHEN $4 > durable THEN now() ELSE progressed_at END,
                    expires_at = CASE WHEN $4 > durable THEN now() + make_interval(secs => $5) ELSE expires_at END,
-                   lease_expires = now() + make_interval(secs => $6)
+                   lease_expires = CASE WHEN $15::boolean THEN NULL ELSE now() + make_interval(secs => $6) END,
+                   lease_owner = CASE WHEN $15 THEN NULL ELSE lease_owner END,
+                   lease_pid = CASE WHEN $15 THEN NULL ELSE lease_pid END,
+                   released_clean = $15 OR released_clean
              WHERE id = $1 AND {generation_holds} AND durable = $3 AND state = 'receiving'
             RETURNING {_UPLOAD_COLUMNS}
         ), recorded AS (
@@ -557,7 +630,7 @@ async def advance(
             INSERT INTO upload_tails (upload_id, start, data)
             SELECT moved.id, $12, $13::bytea FROM moved WHERE $12::bigint IS NOT NULL
             ON CONFLICT (upload_id) DO UPDATE SET start = excluded.start, data = excluded.data
-        )
+        ), {_progress_event(f"SELECT {_event_json('moved')} AS data FROM moved WHERE $14::boolean", 16)}
         SELECT * FROM moved
         """,
         upload_id,
@@ -573,6 +646,9 @@ async def advance(
         [piece.etag for piece in pieces],
         None if tail is None else tail.start,
         None if tail is None else tail.data,
+        progress,
+        release,
+        *_progress_arguments(),
     )
     return _fenced(row, upload_id, generation)
 
@@ -768,31 +844,58 @@ async def append_upload_event(conn: asyncpg.Connection, type_: str, upload: Uplo
     return await _append_event(conn, type_, upload.event_json())
 
 
-async def report_progress(conn: asyncpg.Connection, upload: Upload) -> int | None:
-    """An upload-progress event, unless one for the upload's key was logged less than
-    PROGRESS_EVENT_SECONDS ago (None then). The log itself keeps the cadence, in the database's clock:
-    replicas that take turns on one upload share it, and no column is needed. The key stands
-    for the upload because events carry no upload ids; two uploads to one key at once (rare)
-    share one cadence.
+def _iso_text(naive: str) -> str:
+    """SQL for Python's isoformat() of a timestamp without zone: the fraction only when it is
+    not zero (model.format_start, and format_utc in UTC)."""
+    return (
+        f"""to_char({naive}, 'YYYY-MM-DD"T"HH24:MI:SS') || CASE WHEN extract(microseconds FROM {naive})::bigint """
+        f"""% 1000000 = 0 THEN '' ELSE to_char({naive}, '.US') END"""
+    )
+
+
+def _event_json(row: str) -> str:
+    """SQL for Upload.event_json() of the row `row`, so a statement that changes an upload can
+    log its event without a round trip back here (test_db_uploads holds the two equal)."""
+    return f"""
+        jsonb_build_object('upload', jsonb_build_object(
+            'event', {row}.event::text, 'start', {_iso_text(f"{row}.start")},
+            'offset', {row}.durable, 'length', {row}.length,
+            'started', {_iso_text(f"({row}.created_at AT TIME ZONE 'UTC')")} || 'Z',
+            'progressed', {_iso_text(f"({row}.progressed_at AT TIME ZONE 'UTC')")} || 'Z'))"""
+
+
+def _progress_event(told: str, first: int) -> str:
+    """CTEs for a WITH list: an upload-progress event with the data `told` selects (no row:
+    no event), unless one for its key was logged less than PROGRESS_EVENT_SECONDS ago.
+    Parameters $`first` on are _progress_arguments().
+
+    The log itself keeps the cadence, in the database's clock: replicas that take turns on one
+    upload share it, and no column is needed. The key stands for the upload because events
+    carry no upload ids; two uploads to one key at once (rare) share one cadence.
+
+    When `told` reads the row the statement changes, the event lock is taken only once that
+    row is changed (the lock reads from it): the usual order, row lock then event lock, which
+    is then held until the commit.
 
     now() (the transaction's start), not clock_timestamp(): a volatile bound keeps the planner
     off events_created_at, and each commit would scan a day of events. Events are stamped later
     than now(), so the spacing is still at least `PROGRESS_EVENT_SECONDS`."""
-    item = upload.event_json()["upload"]
-    recent = await conn.fetchval(
-        """
-        SELECT EXISTS (
-            SELECT FROM events
-             WHERE created_at > now() - make_interval(secs => $3) AND type = 'upload-progress'
-               AND data->'upload'->>'event' = $1 AND data->'upload'->>'start' = $2)
-        """,
-        item["event"],
-        item["start"],
-        PROGRESS_EVENT_SECONDS,  # read here, not bound at import: tests switch the cadence off
-    )
-    if recent:
-        return None
-    return await append_upload_event(conn, "upload-progress", upload)
+    return f"""told AS ({told}), locked AS (
+            SELECT pg_advisory_xact_lock(${first + 1}::int, ${first + 2}::int) AS locked FROM told
+             WHERE NOT EXISTS (
+                SELECT FROM events
+                 WHERE created_at > now() - make_interval(secs => ${first}) AND type = 'upload-progress'
+                   AND data->'upload'->>'event' = told.data->'upload'->>'event'
+                   AND data->'upload'->>'start' = told.data->'upload'->>'start')
+        ), logged AS (
+            INSERT INTO events (type, data) SELECT 'upload-progress', told.data FROM told, locked
+            RETURNING id, pg_notify(${first + 3}, id::text)
+        )"""
+
+
+def _progress_arguments() -> tuple[Any, ...]:
+    # The cadence is read here, not bound at import: tests switch it off.
+    return (PROGRESS_EVENT_SECONDS, *EVENT_LOCK, NOTIFY_CHANNEL)
 
 
 @dataclass(frozen=True)

@@ -303,6 +303,54 @@ async def test_the_segment_is_continued_only_after_a_clean_release(conn) -> None
     assert (third.generation, third.segment_generation) == (3, 3)
 
 
+async def test_a_take_for_an_append_says_where_the_segment_begins(conn) -> None:
+    upload = await new_upload(conn)
+    first = await db.take_for_append(conn, upload.id, "a", None)
+    assert (first.upload.generation, first.segment_start) == (1, 0)
+    await db.advance(conn, upload.id, 1, 0, 100, DAY, pieces=[Piece(0, 100, 1)], release=True)
+    continued = await db.take_for_append(conn, upload.id, "b", None)
+    assert (continued.upload.segment_generation, continued.segment_start) == (1, 0)  # not the offset
+    assert await db.take_for_append(conn, upload.id, "c", None) is None  # held
+    await db.release_lease(conn, upload.id, 2, clean=False)
+    fresh = await db.take_for_append(conn, upload.id, "c", None)
+    assert (fresh.upload.segment_generation, fresh.segment_start) == (3, 100)
+
+
+async def take_behind_a_writer(conn: asyncpg.Connection, connect: Connect, untouched: bool) -> db.Segmented | None:
+    """A take whose snapshot comes before a writer that takes, writes its first piece and lets
+    go cleanly, and whose row lock comes after it: the row then continues that writer's new
+    segment, which the take's snapshot has no piece of."""
+    other, observer = await connect(), await connect()
+    upload = await new_upload(conn)
+    lease = await db.acquire_lease(conn, upload.id, "a", None)
+    await db.release_lease(conn, upload.id, lease.generation, clean=False)  # the next one starts a segment
+    writer = other.transaction()
+    await writer.start()
+    taken = await db.acquire_lease(other, upload.id, "b", None)
+    await db.advance(other, upload.id, taken.generation, 0, 100, DAY, pieces=[Piece(0, 100, 2)], release=True)
+    racing = asyncio.ensure_future(db.take_for_append(conn, upload.id, "c", None, untouched=untouched))
+    await wait_for(lambda: waiting_on_a_lock(observer, conn), timeout=5.0)
+    await writer.commit()
+    return await racing
+
+
+async def waiting_on_a_lock(observer: asyncpg.Connection, waiter: asyncpg.Connection) -> bool:
+    return await observer.fetchval(
+        "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", waiter.get_server_pid()
+    )
+
+
+async def test_a_take_behind_a_writer_that_let_go_is_refused_not_misplaced(conn, connect) -> None:
+    assert await take_behind_a_writer(conn, connect, untouched=True) is None
+
+
+async def test_without_the_untouched_row_condition_the_segment_start_is_wrong(conn, connect) -> None:
+    """The negative control: the take continues segment 2, which begins at 0, but says 100,
+    and the next bytes would be written over the first ones."""
+    taken = await take_behind_a_writer(conn, connect, untouched=False)
+    assert (taken.upload.segment_generation, taken.upload.offset, taken.segment_start) == (2, 100, 100)
+
+
 async def test_nothing_is_leased_past_its_expiry_or_once_ended(conn) -> None:
     due, ended = await new_upload(conn), await new_upload(conn)
     await make_due(conn, due)
@@ -563,23 +611,78 @@ async def test_uploads_in_progress_lists_only_that_events_open_uploads(conn) -> 
 
 
 async def test_progress_is_logged_at_most_once_a_second_per_upload_key(conn) -> None:
+    async def resumed(upload: Upload) -> int | None:
+        """The id of the upload-progress event a take logged, if it logged one."""
+        before = await conn.fetchval("SELECT coalesce(max(id), 0) FROM events")
+        taken = await db.acquire_lease(conn, upload.id, "a", None, progress=True)
+        await db.release_lease(conn, upload.id, taken.generation, clean=True)
+        return await conn.fetchval("SELECT max(id) FROM events WHERE id > $1 AND type = 'upload-progress'", before)
+
     upload = await new_upload(conn)
-    first = await db.report_progress(conn, upload)
+    first = await resumed(upload)
     assert first is not None
-    assert await db.report_progress(conn, upload) is None  # within the second: folded
+    assert await resumed(upload) is None  # within the second: folded
     elsewhere = await new_upload(conn, start=START + timedelta(hours=1))
-    assert await db.report_progress(conn, elsewhere) is not None  # another key has its own cadence
+    assert await resumed(elsewhere) is not None  # another key has its own cadence
     # A second on (the log's clock moved back instead): told again.
     await conn.execute("UPDATE events SET created_at = created_at - interval '1 s' WHERE id = $1", first)
-    again = await db.report_progress(conn, upload)
+    again = await resumed(upload)
     assert again is not None
     [(event_type, data)] = await conn.fetch("SELECT type, data::text FROM events WHERE id = $1", again)
-    assert event_type == "upload-progress" and json.loads(data) == upload.event_json()
+    assert event_type == "upload-progress" and json.loads(data) == (await db.get_upload(conn, upload.id)).event_json()
     # Other upload events never count against the cadence.
-    cancelled = await db.cancel_upload(conn, (await new_upload(conn, start=START + timedelta(hours=2))).id, DAY)
+    later = START + timedelta(hours=2)
+    cancelled = await db.cancel_upload(conn, (await new_upload(conn, start=later)).id, DAY)
     assert cancelled is not None
     await db.append_upload_event(conn, "upload-cancelled", cancelled)
-    assert await db.report_progress(conn, cancelled) is not None
+    assert await resumed(await new_upload(conn, start=later)) is not None
+
+
+async def logged_progress(conn: asyncpg.Connection) -> list[dict]:
+    rows = await conn.fetch("SELECT data::text FROM events WHERE type = 'upload-progress' ORDER BY id")
+    return [json.loads(row["data"]) for row in rows]
+
+
+async def test_a_take_and_a_progress_commit_log_their_event_in_their_own_statement(conn, connect, monkeypatch) -> None:
+    listener = await connect()
+    notified: list[str] = []
+    await listener.add_listener(db.NOTIFY_CHANNEL, lambda *args: notified.append(args[3]))
+    monkeypatch.setattr(db, "PROGRESS_EVENT_SECONDS", 0.0)
+    # A start with a fraction and a creation on a whole second: both of isoformat()'s shapes.
+    upload = await new_upload(conn, start=START.replace(microsecond=250))
+    await conn.execute("UPDATE uploads SET created_at = date_trunc('second', created_at) WHERE id = $1", upload.id)
+    taken = await db.acquire_lease(conn, upload.id, "a", None, progress=True)
+    moved = await db.advance(conn, upload.id, taken.generation, 0, 100, DAY, progress=True)
+    quiet = await db.advance(conn, upload.id, taken.generation, 100, 200, DAY)
+    with pytest.raises(db.Fenced):  # a fenced commit tells nothing
+        await db.advance(conn, upload.id, taken.generation + 1, 200, 300, DAY, progress=True)
+    assert await logged_progress(conn) == [taken.event_json(), moved.event_json()]
+    assert "." not in taken.event_json()["upload"]["started"]  # no fraction at all
+    assert taken.event_json()["upload"]["start"].endswith(".000250")
+    await wait_for(lambda: len(notified) == 2)
+    # Within the cadence the statements change the row and log nothing.
+    monkeypatch.setattr(db, "PROGRESS_EVENT_SECONDS", 60.0)
+    await db.release_lease(conn, upload.id, taken.generation, clean=True)
+    again = await db.acquire_lease(conn, upload.id, "a", None, progress=True)
+    assert (await db.advance(conn, upload.id, again.generation, 200, 300, DAY, progress=True)).offset == 300
+    assert len(await logged_progress(conn)) == 2 and quiet.offset == 200
+
+
+async def test_the_last_progress_commit_of_a_body_lets_go_of_the_lease_cleanly(conn, connect) -> None:
+    upload = await new_upload(conn)
+    lease = await db.acquire_lease(conn, upload.id, "a", conn.get_server_pid())
+    held = await db.advance(conn, upload.id, lease.generation, 0, 100, DAY, pieces=[Piece(0, 100, 1)])
+    assert (held.lease_owner, held.released_clean) == ("a", False)
+    let_go = await db.advance(conn, upload.id, lease.generation, 100, 200, DAY, pieces=[Piece(0, 200, 1)], release=True)
+    assert (let_go.offset, let_go.lease_owner, let_go.lease_pid, let_go.lease_expires) == (200, None, None, None)
+    assert let_go.released_clean
+    # The next holder continues the segment, and the one that let go can write nothing more.
+    other = await connect()
+    after = await db.acquire_lease(other, upload.id, "b", other.get_server_pid())
+    assert (after.generation, after.segment_generation) == (2, 1)
+    with pytest.raises(db.Fenced):
+        await db.advance(conn, upload.id, lease.generation, 200, 300, DAY, release=True)
+    assert (await db.get_upload(conn, upload.id)).lease_owner == "b"
 
 
 async def test_a_release_request_reaches_the_holders_listening_connection(conn, connect) -> None:

@@ -294,11 +294,10 @@ class Engine:
         while True:
             force = time.monotonic() >= deadline
             async with self._connection() as conn:
-                async with conn.transaction():
-                    taken = await db.acquire_lease(conn, upload_id, self.owner, self.listener_pid(), force=force)
-                    if taken is not None:
-                        # A resume: whoever watches sees the upload move again (within the cadence).
-                        await db.report_progress(conn, taken)
+                # A resume: whoever watches sees the upload move again (within the cadence).
+                taken = await db.acquire_lease(
+                    conn, upload_id, self.owner, self.listener_pid(), force=force, progress=True
+                )
                 if taken is not None:
                     return taken
                 upload = await db.get_upload(conn, upload_id)
@@ -328,6 +327,41 @@ class Engine:
         Every byte that reached this process counts, also when the body is cut: what arrived
         is made durable and recorded before the error is answered. With a checksum nothing
         counts until the whole body matched."""
+        # The common case in one statement: nobody holds the upload and the offset is right
+        # (a client's next chunk). Anything else goes the careful way below.
+        segment_start: int | None = None
+        async with self._connection() as conn:
+            taken = await db.take_for_append(conn, upload_id, self.owner, self.listener_pid())
+            if taken is not None and taken.upload.durable != offset:
+                await db.release_lease(conn, upload_id, taken.upload.generation, clean=True)
+                taken = None
+        if taken is not None:
+            upload, segment_start = taken.upload, taken.segment_start
+        else:
+            careful = await self._careful_acquire(upload_id, offset, content_length)
+            if isinstance(careful, Outcome):
+                return careful
+            upload = careful
+        generation = upload.generation
+        self.writers[upload_id] = _Writer(generation, body)
+        # In a task of its own: a server that cancels its handler when the client leaves
+        # (aiohttp's handler_cancellation, on in its test server) must still have the bytes
+        # that arrived recorded. The cancelled handler cuts the body and waits for that.
+        work = asyncio.ensure_future(self._append_held(upload, offset, body, content_length, checksum, segment_start))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            body.set_exception(ConnectionResetError("the request was cancelled"))
+            with contextlib.suppress(BaseException):
+                await work
+            raise
+        finally:
+            if (writer := self.writers.get(upload_id)) is not None and writer.generation == generation:
+                del self.writers[upload_id]
+
+    async def _careful_acquire(self, upload_id: uuid.UUID, offset: int, content_length: int | None) -> Upload | Outcome:
+        """The lease for an append at `offset`, when it was not free at once or the offset
+        looked wrong: a replay, a wait for the holder, a 409 or 410 decided on the row."""
         upload = await self.get(upload_id)
         if upload.state != "receiving" or upload.durable != offset:
             replay = _replay(upload, offset, content_length)
@@ -340,7 +374,7 @@ class Engine:
                 if upload.durable != offset:
                     raise _mismatch(upload, offset)
         try:
-            upload = await self._acquire(upload_id)
+            return await self._acquire(upload_id)
         except Problem as problem:
             # Finished by another request while this one waited for the lease (a client that
             # retried the last PATCH): that answer, not a 410.
@@ -350,25 +384,15 @@ class Engine:
             ):
                 return replay
             raise
-        generation = upload.generation
-        self.writers[upload_id] = _Writer(generation, body)
-        # In a task of its own: a server that cancels its handler when the client leaves
-        # (aiohttp's handler_cancellation, on in its test server) must still have the bytes
-        # that arrived recorded. The cancelled handler cuts the body and waits for that.
-        work = asyncio.ensure_future(self._append_held(upload, offset, body, content_length, checksum))
-        try:
-            return await asyncio.shield(work)
-        except asyncio.CancelledError:
-            body.set_exception(ConnectionResetError("the request was cancelled"))
-            with contextlib.suppress(BaseException):
-                await work
-            raise
-        finally:
-            if (writer := self.writers.get(upload_id)) is not None and writer.generation == generation:
-                del self.writers[upload_id]
 
     async def _append_held(
-        self, upload: Upload, offset: int, body: StreamReader, content_length: int | None, checksum: Checksum | None
+        self,
+        upload: Upload,
+        offset: int,
+        body: StreamReader,
+        content_length: int | None,
+        checksum: Checksum | None,
+        segment_start: int | None,
     ) -> Outcome:
         generation = upload.generation
         clean = True
@@ -386,7 +410,7 @@ class Engine:
                     f"(offset {offset}, {left} bytes left).",
                     {"Connection": "close"},
                 )
-            upload, clean = await self._receive(upload, body, checksum)
+            upload, clean = await self._receive(upload, body, checksum, segment_start)
             if upload.durable == upload.length:
                 return Outcome(upload, await self._finish(upload))
             return Outcome(upload)
@@ -405,22 +429,26 @@ class Engine:
                 {"Upload-Offset": str(current.durable), "Connection": "close"},
             ) from None
         finally:
-            with contextlib.suppress(Exception):
-                async with self._connection() as conn:
-                    await db.release_lease(conn, upload.id, generation, clean)
+            if upload.lease_owner is not None:  # not let go with the last progress commit
+                with contextlib.suppress(Exception):
+                    async with self._connection() as conn:
+                        await db.release_lease(conn, upload.id, generation, clean)
 
-    async def _receive(self, upload: Upload, body: StreamReader, checksum: Checksum | None) -> tuple[Upload, bool]:
-        """Read the body into the segment, recording progress as it goes; returns the row and
-        whether every write was joined and synced (a clean release)."""
+    async def _receive(
+        self, upload: Upload, body: StreamReader, checksum: Checksum | None, segment_start: int | None
+    ) -> tuple[Upload, bool]:
+        """Read the body into the segment (beginning at `segment_start`, when the lease's
+        statement said), recording progress as it goes; returns the row and whether every
+        write was joined and synced (a clean release)."""
         generation = upload.generation
         segment_generation = upload.segment_generation
         assert segment_generation is not None
-        async with self._connection() as conn:
-            pieces = await db.upload_pieces(conn, upload.id)
-        continued = [piece for piece in pieces if piece.generation == segment_generation]
-        segment = await self.storage.segment(
-            upload.id, segment_generation, continued[0].start if continued else upload.durable
-        )
+        if segment_start is None:
+            async with self._connection() as conn:
+                pieces = await db.upload_pieces(conn, upload.id)
+            continued = [piece for piece in pieces if piece.generation == segment_generation]
+            segment_start = continued[0].start if continued else upload.durable
+        segment = await self.storage.segment(upload.id, segment_generation, segment_start)
         kept = self.hashers.pop(upload.id, None)
         hashers = kept if kept is not None and kept.position == upload.durable else None
         if checksum is not None:
@@ -446,15 +474,16 @@ class Engine:
         head = b""
         try:
 
-            async def record(upto: int) -> None:
-                """Make the bytes below `upto` (all written) durable, then record them."""
+            async def record(upto: int, last: bool = False) -> None:
+                """Make the bytes below `upto` (all written) durable, then record them; the
+                `last` record of a body short of the length lets go of the lease with it."""
                 nonlocal upload, syncing_call
                 syncing_call = DISK.submit(segment.sync)
                 try:
                     await asyncio.wrap_future(syncing_call)
                 except OSError as error:
                     raise storage_problem(error) from error
-                async with self._connection() as conn, conn.transaction():
+                async with self._connection() as conn:
                     upload = await db.advance(
                         conn,
                         upload.id,
@@ -463,10 +492,11 @@ class Engine:
                         upto,
                         self.expiry,
                         pieces=[Piece(segment.start, upto - segment.start, segment_generation)],
+                        progress=True,
+                        release=last and upto < upload.length,
                     )
-                    await db.report_progress(conn, upload)
 
-            async def commit(behind: bool = False) -> None:
+            async def commit(behind: bool = False, last: bool = False) -> None:
                 """Record what is written. `behind`: while the body goes on being read (an
                 fdatasync can take a good part of a second, in which the client would stall),
                 only what had been written when it began; at most one such commit at a time."""
@@ -486,7 +516,7 @@ class Engine:
                 if behind:
                     syncing = asyncio.ensure_future(record(written))
                 else:
-                    await record(written)
+                    await record(written, last)
 
             idle = 0.0
             while True:
@@ -559,7 +589,7 @@ class Engine:
                         f"The Upload-Checksum ({checksum.algorithm}) does not match the body received; none of "
                         f"its bytes were kept (the offset stays {upload.durable}).",
                     )
-            await commit()
+            await commit(last=True)
         except BaseException:
             # A commit behind the reading is let finish (what it records is durable), and the
             # writes, hashing and fdatasync still in threads must end before the file is closed
