@@ -34,6 +34,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _presigned_seconds(text: str) -> int:
+    value = _non_negative_int(text)
+    if value > 604800:  # S3's own bound on a SigV4 presigned URL's life
+        raise ValueError("must be at most 604800 (7 days, the longest a presigned URL may live)")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -357,6 +364,15 @@ SETTINGS: tuple[Setting, ...] = (
         "Longest wait for one call to the object store (one part of an upload, one piece of a download, one "
         "listing page); past it the answer is 503 with `Retry-After` (a download already under way is cut).",
     ),
+    Setting(
+        "s3_presigned_get_seconds",
+        "PREREC_S3_PRESIGNED_GET_SECONDS",
+        "0",
+        _presigned_seconds,
+        "With the S3 store: above 0, a GET is answered with a 307 redirect to a presigned URL of the blob, "
+        "valid this many seconds, so the store sends the bytes (the conditional and range checks still run "
+        "first; HEAD is unchanged). 0 streams the bytes through prerec. The clients must reach the store.",
+    ),
 )
 
 
@@ -392,6 +408,7 @@ class Settings:
     s3_region: str | None
     s3_addressing_style: str
     s3_timeout_seconds: float
+    s3_presigned_get_seconds: int
 
     @property
     def blob_dir(self) -> Path:

@@ -312,3 +312,39 @@ async def test_copy_to_bucket_moves_a_folder_idempotently(
             assert await response.read() == body
     served = [(await bucket_client.get(key)).status for key in keys]
     assert sorted(served) == [200, 200, 503]  # the one refused is missing, and said so
+
+
+async def test_a_presigned_get_redirects_to_the_store_after_prerecs_own_checks(
+    aiohttp_client, settings, database_url
+) -> None:
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, s3_presigned_get_seconds=60), database_url))
+    body = ogg(3 * MiB, b"\x02")
+    put = await client.put(KEY, data=body, headers=OGG)
+    assert put.status == 201
+    etag = put.headers["ETag"]
+    moved = await client.get(KEY, allow_redirects=False)
+    assert moved.status == 307 and moved.headers["Cache-Control"] == "no-store"
+    assert moved.headers["Location"].startswith(settings.s3_endpoint_url)
+    # A client following the redirect gets the bytes from the store, its Range sent again.
+    whole = await client.get(KEY)
+    assert whole.status == 200 and whole.url.port != client.port and await whole.read() == body
+    ranged = await client.get(KEY, headers={"Range": "bytes=1000-1999"})
+    assert ranged.status == 206 and await ranged.read() == body[1000:2000]
+    # What the metadata decides is prerec's answer, as without the redirect.
+    assert (await client.get(KEY, headers={"Range": f"bytes={len(body)}-"}, allow_redirects=False)).status == 416
+    assert (await client.get(KEY, headers={"If-Match": '"other"'}, allow_redirects=False)).status == 412
+    assert (await client.get(f"/prerecordings/{EVENT}/2024-01-02T00:00:00", allow_redirects=False)).status == 404
+    # A conditional GET is streamed: the store would compare its own ETag, not prerec's.
+    assert (await client.get(KEY, headers={"If-None-Match": etag}, allow_redirects=False)).status == 304
+    matched = await client.get(KEY, headers={"If-Match": etag}, allow_redirects=False)
+    assert matched.status == 200 and await matched.read() == body
+    head = await client.head(KEY, allow_redirects=False)
+    assert head.status == 200 and head.headers["ETag"] == etag and head.headers["Content-Length"] == str(len(body))
+
+
+def test_a_presigned_url_lives_at_most_seven_days() -> None:
+    from prerec.config import SettingError, Settings
+
+    assert Settings.from_env({"PREREC_S3_PRESIGNED_GET_SECONDS": "604800"}).s3_presigned_get_seconds == 604800
+    with pytest.raises(SettingError, match="PREREC_S3_PRESIGNED_GET_SECONDS"):
+        Settings.from_env({"PREREC_S3_PRESIGNED_GET_SECONDS": "604801"})

@@ -113,6 +113,11 @@ class Storage(Protocol):
         """Whether HEAD may answer for the blob (without a call to a remote store)."""
         ...
 
+    async def presigned_url(self, name: str) -> str | None:
+        """Where a GET of the blob may be sent instead (PREREC_S3_PRESIGNED_GET_SECONDS), or None
+        to stream it through."""
+        ...
+
     async def retire(self, name: str) -> None:
         """Take a replaced or deleted blob out of service; it is removed after a grace period,
         as a download of it may still be under way on another replica."""
@@ -150,6 +155,7 @@ def open_storage(settings: Settings) -> Storage:
             settings.s3_region,
             settings.s3_addressing_style,
             settings.s3_timeout_seconds,
+            settings.s3_presigned_get_seconds,
         )
     from prerec.storage.fs import FileStorage
 

@@ -411,6 +411,9 @@ class FileStorage:
         # A stat on the loop, like open(): microseconds on a local disk.
         return os.path.exists(blob_path(self.root, name))
 
+    async def presigned_url(self, name: str) -> str | None:
+        return None  # a folder has no URL of its own: prerec sends the bytes
+
     def _retire(self, name: str) -> None:
         target = self.root / "trash" / Path(name).name
         os.rename(blob_path(self.root, name), target)
