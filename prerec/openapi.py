@@ -454,6 +454,22 @@ SPEC: dict[str, Any] = {
                         "description": "Not modified (If-None-Match or If-Modified-Since).",
                         "headers": _VALIDATORS,
                     },
+                    "307": {
+                        "description": (
+                            "Only with PREREC_S3_PRESIGNED_GET_SECONDS above 0 on an S3 store, for a GET "
+                            "with no If-* header (a conditional GET is streamed: the store would compare "
+                            "its own ETags): a presigned URL to the object, after prerec's own checks "
+                            "(404, 416 from its metadata). The client sends its Range again there."
+                        ),
+                        "headers": {
+                            "Location": {
+                                "description": "The presigned URL, valid PREREC_S3_PRESIGNED_GET_SECONDS.",
+                                "required": True,
+                                "schema": {"type": "string"},
+                            },
+                            "Cache-Control": {"description": "no-store", "schema": {"type": "string"}},
+                        },
+                    },
                     "400": _BAD_REQUEST,
                     "404": _NOT_FOUND,
                     "412": _PRECONDITION_FAILED,
@@ -1140,6 +1156,7 @@ def _add_head_operations(spec: dict[str, Any]) -> None:
         responses = {
             status: {key: value for key, value in response.items() if key != "content"}
             for status, response in get["responses"].items()
+            if status != "307"  # a HEAD is answered from the metadata, never redirected
         }
         item["head"] = {
             **get,
