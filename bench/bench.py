@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import json
@@ -57,6 +58,8 @@ class Plan:
     sse_uploads: int
     burst: int
     idle_seconds: float
+    resumes: int
+    takeovers: int
 
 
 FULL = Plan(
@@ -73,6 +76,8 @@ FULL = Plan(
     sse_uploads=20,
     burst=200,
     idle_seconds=3,
+    resumes=200,
+    takeovers=30,
 )
 SMOKE = Plan(
     big=32 << 20,
@@ -88,6 +93,8 @@ SMOKE = Plan(
     sse_uploads=3,
     burst=50,
     idle_seconds=1,
+    resumes=10,
+    takeovers=3,
 )
 
 
@@ -149,11 +156,13 @@ class Fleet:
                 process.kill()
 
 
-def start_prerec(fleet: Fleet, database_url: str, name: str, workers: int = 1) -> tuple[str, subprocess.Popen[bytes]]:
+def start_prerec(
+    fleet: Fleet, database_url: str, name: str, workers: int = 1, storage: str | None = None
+) -> tuple[str, subprocess.Popen[bytes]]:
     port = free_port()
     env = {
         "PREREC_DATABASE_URL": database_url,
-        "PREREC_STORAGE_DIR": str(fleet.work / f"{name}-storage"),
+        "PREREC_STORAGE_DIR": str(fleet.work / f"{storage or name}-storage"),
         "PREREC_PORT": str(port),
         "PREREC_HOST": "127.0.0.1",
         "PREREC_LOG_LEVEL": "warning",
@@ -345,27 +354,34 @@ async def aio_put(session: aiohttp.ClientSession, url: str, path: Path) -> float
     return time.perf_counter() - began
 
 
-async def aio_tus(session: aiohttp.ClientSession, base: str, start: str, path: Path, chunk: int | None) -> float:
-    """Create a tus upload and send the file in one PATCH (chunk None) or in PATCHes of `chunk` bytes."""
-    import base64
+TUS = {"Tus-Resumable": "1.0.0"}
+RESUME_PIECE = 64 << 10
 
-    def b64(text: str) -> str:
-        return base64.b64encode(text.encode()).decode()
 
-    size = path.stat().st_size
-    tus = {"Tus-Resumable": "1.0.0"}
-    began = time.perf_counter()
-    metadata = f"event {b64(EVENT)},start {b64(start)},filetype {b64(OGG)}"
-    creation = {**tus, "Upload-Length": str(size), "Upload-Metadata": metadata}
-    async with session.post(f"{base}/uploads", headers=creation) as response:
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+async def tus_create(session: aiohttp.ClientSession, base: str, start: str, size: int) -> str:
+    """A tus upload of `size` bytes for EVENT at `start`; its URL path."""
+    metadata = f"event {_b64(EVENT)},start {_b64(start)},filetype {_b64(OGG)}"
+    headers = {**TUS, "Upload-Length": str(size), "Upload-Metadata": metadata}
+    async with session.post(f"{base}/uploads", headers=headers) as response:
         if response.status != 201:
             raise RuntimeError(f"tus creation: {response.status} {await response.text()}")
-        location = base + response.headers["Location"]
+        return response.headers["Location"]
+
+
+async def aio_tus(session: aiohttp.ClientSession, base: str, start: str, path: Path, chunk: int | None) -> float:
+    """Create a tus upload and send the file in one PATCH (chunk None) or in PATCHes of `chunk` bytes."""
+    size = path.stat().st_size
+    began = time.perf_counter()
+    location = base + await tus_create(session, base, start, size)
     offset = 0
     while offset < size:
         length = size - offset if chunk is None else min(chunk, size - offset)
         headers = {
-            **tus,
+            **TUS,
             "Content-Type": "application/offset+octet-stream",
             "Upload-Offset": str(offset),
             "Content-Length": str(length),
@@ -487,6 +503,95 @@ async def sse_fanout(urls: list[str], plan: Plan, body: bytes) -> list[float]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     return latencies
+
+
+async def open_patch(base: str, location: str, offset: int, length: int, first: bytes) -> asyncio.StreamWriter:
+    """A PATCH announcing `length` bytes of which only `first` are sent: a client whose link
+    then drops (close the writer) or dies unnoticed (leave it open)."""
+    host, port = base.removeprefix("http://").split(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    head = (
+        f"PATCH {location} HTTP/1.1\r\nHost: {host}\r\nTus-Resumable: 1.0.0\r\n"
+        f"Content-Type: application/offset+octet-stream\r\nUpload-Offset: {offset}\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    )
+    writer.write(head.encode() + first)
+    await writer.drain()
+    return writer
+
+
+async def resume_elsewhere(session: aiohttp.ClientSession, base: str, location: str, piece: bytes) -> int:
+    """What a client does on another replica: HEAD for the offset, then PATCH the next bytes;
+    returns the offset reached (the PATCH answered, its bytes durable)."""
+    async with session.head(base + location, headers=TUS) as response:
+        if response.status != 200:
+            raise RuntimeError(f"tus HEAD: {response.status}")
+        offset = int(response.headers["Upload-Offset"])
+    headers = {**TUS, "Content-Type": "application/offset+octet-stream", "Upload-Offset": str(offset)}
+    async with session.patch(base + location, data=piece, headers=headers) as response:
+        if response.status != 204:
+            raise RuntimeError(f"tus PATCH on another replica: {response.status} {await response.text()}")
+        return int(response.headers["Upload-Offset"])
+
+
+async def _until_lease(conn: asyncpg.Connection, location: str, held: bool) -> None:
+    """Wait until the PATCH on the first replica has taken the upload's lease (generation 1),
+    and holds it still (`held`) or has let it go."""
+    upload_id = location.rsplit("/", 1)[1]
+    deadline = time.monotonic() + 10
+    while True:
+        row = await conn.fetchrow("SELECT generation, lease_owner FROM uploads WHERE id = $1::uuid", upload_id)
+        if row["generation"] > 0 and (row["lease_owner"] is not None) == held:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the lease of {location} is not {'held' if held else 'free'}")
+        await asyncio.sleep(0.005)
+
+
+async def resumes(urls: list[str], database_url: str, count: int, dead: bool) -> list[float]:
+    """Two replicas sharing a database and a storage folder. A PATCH to the first sends a part
+    of its body; then its link drops (the replica notices and lets go) or, with `dead`, dies
+    unnoticed (the replica still holds the lease, and must be asked to let go). Timed: the
+    client on the second replica, from its HEAD until its next PATCH is answered."""
+    first, second = urls
+    piece = os.urandom(RESUME_PIECE)
+    head = b"OggS" + piece[4:]
+    latencies = []
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for n in range(count):
+                start = f"2031-{'02' if dead else '01'}-01T{n // 3600:02d}:{n // 60 % 60:02d}:{n % 60:02d}"
+                location = await tus_create(session, first, start, 4 * RESUME_PIECE)
+                writer = await open_patch(first, location, 0, 3 * RESUME_PIECE, head)
+                if dead:
+                    await _until_lease(conn, location, held=True)
+                else:
+                    writer.close()
+                    await _until_lease(conn, location, held=False)
+                began = time.perf_counter()
+                reached = await resume_elsewhere(session, second, location, piece)
+                latencies.append(time.perf_counter() - began)
+                if reached <= RESUME_PIECE // 2:
+                    raise RuntimeError(f"the resumed upload {location} reached only {reached}")
+                if dead:
+                    writer.close()
+                with contextlib.suppress(ConnectionError):
+                    await writer.wait_closed()
+                async with session.delete(second + location, headers=TUS) as response:
+                    if response.status != 204:
+                        raise RuntimeError(f"tus DELETE: {response.status}")
+    finally:
+        await conn.close()
+    return latencies
+
+
+def latency_rows(name: str, latencies: list[float], goal: float, goal_text: str) -> list[Row]:
+    p50, p99 = percentile(latencies, 50) * 1000, percentile(latencies, 99) * 1000
+    return [
+        Row(f"{name}, p50", "ms", [p50]),
+        Row(f"{name}, p99", "ms", [p99], goal=goal_text, passed=p99 < goal * 1000),
+    ]
 
 
 # Report
@@ -640,6 +745,20 @@ async def main(plan: Plan, out_dir: Path | None, workers_list: list[int]) -> int
                 goal="< 50 ms",
                 passed=p99 < 50,
             )
+        )
+        # Two replicas on one database and one storage folder, as a fleet behind a balancer.
+        pair = [start_prerec(fleet, database_url, f"resume{i}", storage="resume")[0] for i in range(2)]
+        rows += latency_rows(
+            f"tus resume on another replica after a dropped link, HEAD + next PATCH ({plan.resumes} uploads)",
+            await resumes(pair, database_url, plan.resumes, dead=False),
+            0.1,
+            "< 100 ms",
+        )
+        rows += latency_rows(
+            f"tus lease takeover from a dead connection, HEAD + next PATCH ({plan.takeovers} uploads)",
+            await resumes(pair, database_url, plan.takeovers, dead=True),
+            2.0,
+            "< 2 s",
         )
     finally:
         fleet.stop()

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
+import os
 import time
 import tracemalloc
+import uuid
 
 import pytest
 
 from prerec.app import create_app
 from prerec.storage.fs import FileStorage
-from prerec.storage.receive import _Progress
+from prerec.storage.receive import WRITE_PIECE, Pipeline, _Progress
 from tests.conftest import EVENT, blob_files, ogg, put_head, tmp_files, wait_for
 
 KEY = f"/prerecordings/{EVENT}/2024-01-01T00:00:00"
@@ -215,3 +218,33 @@ async def test_memory_goes_back_after_a_burst_of_concurrent_uploads(tmp_path, st
 
     # 200 MB went through; what stays resident once idle is near what the idle server had.
     await wait_for(settled, timeout=5.0, interval=0.2)
+
+
+async def test_pipeline_continues_a_resumable_segment_from_its_offset(tmp_path) -> None:
+    """The upload engine's use of the pipeline: pieces land at their upload offsets in a
+    segment that began earlier, the hashes carried over go on over the new bytes in order, and
+    `written` says how far every piece is written and hashed."""
+    storage = FileStorage(tmp_path)
+    await storage.start()
+    upload_id = uuid.uuid4()
+    before = os.urandom(1000)
+    after = os.urandom(3 * WRITE_PIECE + 12345)
+    # A segment that starts at offset 500 of the upload and already holds [500, 1000).
+    segment = await storage.segment(upload_id, 1, 500)
+    segment.write(memoryview(before[500:]), 500)
+    carried = hashlib.sha256(before)
+    pipeline = Pipeline(segment, frozenset(), hashers={"sha256": carried}, offset=1000)
+    try:
+        view = memoryview(after)
+        while view:
+            if pipeline.add(view[:70000]):
+                await pipeline.flush()
+                assert pipeline.written <= pipeline.offset
+            view = view[pipeline.taken :]
+        await pipeline.finish()
+    finally:
+        pipeline.close()
+        segment.close()
+    assert pipeline.written == pipeline.offset == 1000 + len(after)
+    assert carried.digest() == hashlib.sha256(before + after).digest()
+    assert storage.segment_path(upload_id, 1).read_bytes() == before[500:] + after

@@ -11,6 +11,7 @@ import base64
 import dataclasses
 import hashlib
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -24,6 +25,7 @@ from aiohttp.test_utils import TestClient
 from prerec import db
 from prerec.config import Settings
 from prerec.model import Piece
+from prerec.storage import fs
 from prerec.uploads import engine
 from tests.conftest import EVENT, Replica, created_events, free_port, wait_for
 
@@ -128,6 +130,50 @@ async def test_a_cut_patch_counts_every_byte_that_arrived_then_resumes(
         assert hashlib.sha256(await response.read()).digest() == hashlib.sha256(data).digest()
     assert await created_events(database_url) == 1
     assert segments(settings) == []
+
+
+async def test_the_body_is_read_on_while_a_progress_commit_syncs(
+    client: TestClient, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An fdatasync can take a good part of a second; a body stalled for each one loses that
+    much throughput. The body goes on being read while it runs, and nothing is recorded until
+    it is done. The fdatasync is made to wait here (then it runs for real)."""
+    syncing, release = threading.Event(), threading.Event()
+    real_sync = fs.Segment.sync
+
+    def held_sync(segment: fs.Segment) -> None:
+        syncing.set()
+        release.wait(30)
+        real_sync(segment)
+
+    monkeypatch.setattr(fs.Segment, "sync", held_sync)
+    data = audio(40 * 1024 * 1024)
+    base = base_of(client)
+    location = await create(client.session, base, len(data))
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(patch_head(location, 0, len(data)))
+        sent = 0
+        # A steady body (no pause the server would take for an idle client) until the first
+        # progress commit, due after COMMIT_SECONDS, is syncing.
+        while not syncing.is_set():
+            assert sent < len(data) // 2, "no progress commit began"
+            writer.write(data[sent : sent + 65536])
+            sent += 65536
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        # Far more than the socket buffers hold: it gets through only if the server reads on.
+        writer.write(data[sent:])
+        await asyncio.wait_for(writer.drain(), 30)
+        assert (await row(database_url, location))["durable"] == 0
+    finally:
+        release.set()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 204 "), head
+    assert (await row(database_url, location))["state"] == "finished"
+    async with client.session.get(f"{base}/prerecordings/{EVENT}/{START}") as response:
+        assert hashlib.sha256(await response.read()).digest() == hashlib.sha256(data).digest()
 
 
 async def test_a_second_patch_takes_over_from_a_live_holder(client: TestClient, database_url: str) -> None:

@@ -318,13 +318,19 @@ class Segment:
             # The new name must survive a crash too, not only the bytes in it.
             _fsync_folder(self.path.parent)
 
-    def write(self, piece: memoryview, offset: int, hashers: dict[str, Any]) -> None:
-        """Write the piece at its upload offset, and feed it to the hashers (in order)."""
+    def submit(self, piece: memoryview, offset: int) -> concurrent.futures.Future[None]:
+        """Write the piece at its upload offset, on a DISK thread (receive.Pipeline's writer)."""
+        return DISK.submit(_or_problem, self.write, piece, offset)
+
+    def write(self, piece: memoryview, offset: int) -> None:
+        position = offset - self.start
         done = 0
         while done < len(piece):
-            done += os.pwrite(self.fd, piece[done:], offset - self.start + done)
-        for hasher in hashers.values():
-            hasher.update(piece)
+            done += os.pwrite(self.fd, piece[done:], position + done)
+        # Each piece at once, not every WRITEBACK_STEP as a staged file does: the next fdatasync
+        # comes within a second, or at the end of a PATCH of a few megabytes, which answers
+        # only once all of it is on disk.
+        _start_writeback(self.fd, position, len(piece))
 
     def sync(self) -> None:
         os.fdatasync(self.fd)

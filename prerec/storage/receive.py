@@ -15,6 +15,7 @@ import ctypes
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from aiohttp import StreamReader
 from aiohttp.http_exceptions import HttpProcessingError
@@ -150,7 +151,13 @@ except (OSError, AttributeError):  # not glibc
     _malloc_trim = None
 
 
-class _Pipeline:
+class Pieces(Protocol):
+    """Where a pipeline writes: a new blob (Staged), or a resumable upload's segment."""
+
+    def submit(self, piece: memoryview, offset: int) -> concurrent.futures.Future[None]: ...
+
+
+class Pipeline:
     """Hands pieces of an upload to threads, several pieces in flight.
 
     A few reused buffers: one fills on the loop while earlier ones are hashed and written, so
@@ -169,21 +176,27 @@ class _Pipeline:
 
     in_progress = 0  # pipelines not yet closed, in this process
 
-    def __init__(self, staged: Staged, algorithms: frozenset[str]) -> None:
+    def __init__(
+        self, staged: Pieces, algorithms: frozenset[str], hashers: dict[str, Any] | None = None, offset: int = 0
+    ) -> None:
+        """`hashers` continue hashes begun elsewhere (a resumable upload's), fed from
+        `offset`, the position of the first byte added."""
         self.staged = staged
-        self.hashers = {name: hashlib.new(name) for name in algorithms | {"sha256"}}
+        self.hashers = hashers if hashers is not None else {name: hashlib.new(name) for name in algorithms | {"sha256"}}
         # Buffers are added only while all are busy (a small upload, or a disk that keeps up,
         # needs one or two), up to PIPELINE_DEPTH.
         self.buffers = [bytearray(WRITE_PIECE)]
         # The thread work on each buffer (not asyncio wrappers, which cancellation detaches).
         self.busy: list[list[concurrent.futures.Future[None]]] = [[]]
         self.sent: collections.deque[int] = collections.deque()  # buffers in flight, oldest first
+        self.ends = [0]  # where each buffer's piece ends
         self.hashing = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-hash")
         self.filling = 0
         self.filled = 0
-        self.offset = 0
+        self.offset = offset  # bytes up to here are handed to the threads
+        self.written = offset  # bytes up to here are written and hashed
         self.closed = False
-        _Pipeline.in_progress += 1
+        Pipeline.in_progress += 1
 
     def hash(self, piece: bytes | bytearray | memoryview) -> None:
         for hasher in self.hashers.values():
@@ -208,23 +221,38 @@ class _Pipeline:
             ]
             self.sent.append(self.filling)
             self.offset += self.filled
+            self.ends[self.filling] = self.offset
             self.filled = 0
         while self.sent and all(future.done() for future in self.busy[self.sent[0]]):
-            await self._wait(self.busy[self.sent.popleft()])  # done: raises its error, if any
+            await self._settle()  # done: raises its error, if any
         if len(self.sent) < len(self.buffers):
             self.filling = next(i for i in range(len(self.buffers)) if i not in self.sent)
         elif len(self.buffers) < PIPELINE_DEPTH:
             self.buffers.append(bytearray(WRITE_PIECE))
             self.busy.append([])
+            self.ends.append(0)
             self.filling = len(self.buffers) - 1
         else:
-            self.filling = self.sent.popleft()
-            await self._wait(self.busy[self.filling])
+            self.filling = await self._settle()
+
+    async def _settle(self) -> int:
+        """Wait for the oldest buffer in flight; it is free again."""
+        index = self.sent[0]
+        await self._wait(self.busy[index])
+        self.sent.popleft()
+        self.written = self.ends[index]
+        return index
 
     async def finish(self) -> None:
+        """Send what is buffered and wait until every piece is written and hashed; the
+        pipeline may go on being filled afterwards."""
         await self.flush()
-        for futures in self.busy:
-            await self._wait(futures)
+        while self.sent:
+            await self._settle()
+
+    def in_flight(self) -> list[concurrent.futures.Future[None]]:
+        """The thread work not yet joined, to wait for before the file is closed under it."""
+        return [future for futures in self.busy for future in futures if not future.done()]
 
     @staticmethod
     async def _wait(futures: list[concurrent.futures.Future[None]]) -> None:
@@ -240,8 +268,8 @@ class _Pipeline:
         if self.closed:
             return
         self.closed = True
-        _Pipeline.in_progress -= 1
-        if _Pipeline.in_progress == 0 and _malloc_trim is not None:
+        Pipeline.in_progress -= 1
+        if Pipeline.in_progress == 0 and _malloc_trim is not None:
             # On this upload's own hashing thread, after the pieces it still has queued.
             self.hashing.submit(_malloc_trim, 0)
         self.hashing.shutdown(wait=False)
@@ -260,7 +288,7 @@ async def receive(
     """
     loop = asyncio.get_running_loop()
     staged = await storage.stage()
-    pipeline = _Pipeline(staged, algorithms)
+    pipeline = Pipeline(staged, algorithms)
     size = 0
     checked = False
     progress = _Progress(loop)

@@ -39,7 +39,7 @@ from prerec.model import Piece, Prerecording, Upload, http_date
 from prerec.problems import Problem
 from prerec.storage import STORAGE, StoredBlob
 from prerec.storage.fs import DISK, FileStorage, on_disk, storage_problem
-from prerec.storage.receive import OGG_CAPTURE_PATTERN, WRITE_PIECE, check_ogg
+from prerec.storage.receive import OGG_CAPTURE_PATTERN, Pipeline, check_ogg
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -431,66 +431,64 @@ class Engine:
         feed = dict(hashers.hashers) if hashers is not None else {}
         if checksum is not None:
             feed["checksum"] = own
-        # Two buffers: one fills from the body while the other is written and hashed in a
-        # thread, so a disk that blocks does not stop the reading. One write at a time keeps
-        # the hashes in order.
-        buffers = [bytearray(WRITE_PIECE), bytearray(WRITE_PIECE)]
-        current = 0
-        in_flight: concurrent.futures.Future[None] | None = None
-        filled = 0
-        sent = upload.durable  # bytes up to here are handed to a write
-        written = upload.durable  # bytes up to here are in the segment (not yet all synced)
+        # The PUT's pipeline: buffers filled from the body while earlier ones are written and
+        # hashed on threads, so neither a disk that blocks nor the hashing stops the reading.
+        pipeline = Pipeline(segment, frozenset(), hashers=feed, offset=upload.durable)
         stop: BaseException | None = None
         last_commit = time.monotonic()
         committed_bytes = upload.durable
+        syncing: asyncio.Future[None] | None = None  # a commit() behind the reading
+        syncing_call: concurrent.futures.Future[None] | None = None  # its fdatasync
         checked = upload.durable >= len(OGG_CAPTURE_PATTERN)
         head = b""
         try:
 
-            async def settle() -> None:
-                nonlocal in_flight, written
-                if in_flight is not None:
-                    try:
-                        await asyncio.wrap_future(in_flight)
-                    except OSError as error:
-                        raise storage_problem(error) from error
-                    in_flight = None
-                    written = sent
-
-            async def flush(wait: bool = False) -> None:
-                nonlocal filled, sent, current, in_flight
-                if filled:
-                    await settle()
-                    in_flight = DISK.submit(segment.write, memoryview(buffers[current])[:filled], sent, feed)
-                    sent += filled
-                    filled = 0
-                    current ^= 1
-                if wait:
-                    await settle()
-
-            async def commit() -> None:
-                nonlocal upload, last_commit, committed_bytes
-                await flush(wait=True)
-                last_commit = time.monotonic()
-                if written == upload.durable:
-                    return
-                await on_disk(segment.sync)
+            async def record(upto: int) -> None:
+                """Make the bytes below `upto` (all written) durable, then record them."""
+                nonlocal upload, syncing_call
+                syncing_call = DISK.submit(segment.sync)
+                try:
+                    await asyncio.wrap_future(syncing_call)
+                except OSError as error:
+                    raise storage_problem(error) from error
                 async with self._connection() as conn, conn.transaction():
                     upload = await db.advance(
                         conn,
                         upload.id,
                         generation,
                         upload.durable,
-                        written,
+                        upto,
                         self.expiry,
-                        pieces=[Piece(segment.start, written - segment.start, segment_generation)],
+                        pieces=[Piece(segment.start, upto - segment.start, segment_generation)],
                     )
                     await db.report_progress(conn, upload)
+
+            async def commit(behind: bool = False) -> None:
+                """Record what is written. `behind`: while the body goes on being read (an
+                fdatasync can take a good part of a second, in which the client would stall),
+                only what had been written when it began; at most one such commit at a time."""
+                nonlocal syncing, last_commit, committed_bytes
+                if syncing is not None:
+                    if behind and not syncing.done():
+                        return
+                    task, syncing = syncing, None
+                    await task  # its error (Fenced, a storage problem) is this one's
+                if not behind:
+                    await pipeline.finish()
+                last_commit = time.monotonic()
+                written = pipeline.written
+                if written == upload.durable:
+                    return
                 committed_bytes = written
+                if behind:
+                    syncing = asyncio.ensure_future(record(written))
+                else:
+                    await record(written)
 
             idle = 0.0
             while True:
-                pending = checksum is None and sent + filled > upload.durable
+                received = pipeline.offset + pipeline.filled  # bytes handed to the pipeline
+                pending = checksum is None and received > upload.durable
                 wait = COMMIT_SECONDS if pending else RENEW_SECONDS
                 try:
                     async with asyncio.timeout(wait):
@@ -519,7 +517,7 @@ class Engine:
                 if not chunk:
                     break
                 view = memoryview(chunk)
-                room = upload.length - sent - filled
+                room = upload.length - received
                 if len(view) > room:
                     view = view[:room]
                     stop = Problem(
@@ -529,26 +527,24 @@ class Engine:
                     )
                 if not checked:
                     head = (head + bytes(view[: len(OGG_CAPTURE_PATTERN)]))[: len(OGG_CAPTURE_PATTERN)]
-                    if len(head) == len(OGG_CAPTURE_PATTERN) or sent + filled + len(view) == upload.length:
+                    if len(head) == len(OGG_CAPTURE_PATTERN) or received + len(view) == upload.length:
                         check_ogg(head)
                         checked = True
                 while view:
-                    taken = min(WRITE_PIECE - filled, len(view))
-                    buffers[current][filled : filled + taken] = view[:taken]
-                    filled += taken
-                    view = view[taken:]
-                    if filled == WRITE_PIECE:
-                        await flush()
+                    if pipeline.add(view):
+                        await pipeline.flush()
+                    view = view[pipeline.taken :]
                 if stop is not None:
                     break
                 if checksum is None and (
-                    time.monotonic() - last_commit >= COMMIT_SECONDS or sent - committed_bytes >= COMMIT_BYTES
+                    time.monotonic() - last_commit >= COMMIT_SECONDS
+                    or pipeline.offset - committed_bytes >= COMMIT_BYTES
                 ):
-                    await commit()
-            if sent + filled == upload.durable and stop is None:
+                    await commit(behind=True)
+            if pipeline.offset + pipeline.filled == upload.durable and stop is None:
                 raise Problem(400, "The PATCH has no body: send the bytes from the offset on.")
             if checksum is not None:
-                await flush(wait=True)
+                await pipeline.finish()
                 if isinstance(stop, Problem | _Stopped | ConnectionError | HttpProcessingError):
                     # A cut body cannot be verified: none of its bytes count.
                     self._keep(upload.id, saved)
@@ -562,19 +558,24 @@ class Engine:
                     )
             await commit()
         except BaseException:
-            # A write still in its thread must end before its file is closed under it.
-            leftover = in_flight
+            # A commit behind the reading is let finish (what it records is durable), and the
+            # writes, hashing and fdatasync still in threads must end before the file is closed
+            # under them.
+            if syncing is not None:
+                await asyncio.gather(syncing, return_exceptions=True)
+            leftover = [*pipeline.in_flight(), *([syncing_call] if syncing_call is not None else [])]
 
             def close() -> None:
-                if leftover is not None:
-                    concurrent.futures.wait([leftover])
+                concurrent.futures.wait(leftover)
                 segment.close()
 
             await asyncio.shield(on_disk(close))
             raise
+        finally:
+            pipeline.close()
         await on_disk(segment.close)
         if hashers is not None:
-            hashers.position = written
+            hashers.position = pipeline.written
             self.hashers[upload.id] = hashers
         if stop is not None:
             raise _answer(stop)
