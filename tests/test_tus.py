@@ -9,6 +9,7 @@ import hashlib
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -18,7 +19,7 @@ from tusclient.client import TusClient
 from prerec.config import Settings
 from prerec.problems import Problem
 from prerec.uploads import tus
-from tests.conftest import EVENT, blob_files, created_events, ogg, wait_for
+from tests.conftest import EVENT, blob_files, created_events, ogg, upload_files, wait_for
 from tests.cutproxy import Cut, CuttingProxy
 
 START = "2026-12-01T20:00"
@@ -55,8 +56,8 @@ async def stored(client: TestClient) -> bytes:
     return await response.read()
 
 
-def segments(settings: Settings) -> list[Path]:
-    return sorted((settings.blob_dir / "uploads").glob("*"))
+def segments(settings: Settings) -> list[Any]:
+    return upload_files(settings)
 
 
 # tuspy
