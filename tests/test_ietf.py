@@ -28,6 +28,9 @@ PARTIAL = {**V8, "Content-Type": "application/partial-upload"}
 MISMATCH = "https://iana.org/assignments/http-problem-types#mismatching-upload-offset"
 NODE = shutil.which("node")
 
+# Every test that keeps bytes runs on a folder and on a bucket (SeaweedFS), with the same assertions.
+BACKENDS = ("fs", "s3")
+
 
 def audio(size: int) -> bytes:
     return b"OggS" + os.urandom(size - 4)

@@ -493,3 +493,40 @@ async def test_the_finisher_keeps_its_lease_alive_through_a_long_assembly(
     assert state == "finishing"
     assert after > before  # type: ignore[operator]
     assert await created_events(database_url) == 1
+
+
+@pytest.mark.parametrize("backend", ["s3"], indirect=True)  # part numbers are S3's
+async def test_a_zombies_part_is_never_assembled(client: TestClient, settings: Settings, database_url: str) -> None:
+    """A writer that lost its lease may still send a part (a frozen process waking up). Its
+    number was handed out under its own generation, the taker's numbers come after it, and
+    Complete lists the recorded parts only: the file is the taker's bytes, whatever the store
+    lists (SeaweedFS's ListParts would show the zombie's part)."""
+    data = audio(12 * 1024 * 1024)
+    base = base_of(client)
+    location = await create(client.session, base, len(data))
+    upload_id = uuid.UUID(location.rsplit("/", 1)[1])
+    zombie = await asyncpg.connect(database_url)
+    try:
+        held = await db.acquire_lease(zombie, upload_id, "elsewhere/1/zombie", zombie.get_server_pid())
+        assert held is not None and held.store_ref is not None
+        number = await db.allocate_parts(zombie, upload_id, held.generation, 1)
+        store, bucket, prefix = bucket_of(settings)
+        name, _, multipart_id = held.store_ref.partition("?uploadId=")
+        store.upload_part(
+            Bucket=bucket,
+            Key=f"{prefix}blobs/{name}",
+            UploadId=multipart_id,
+            PartNumber=number,
+            Body=b"OggS" + b"z" * (6 * 1024 * 1024),
+        )
+        async with client.session.patch(
+            f"{base}{location}", data=data, headers={**PATCH, "Upload-Offset": "0"}
+        ) as response:
+            assert response.status == 204, await response.text()
+        with pytest.raises(db.Fenced):
+            await db.allocate_parts(zombie, upload_id, held.generation, 1)
+    finally:
+        await zombie.close()
+    async with client.session.get(f"{base}/prerecordings/{EVENT}/{START}") as response:
+        assert hashlib.sha256(await response.read()).digest() == hashlib.sha256(data).digest()
+    assert segments(settings) == []
