@@ -4,6 +4,8 @@ Layout under the URL's prefix:
     blobs/<xx>/<random>.ogg   finished blobs, each under a new unique key, written once
     trash/<xx>/<random>.ogg   zero-byte markers: the blob of that name was retired at the
                               marker's LastModified, and is deleted once that is a grace period ago
+    blobs/uploads/<id>.ogg    a resumable upload's object (blob name `uploads/<id>.ogg`): a
+                              multipart upload from its creation until it is complete (UploadParts)
 
 The write protocol is the folder's, in S3's terms. An upload streams into a multipart upload of
 a new key (never over a live one), one part per filled buffer while the body still arrives; a
