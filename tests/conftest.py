@@ -294,9 +294,13 @@ def tmp_files(settings: Settings) -> list[Any]:
     return client.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])
 
 
-def segment_files(settings: Settings) -> list[Path]:
-    """The segment files of resumable uploads in progress."""
-    return sorted((settings.blob_dir / "uploads").glob("*"))
+def upload_files(settings: Settings) -> list[Any]:
+    """What resumable uploads in progress hold: segment files, or multipart uploads in the
+    bucket (under blobs/uploads/, apart from plain uploads')."""
+    if settings.storage_url is None:
+        return sorted((settings.blob_dir / "uploads").glob("*"))
+    client, bucket, prefix = _bucket(settings)
+    return client.list_multipart_uploads(Bucket=bucket, Prefix=f"{prefix}blobs/uploads/").get("Uploads", [])
 
 
 async def wait_for(condition, timeout: float = 10.0, interval: float = 0.02):  # type: ignore[no-untyped-def]

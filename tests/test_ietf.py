@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient
 from prerec.config import SETTINGS_KEY, Settings
 from prerec.problems import Problem
 from prerec.uploads import ietf, tus
-from tests.conftest import EVENT, blob_files, created_events, ogg, segment_files, wait_for
+from tests.conftest import EVENT, blob_files, created_events, ogg, upload_files, wait_for
 
 START = "2026-12-01T20:00"
 KEY = f"/prerecordings/{EVENT}/{START}"
@@ -27,6 +27,9 @@ V8 = {"Upload-Draft-Interop-Version": "8"}
 PARTIAL = {**V8, "Content-Type": "application/partial-upload"}
 MISMATCH = "https://iana.org/assignments/http-problem-types#mismatching-upload-offset"
 NODE = shutil.which("node")
+
+# Every test that keeps bytes runs on a folder and on a bucket (SeaweedFS), with the same assertions.
+BACKENDS = ("fs", "s3")
 
 
 def audio(size: int) -> bytes:
@@ -344,7 +347,7 @@ async def test_precondition_failing_at_the_end_is_412_complete_and_discards_the_
     assert response.status == 412, await response.text()
     assert response.content_type == "application/problem+json"
     assert response.headers["Upload-Complete"] == "?1"
-    assert segment_files(settings) == []
+    assert upload_files(settings) == []
     assert len(blob_files(settings)) == 1  # the PUT's only
     async with client.get(KEY) as stored:
         assert await stored.read() == ogg(50)

@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -25,9 +26,14 @@ from aiohttp.test_utils import TestClient
 from prerec import db
 from prerec.config import Settings
 from prerec.model import Piece
-from prerec.storage import fs
+from prerec.storage import STORAGE, fs
 from prerec.uploads import engine
-from tests.conftest import EVENT, Replica, created_events, free_port, wait_for
+from tests.conftest import EVENT, Replica, created_events, free_port, upload_files, wait_for
+from tests.conftest import _bucket as bucket_of
+
+# The same assertions on a folder and on a bucket (SeaweedFS); the few about one backend's own
+# mechanics name it.
+BACKENDS = ("fs", "s3")
 
 START = "2026-12-01T20:00"
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -87,8 +93,25 @@ async def read_to_close(reader: asyncio.StreamReader) -> tuple[int, str]:
     return int(status_line.split(" ")[1]), rest
 
 
-def segments(settings: Settings) -> list[Path]:
-    return sorted((settings.blob_dir / "uploads").glob("*"))
+def segments(settings: Settings) -> list[Any]:
+    """The bytes uploads in progress hold: segment files, or multipart uploads."""
+    return upload_files(settings)
+
+
+def upload_ids(settings: Settings) -> set[uuid.UUID]:
+    """The uploads that have bytes in the store."""
+    if settings.storage_url is None:
+        return {uuid.UUID(path.name.split(".", 1)[0]) for path in segments(settings)}
+    return {uuid.UUID(upload["Key"].rsplit("/", 1)[1].removesuffix(".ogg")) for upload in segments(settings)}
+
+
+def leave_stray(settings: Settings, upload_id: uuid.UUID) -> None:
+    """Bytes of an upload the database does not know, as a crash leaves them."""
+    if settings.storage_url is None:
+        (settings.blob_dir / "uploads" / f"{upload_id}.1.part").write_bytes(b"left by a crash")
+        return
+    client, bucket, prefix = bucket_of(settings)
+    client.create_multipart_upload(Bucket=bucket, Key=f"{prefix}blobs/uploads/{upload_id}.ogg")
 
 
 def base_of(client: TestClient) -> str:
@@ -107,7 +130,8 @@ async def send_slowly(writer: asyncio.StreamWriter, data: bytes, pieces: int, pa
 async def test_a_cut_patch_counts_every_byte_that_arrived_then_resumes(
     client: TestClient, settings: Settings, database_url: str
 ) -> None:
-    data = audio(3 * 1024 * 1024 + 5)
+    # Past one 8 MiB part on S3, so the cut leaves a part and a tail below 5 MiB.
+    data = audio(22 * 1024 * 1024 + 5)
     base = base_of(client)
     location = await create(client.session, base, len(data))
     reader, writer = await asyncio.open_connection(client.host, client.port)
@@ -115,12 +139,15 @@ async def test_a_cut_patch_counts_every_byte_that_arrived_then_resumes(
     writer.write(patch_head(location, 0, len(data)) + data[:half])
     await writer.drain()
     writer.close()  # cut mid-body
-    # Everything that reached the process counts, once the server has seen the cut.
+    # Everything that reached the process counts, once the server has seen the cut (watched in
+    # the database: a HEAD would ask the request still reading to stop early).
 
-    async def arrived() -> bool:
-        return await offset_of(client.session, base, location) == half
+    async def let_go() -> bool:
+        current = await row(database_url, location)
+        return current["lease_owner"] is None and current["generation"] > 0
 
-    await wait_for(arrived, timeout=10)
+    await wait_for(let_go, timeout=10)
+    assert await offset_of(client.session, base, location) == half
     async with client.session.patch(
         f"{base}{location}", data=data[half:], headers={**PATCH, "Upload-Offset": str(half)}
     ) as response:
@@ -132,6 +159,7 @@ async def test_a_cut_patch_counts_every_byte_that_arrived_then_resumes(
     assert segments(settings) == []
 
 
+@pytest.mark.parametrize("backend", ["fs"], indirect=True)  # the folder's fdatasync
 async def test_the_body_is_read_on_while_a_progress_commit_syncs(
     client: TestClient, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -305,7 +333,8 @@ async def test_resume_on_another_replica_after_kill_9(
     replicas.extend([first, second])
     first.wait_ready()
     second.wait_ready()
-    data = audio(2 * 1024 * 1024 + 7)
+    # On S3 the bytes sent before the kill fill a part and leave a tail in the database.
+    data = audio(14 * 1024 * 1024 + 7)
     async with aiohttp.ClientSession() as session:
         location = await create(session, first.url, len(data))
         reader, writer = await asyncio.open_connection("127.0.0.1", first.port)
@@ -334,7 +363,7 @@ async def test_resume_on_another_replica_after_kill_9(
             # Hashed by reading the first replica's bytes back: the stored digest is the file's.
             assert response.headers["ETag"] == f'"{hashlib.sha256(data).hexdigest()}"'
     assert await created_events(database_url) == 1
-    assert list((Path(storage_env["PREREC_STORAGE_DIR"]) / "uploads").glob("*")) == []
+    assert segments(Settings.from_env(storage_env)) == []
 
 
 _ = web
@@ -375,29 +404,32 @@ async def test_shutdown_stops_a_patch_keeps_its_bytes_and_sends_it_elsewhere(
             assert await response.read() == data
 
 
-async def test_the_sweeper_removes_old_segments_of_ended_or_unknown_uploads_only(
-    client: TestClient, app: web.Application, settings: Settings
-) -> None:
+async def test_the_sweeper_removes_old_bytes_of_ended_or_unknown_uploads_only(
+    settings: Settings, database_url: str, aiohttp_client
+) -> None:  # type: ignore[no-untyped-def]
+    from prerec.app import create_app
     from prerec.uploads.engine import ENGINE
 
+    quick = dataclasses.replace(settings, tmp_max_age_seconds=1.0)
+    app = create_app(quick, database_url)
+    client = await aiohttp_client(app)
     base = base_of(client)
     location = await create(client.session, base, 1000)
+    live = uuid.UUID(location.rsplit("/", 1)[1])
     async with client.session.patch(
         f"{base}{location}", data=audio(400), headers={**PATCH, "Upload-Offset": "0"}
     ) as response:
         assert response.status == 204
-    [live] = segments(settings)
-    stray = settings.blob_dir / "uploads" / f"{uuid.uuid4()}.1.part"
-    stray.write_bytes(b"left by a crash")
-    old = time.time() - settings.tmp_max_age_seconds - 10
-    for path in (live, stray):
-        os.utime(path, (old, old))
+    stray = uuid.uuid4()
+    leave_stray(quick, stray)
+    assert upload_ids(quick) == {live, stray}
+    await asyncio.sleep(1.5)  # both old now
     await app[ENGINE].sweep()
-    assert segments(settings) == [live]
+    assert upload_ids(quick) == {live}
 
 
 async def test_an_upload_complete_but_unfinished_is_finished_by_the_next_head(
-    client: TestClient, settings: Settings, database_url: str
+    client: TestClient, app: web.Application, settings: Settings, database_url: str
 ) -> None:
     """Its writer recorded the last byte and died before finishing: a tus client seeing
     offset == length never sends another request, so asking for the offset must finish it."""
@@ -407,17 +439,18 @@ async def test_an_upload_complete_but_unfinished_is_finished_by_the_next_head(
     upload_id = uuid.UUID(location.rsplit("/", 1)[1])
     writer = await asyncpg.connect(database_url)
     held = await db.acquire_lease(writer, upload_id, "elsewhere/1/dead", writer.get_server_pid())
-    assert held is not None and held.segment_generation is not None
-    segment = settings.blob_dir / "uploads" / f"{upload_id}.{held.segment_generation}.part"
-    segment.write_bytes(data)
+    assert held is not None
+
+    async def allocate(count: int) -> int:
+        return await db.allocate_parts(writer, upload_id, held.generation, count)
+
+    # Written through the storage interface as another replica's engine would, then recorded.
+    appender = await app[STORAGE].appender(held, [], None, allocate)
+    await asyncio.wrap_future(appender.submit(memoryview(data), 0))
+    progress = await appender.persist(len(data))
+    await appender.stop()
     await db.advance(
-        writer,
-        upload_id,
-        held.generation,
-        0,
-        len(data),
-        86400,
-        pieces=[Piece(0, len(data), held.segment_generation)],
+        writer, upload_id, held.generation, 0, progress.offset, 86400, pieces=progress.pieces, tail=progress.tail
     )
     await writer.close()  # dies before finishing
     assert await offset_of(client.session, base, location) == len(data)
@@ -433,25 +466,24 @@ async def test_the_finisher_keeps_its_lease_alive_through_a_long_assembly(
 ) -> None:
     """Assembling gigabytes on a slow disk may outlast a lease: the finisher renews it, or
     another replica would take the upload as abandoned and finish it a second time."""
-    from prerec.storage.fs import FileStorage
-
     monkeypatch.setattr(engine, "RENEW_SECONDS", 0.05)
-    assemble = FileStorage.assemble
+    backend = type(client.app[STORAGE])
+    assemble = backend.assemble
     leases: list[tuple[str, object]] = []
 
-    async def slow_assemble(storage: FileStorage, upload_id: uuid.UUID, length: int, pieces: list[Piece]) -> str:
-        # The disk's own pace, slowed: the same assembly, begun later.
+    async def slow_assemble(storage: Any, upload: Any, pieces: list[Piece]) -> str:
+        # The store's own pace, slowed: the same assembly, begun later.
         conn = await asyncpg.connect(database_url)
         try:
             query = "SELECT state, lease_expires FROM uploads WHERE id = $1"
-            leases.append(tuple(await conn.fetchrow(query, upload_id)))
+            leases.append(tuple(await conn.fetchrow(query, upload.id)))
             await asyncio.sleep(0.5)
-            leases.append(tuple(await conn.fetchrow(query, upload_id)))
+            leases.append(tuple(await conn.fetchrow(query, upload.id)))
         finally:
             await conn.close()
-        return await assemble(storage, upload_id, length, pieces)
+        return await assemble(storage, upload, pieces)
 
-    monkeypatch.setattr(FileStorage, "assemble", slow_assemble)
+    monkeypatch.setattr(backend, "assemble", slow_assemble)
     data = audio(100_000)
     base = base_of(client)
     location = await create(client.session, base, len(data))
@@ -461,3 +493,40 @@ async def test_the_finisher_keeps_its_lease_alive_through_a_long_assembly(
     assert state == "finishing"
     assert after > before  # type: ignore[operator]
     assert await created_events(database_url) == 1
+
+
+@pytest.mark.parametrize("backend", ["s3"], indirect=True)  # part numbers are S3's
+async def test_a_zombies_part_is_never_assembled(client: TestClient, settings: Settings, database_url: str) -> None:
+    """A writer that lost its lease may still send a part (a frozen process waking up). Its
+    number was handed out under its own generation, the taker's numbers come after it, and
+    Complete lists the recorded parts only: the file is the taker's bytes, whatever the store
+    lists (SeaweedFS's ListParts would show the zombie's part)."""
+    data = audio(12 * 1024 * 1024)
+    base = base_of(client)
+    location = await create(client.session, base, len(data))
+    upload_id = uuid.UUID(location.rsplit("/", 1)[1])
+    zombie = await asyncpg.connect(database_url)
+    try:
+        held = await db.acquire_lease(zombie, upload_id, "elsewhere/1/zombie", zombie.get_server_pid())
+        assert held is not None and held.store_ref is not None
+        number = await db.allocate_parts(zombie, upload_id, held.generation, 1)
+        store, bucket, prefix = bucket_of(settings)
+        name, _, multipart_id = held.store_ref.partition("?uploadId=")
+        store.upload_part(
+            Bucket=bucket,
+            Key=f"{prefix}blobs/{name}",
+            UploadId=multipart_id,
+            PartNumber=number,
+            Body=b"OggS" + b"z" * (6 * 1024 * 1024),
+        )
+        async with client.session.patch(
+            f"{base}{location}", data=data, headers={**PATCH, "Upload-Offset": "0"}
+        ) as response:
+            assert response.status == 204, await response.text()
+        with pytest.raises(db.Fenced):
+            await db.allocate_parts(zombie, upload_id, held.generation, 1)
+    finally:
+        await zombie.close()
+    async with client.session.get(f"{base}/prerecordings/{EVENT}/{START}") as response:
+        assert hashlib.sha256(await response.read()).digest() == hashlib.sha256(data).digest()
+    assert segments(settings) == []

@@ -29,7 +29,8 @@ import asyncpg
 import pytest
 from tusclient.client import TusClient
 
-from tests.conftest import EVENT, NGINX, Replica, read_message
+from prerec.config import Settings
+from tests.conftest import EVENT, NGINX, Replica, blob_files, read_message, tmp_files, upload_files
 from tests.cutproxy import Cut, CuttingProxy, Mark
 
 SIZE = 200 * 1024 * 1024
@@ -101,7 +102,6 @@ class Field:
         self.env = env
         self.tmp_path = tmp_path
         self.database_url = env["PREREC_DATABASE_URL"]
-        self.storage = Path(env["PREREC_STORAGE_DIR"])
         self.samples: list[Sample] = []
         self.created: list[dict] = []
         self.restarts: list[asyncio.Future[None]] = []
@@ -250,9 +250,10 @@ class Field:
             assert await conn.fetchval("SELECT count(*) FROM upload_tails") == 0
         finally:
             await conn.close()
-        assert sorted((self.storage / "tmp").iterdir()) == []
-        assert sorted((self.storage / "uploads").iterdir()) == []
-        assert len(list((self.storage / "blobs").rglob("*.ogg"))) == 1
+        stored = Settings.from_env(self.env)
+        assert tmp_files(stored) == []
+        assert upload_files(stored) == []
+        assert len(blob_files(stored)) == 1
 
 
 async def upload_through_cuts(  # type: ignore[no-untyped-def]
@@ -327,6 +328,12 @@ def tuspy(**options: object) -> Callable[[str, Path], Awaitable[None]]:
 async def test_tuspy_through_kill_and_drops(fleet, replicas, storage_env, tmp_path: Path, options) -> None:  # type: ignore[no-untyped-def]
     checksummed = bool(options.get("upload_checksum"))
     await upload_through_cuts(fleet, replicas, storage_env, tmp_path, tuspy(**options), not checksummed)
+
+
+@pytest.mark.parametrize("backend", ["s3"], indirect=True)
+async def test_tuspy_through_kill_and_drops_on_s3(fleet, replicas, storage_env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The whole-file run on a bucket: parts numbered under the lease, tails in the database."""
+    await upload_through_cuts(fleet, replicas, storage_env, tmp_path, tuspy(retries=20, retry_delay=0.5))
 
 
 async def test_tus_js_client_defaults_through_kill_and_drops(  # type: ignore[no-untyped-def]

@@ -9,6 +9,8 @@ them and responses.py sends a blob back, so handlers never know which backend th
 from __future__ import annotations
 
 import concurrent.futures
+import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -16,6 +18,7 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from prerec.config import Settings
+    from prerec.model import Piece, Tail, Upload
     from prerec.storage.responses import Source
 
 
@@ -84,6 +87,43 @@ class Staged(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Progress:
+    """What a resumable upload's writer made durable, for the engine to record under the lease
+    fence: the offset every byte below which is durable, the pieces that are new or grew, and
+    the bytes past the last piece (the tail, kept in the database; None: no such bytes)."""
+
+    offset: int
+    pieces: list[Piece]
+    tail: Tail | None
+
+
+# Hands out `count` part numbers no other writer of the upload ever gets (the engine's fenced
+# allocation in the database); raises db.Fenced once the writer lost its lease.
+AllocateParts = Callable[[int], Awaitable[int]]
+
+
+class Appender(Protocol):
+    """One lease generation's writes to a resumable upload, from its durable offset on."""
+
+    def submit(self, piece: memoryview, offset: int) -> concurrent.futures.Future[None]:
+        """As Staged.submit; pieces come in order, from the upload's durable offset."""
+        ...
+
+    async def persist(self, upto: int) -> Progress:
+        """Make every byte below `upto` durable (all were submitted, and their futures are
+        done); pieces past it may go on arriving meanwhile. The offset returned is `upto` once
+        every piece up to it was joined (when no piece is in flight past it); before that it
+        may be short of it, never short of the offset recorded before. At the upload's length,
+        everything is in pieces (no tail)."""
+        ...
+
+    async def stop(self) -> None:
+        """Join every write still in flight (a zombie's late write must not outlive this),
+        and let go of files and buffers. Nothing is removed: the upload goes on elsewhere."""
+        ...
+
+
 class Storage(Protocol):
     async def start(self) -> None:
         """Get ready to serve (the folder backend lays out its folders; the S3 one checks its
@@ -140,6 +180,37 @@ class Storage(Protocol):
 
     async def drop_leftover(self, ref: str) -> None:
         """Remove a leftover the inventory listed; gone already is fine."""
+        ...
+
+    # Resumable uploads (prerec/uploads/engine.py). The engine records what these return.
+
+    async def begin_upload(self, upload_id: uuid.UUID) -> str | None:
+        """Prepare a new upload's place in the store; what to keep in its row (store_ref)."""
+        ...
+
+    async def appender(
+        self, upload: Upload, pieces: list[Piece], tail: Tail | None, allocate: AllocateParts
+    ) -> Appender:
+        """The writer for the upload's lease generation, from its durable offset on, given
+        what the database recorded of it."""
+        ...
+
+    async def assemble(self, upload: Upload, pieces: list[Piece]) -> str:
+        """The recorded pieces as one blob; its name. Done again after a finisher died in it,
+        it returns the same blob if that is already whole."""
+        ...
+
+    async def hash_blob(self, name: str, algorithms: frozenset[str]) -> dict[str, bytes]:
+        """SHA-256 and the other digests of a blob read back (bytes another process wrote)."""
+        ...
+
+    async def stale_uploads(self, cutoff: float) -> dict[uuid.UUID, str | None]:
+        """Uploads with bytes in the store untouched (or begun) before `cutoff`, a timestamp:
+        their store_ref by id, for the sweeper to check against the database."""
+        ...
+
+    async def discard_upload(self, upload_id: uuid.UUID, store_ref: str | None) -> None:
+        """Remove an upload's bytes (cancelled, expired, refused at its end); gone is fine."""
         ...
 
 

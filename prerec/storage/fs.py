@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from prerec.model import Piece
+from prerec.model import Piece, Tail, Upload
 from prerec.problems import Problem
-from prerec.storage import Inventory, Stored
+from prerec.storage import AllocateParts, Inventory, Progress, Stored
 
 log = logging.getLogger(__name__)
 
@@ -306,10 +306,12 @@ class Segment:
     bytes another writer's segment holds. Only bytes below a segment's recorded size (its
     Piece) are ever assembled."""
 
-    def __init__(self, path: Path, start: int) -> None:
+    def __init__(self, path: Path, start: int, generation: int = 0) -> None:
         self.path = path
         self.start = start  # the upload offset of the file's first byte
+        self.generation = generation  # the segment generation, named in its Piece
         self.fd = -1
+        self.syncing: concurrent.futures.Future[None] | None = None
 
     def open(self) -> None:
         existed = self.path.exists()
@@ -334,6 +336,26 @@ class Segment:
 
     def sync(self) -> None:
         os.fdatasync(self.fd)
+
+    async def persist(self, upto: int) -> Progress:
+        """fdatasync; the segment's piece then reaches `upto` (the Appender's persist)."""
+        self.syncing = DISK.submit(self.sync)
+        try:
+            await asyncio.wrap_future(self.syncing)
+        except OSError as error:
+            raise storage_problem(error) from error
+        return Progress(upto, [Piece(self.start, upto - self.start, self.generation)], None)
+
+    async def stop(self) -> None:
+        """Close the file once an fdatasync still running is done (never under it)."""
+        syncing = self.syncing
+
+        def close() -> None:
+            if syncing is not None:
+                concurrent.futures.wait([syncing])
+            self.close()
+
+        await on_disk(close)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -481,13 +503,26 @@ class FileStorage:
 
     async def segment(self, upload_id: uuid.UUID, generation: int, start: int) -> Segment:
         """The generation's segment, opened for writing; `start` is its first byte's offset."""
-        segment = Segment(self.segment_path(upload_id, generation), start)
+        segment = Segment(self.segment_path(upload_id, generation), start, generation)
         await on_disk(segment.open)
         return segment
 
-    async def assemble(self, upload_id: uuid.UUID, length: int, pieces: list[Piece]) -> str:
+    async def begin_upload(self, upload_id: uuid.UUID) -> str | None:
+        return None  # segments are made by their writers
+
+    async def appender(
+        self, upload: Upload, pieces: list[Piece], tail: Tail | None, allocate: AllocateParts
+    ) -> Segment:
+        """The segment of the upload's segment generation: continued where its recorded piece
+        began (a clean release handed it over), else a new one from the durable offset."""
+        generation = upload.segment_generation
+        assert generation is not None, "an upload is written only under a lease"
+        continued = [piece for piece in pieces if piece.generation == generation]
+        return await self.segment(upload.id, generation, continued[0].start if continued else upload.durable)
+
+    async def assemble(self, upload: Upload, pieces: list[Piece]) -> str:
         """The recorded pieces as one new blob under a fresh name; the segments go."""
-        return await on_disk(self._assemble, upload_id, length, pieces)
+        return await on_disk(self._assemble, upload.id, upload.length, pieces)
 
     def _assemble(self, upload_id: uuid.UUID, length: int, pieces: list[Piece]) -> str:
         # Later segments are copied onto the first with copy_file_range (in the kernel; on NFS
@@ -523,23 +558,22 @@ class FileStorage:
         self._discard_upload(upload_id)
         return name
 
-    async def hash_upload(
-        self, upload_id: uuid.UUID, pieces: list[Piece], algorithms: frozenset[str]
-    ) -> dict[str, bytes]:
-        """The digests of an upload's recorded bytes, read back from its segments (for bytes
-        that another process wrote, whose running hash is not here)."""
-        ranges = [(self.segment_path(upload_id, piece.generation), piece.size) for piece in pieces]
-        return await on_disk(_hash_ranges, ranges, algorithms)
+    async def hash_blob(self, name: str, algorithms: frozenset[str]) -> dict[str, bytes]:
+        path = Path(blob_path(self.root, name))
+        return await on_disk(lambda: _hash_ranges([(path, path.stat().st_size)], algorithms))
 
-    def stale_segments(self, cutoff: float) -> set[uuid.UUID]:
+    async def stale_uploads(self, cutoff: float) -> dict[uuid.UUID, str | None]:
         """The uploads that have a segment untouched since `cutoff` (a timestamp)."""
-        owners = set()
+        return await on_disk(self._stale_uploads, cutoff)
+
+    def _stale_uploads(self, cutoff: float) -> dict[uuid.UUID, str | None]:
+        owners: dict[uuid.UUID, str | None] = {}
         for path in _untouched_since((self.root / "uploads").glob("*.part"), cutoff):
             with contextlib.suppress(ValueError):
-                owners.add(uuid.UUID(path.name.split(".", 1)[0]))
+                owners[uuid.UUID(path.name.split(".", 1)[0])] = None
         return owners
 
-    async def discard_upload(self, upload_id: uuid.UUID) -> None:
+    async def discard_upload(self, upload_id: uuid.UUID, store_ref: str | None) -> None:
         """Remove every segment of an upload (cancelled, expired, refused at its end)."""
         await on_disk(self._discard_upload, upload_id)
 

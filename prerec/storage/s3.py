@@ -4,6 +4,8 @@ Layout under the URL's prefix:
     blobs/<xx>/<random>.ogg   finished blobs, each under a new unique key, written once
     trash/<xx>/<random>.ogg   zero-byte markers: the blob of that name was retired at the
                               marker's LastModified, and is deleted once that is a grace period ago
+    blobs/uploads/<id>.ogg    a resumable upload's object (blob name `uploads/<id>.ogg`): a
+                              multipart upload from its creation until it is complete (UploadParts)
 
 The write protocol is the folder's, in S3's terms. An upload streams into a multipart upload of
 a new key (never over a live one), one part per filled buffer while the body still arrives; a
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hashlib
 import logging
 import time
 import uuid
@@ -39,8 +42,9 @@ from aiohttp import web
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from prerec.config import BucketUrl
+from prerec.model import Piece, Tail, Upload
 from prerec.problems import Problem
-from prerec.storage import Inventory, StorageUnavailable, Stored
+from prerec.storage import AllocateParts, Inventory, Progress, StorageUnavailable, Stored
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,14 @@ PART_SIZE = 8 * 1024 * 1024
 # Parts on their way to the store at once, in the whole process: each holds a part's buffer
 # until the store has it. An upload has at most one part in flight and one buffer filling.
 PARTS_IN_FLIGHT = 8
+# The store's smallest part but the last: a resumable upload keeps fewer bytes than this past
+# its last part in the database (its tail) until more arrive.
+MIN_PART = 5 * 1024 * 1024
+# Resumable uploads' objects: blobs/uploads/<upload id>.ogg, apart from plain uploads' keys so
+# that `gc` leaves their multipart uploads (paused for hours, alive) to the upload engine.
+UPLOADS = "uploads"
+# A blob read back for its digests is hashed on a thread in pieces of about this size.
+HASH_PIECE = 1024 * 1024
 RETRY = {"Retry-After": "5"}
 # What the store says when an object or upload is not there (HEAD answers carry no code).
 MISSING = {"NoSuchKey", "NoSuchUpload", "404", "NotFound"}
@@ -292,29 +304,36 @@ class S3Storage:
         """Unfinished multipart uploads by `<blob name>?uploadId=<id>`; their age is that of
         their newest part (or of their start, with no part yet)."""
         found = {}
+        async for upload in self._multipart_listing():
+            if upload["Key"].startswith(self.key("blobs", f"{UPLOADS}/")):
+                continue  # a resumable upload's: the upload engine's sweeper decides about it
+            try:
+                parts = await self.call(
+                    "listing an upload's parts",
+                    self.client.list_parts(Bucket=self.url.bucket, Key=upload["Key"], UploadId=upload["UploadId"]),
+                )
+            except _Missing:  # completed or aborted meanwhile
+                continue
+            times = [upload["Initiated"].timestamp()]
+            times += [part["LastModified"].timestamp() for part in parts.get("Parts", [])]
+            size = sum(part["Size"] for part in parts.get("Parts", []))
+            ref = f"{self._name('blobs', upload['Key'])}?uploadId={upload['UploadId']}"
+            found[ref] = Stored(size, max(times))
+        return found
+
+    async def _multipart_listing(self, under: str = "") -> AsyncIterator[dict[str, Any]]:
+        """The multipart uploads under blobs/`under`, one page per call, each page bounded."""
         pages = self.client.get_paginator("list_multipart_uploads").paginate(
-            Bucket=self.url.bucket, Prefix=f"{self.url.prefix}blobs/"
+            Bucket=self.url.bucket, Prefix=self.key("blobs", under)
         )
         iterator = aiter(pages)
         while True:
             try:
                 page = await self.call("listing multipart uploads", anext(iterator))
             except StopAsyncIteration:
-                break
+                return
             for upload in page.get("Uploads", []):
-                try:
-                    parts = await self.call(
-                        "listing an upload's parts",
-                        self.client.list_parts(Bucket=self.url.bucket, Key=upload["Key"], UploadId=upload["UploadId"]),
-                    )
-                except _Missing:  # completed or aborted meanwhile
-                    continue
-                times = [upload["Initiated"].timestamp()]
-                times += [part["LastModified"].timestamp() for part in parts.get("Parts", [])]
-                size = sum(part["Size"] for part in parts.get("Parts", []))
-                ref = f"{self._name('blobs', upload['Key'])}?uploadId={upload['UploadId']}"
-                found[ref] = Stored(size, max(times))
-        return found
+                yield upload
 
     async def drop_leftover(self, ref: str) -> None:
         name, _, upload_id = ref.partition("?uploadId=")
@@ -326,16 +345,127 @@ class S3Storage:
                 ),
             )
 
-    # Resumable uploads: not on S3 yet (design step 12, the S3 appender).
+    # Resumable uploads (prerec/uploads/engine.py)
 
-    def stale_segments(self, cutoff: float) -> set[uuid.UUID]:
-        return set()
+    def _upload_key(self, store_ref: str) -> tuple[str, str]:
+        name, _, multipart_id = store_ref.partition("?uploadId=")
+        return self.key("blobs", name), multipart_id
 
-    async def segment(self, upload_id: uuid.UUID, generation: int, start: int) -> Any:
-        raise Problem(501, "Resumable uploads are not available with the S3 store yet; upload with one PUT.")
+    async def begin_upload(self, upload_id: uuid.UUID) -> str:
+        """A multipart upload of the blob-to-be `uploads/<upload id>.ogg`; its reference
+        `<name>?uploadId=<id>` (as the inventory names leftovers) goes into the row."""
+        name = f"{UPLOADS}/{upload_id}.ogg"
+        created = await self.call(
+            "starting a resumable upload",
+            self.client.create_multipart_upload(
+                Bucket=self.url.bucket, Key=self.key("blobs", name), ContentType="audio/ogg"
+            ),
+        )
+        return f"{name}?uploadId={created['UploadId']}"
 
-    async def discard_upload(self, upload_id: uuid.UUID) -> None:
-        pass
+    async def appender(
+        self, upload: Upload, pieces: list[Piece], tail: Tail | None, allocate: AllocateParts
+    ) -> UploadParts:
+        assert upload.store_ref is not None, "an upload on S3 has its multipart upload from its creation"
+        return UploadParts(self, upload, tail, allocate)
+
+    async def assemble(self, upload: Upload, pieces: list[Piece]) -> str:
+        """CompleteMultipartUpload with the recorded parts only: parts a zombie or a refused
+        checksum left unrecorded are dropped by the store. Never rebuilt from ListParts
+        (SeaweedFS lists a part uploaded twice under one number twice)."""
+        assert upload.store_ref is not None
+        name = upload.store_ref.partition("?uploadId=")[0]
+        key, multipart_id = self._upload_key(upload.store_ref)
+        _check_pieces(upload, pieces)
+        parts = [{"PartNumber": piece.number, "ETag": piece.etag} for piece in pieces]
+        try:
+            await self.call(
+                "completing a resumable upload",
+                self.client.complete_multipart_upload(
+                    Bucket=self.url.bucket, Key=key, UploadId=multipart_id, MultipartUpload={"Parts": parts}
+                ),
+            )
+        except _Missing:
+            # A finisher that died after completing it: the object is there, whole, or lost.
+            if await self.blob_size(name) != upload.length:
+                raise Problem(
+                    503, f"The multipart upload of upload {upload.id} is gone and its object is not whole.", RETRY
+                ) from None
+        return name
+
+    async def hash_blob(self, name: str, algorithms: frozenset[str]) -> dict[str, bytes]:
+        """Streamed from the store, hashed on a thread in pieces of up to HASH_PIECE (the parts
+        of an uncompleted multipart upload cannot be read, so this comes after assemble)."""
+        hashers = {algorithm: hashlib.new(algorithm) for algorithm in algorithms | {"sha256"}}
+
+        def update(piece: bytes) -> None:
+            for hasher in hashers.values():
+                hasher.update(piece)
+
+        try:
+            answer = await self.call(
+                "reading a blob back", self.client.get_object(Bucket=self.url.bucket, Key=self.key("blobs", name))
+            )
+        except _Missing:
+            raise Problem(503, f"The blob {name} just assembled is missing from the store.", RETRY) from None
+        body = answer["Body"]
+        try:
+            pending = bytearray()
+            while True:
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        piece = await body.raw_stream.content.readany()
+                except (TimeoutError, BotoCoreError, aiohttp.ClientError) as error:
+                    raise Problem(503, f"The object store stopped sending {name} ({error!r}).", RETRY) from error
+                if piece:
+                    pending += piece
+                if len(pending) >= HASH_PIECE or (not piece and pending):
+                    await asyncio.to_thread(update, pending)
+                    pending = bytearray()
+                if not piece:
+                    break
+        finally:
+            body.close()
+        return {algorithm: hasher.digest() for algorithm, hasher in hashers.items()}
+
+    async def stale_uploads(self, cutoff: float) -> dict[uuid.UUID, str | None]:
+        """Resumable uploads' multipart uploads begun before `cutoff`; whether their upload
+        still lives is the database's to say (a long upload is old and alive)."""
+        found: dict[uuid.UUID, str | None] = {}
+        async for upload in self._multipart_listing(f"{UPLOADS}/"):
+            if upload["Initiated"].timestamp() >= cutoff:
+                continue
+            name = self._name("blobs", upload["Key"])
+            with contextlib.suppress(ValueError):
+                upload_id = uuid.UUID(name.removeprefix(f"{UPLOADS}/").removesuffix(".ogg"))
+                found[upload_id] = f"{name}?uploadId={upload['UploadId']}"
+        return found
+
+    async def discard_upload(self, upload_id: uuid.UUID, store_ref: str | None) -> None:
+        """AbortMultipartUpload (a part still on its way may land after it: S3 then keeps
+        it, so `gc` and the bucket's lifecycle rule have the last word)."""
+        if store_ref is None:
+            return
+        key, multipart_id = self._upload_key(store_ref)
+        try:
+            await self.call(
+                "aborting a resumable upload",
+                self.client.abort_multipart_upload(Bucket=self.url.bucket, Key=key, UploadId=multipart_id),
+            )
+        except _Missing:
+            pass
+        except Problem as problem:
+            log.warning("could not abort the multipart upload of upload %s: %s", upload_id, problem.detail)
+
+
+def _check_pieces(upload: Upload, pieces: list[Piece]) -> None:
+    position = 0
+    for piece in pieces:
+        if piece.start != position or piece.number is None or piece.etag is None:
+            raise RuntimeError(f"upload {upload.id}: its recorded parts leave a hole at {position}")
+        position += piece.size
+    if position != upload.length:
+        raise RuntimeError(f"upload {upload.id}: its recorded parts end at {position}, not at {upload.length}")
 
 
 def _new_name() -> str:
@@ -501,6 +631,156 @@ class StagedObject:
             pass
         except Problem as problem:
             log.warning("could not clean up the upload of %s: %s", self.name, problem.detail)
+
+
+@dataclass
+class _Part:
+    start: int  # the upload offset of its first byte
+    size: int
+    number: int
+    sending: asyncio.Task[str]  # its ETag once the store has it
+
+
+class UploadParts:
+    """One lease generation's writes to a resumable upload: the bytes past the last recorded
+    part (the tail the database kept, then what arrives) fill a part buffer, and each full
+    one goes to the store as a part while the next fills, as StagedObject does.
+
+    Part numbers come from the database under the lease fence (`allocate`), so two
+    generations never upload under one number, and a zombie's late part is never listed at
+    Complete. persist() cuts at the offset asked: what is below it goes as a part when it is
+    at least the store's minimum, else it is the tail, which the engine records with the
+    offset in one transaction: every replica can go on from there, and nothing below the
+    offset is only in this process's memory.
+    """
+
+    def __init__(self, storage: S3Storage, upload: Upload, tail: Tail | None, allocate: AllocateParts) -> None:
+        assert upload.store_ref is not None
+        assert tail is None or tail.start + len(tail.data) == upload.durable
+        self.storage = storage
+        self.key, self.multipart_id = storage._upload_key(upload.store_ref)
+        self.length = upload.length
+        self.generation = upload.generation
+        self.allocate = allocate
+        self.base = upload.durable if tail is None else tail.start  # where the part filling begins
+        self.filling = bytearray() if tail is None else bytearray(tail.data)
+        self.size = upload.durable  # the bytes taken so far end here
+        self.recorded, self.recorded_tail = upload.durable, tail
+        self.parts: list[_Part] = []  # sent, not yet handed to persist()
+        self.last: asyncio.Task[str] | None = None
+        self.taking: asyncio.Task[Any] | None = None
+        self.error: BaseException | None = None
+
+    def submit(self, piece: memoryview, offset: int) -> concurrent.futures.Future[None]:
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self.taking = asyncio.get_running_loop().create_task(self._take(self.taking, piece, offset, done))
+        return done
+
+    async def _take(
+        self, before: asyncio.Task[Any] | None, piece: memoryview, offset: int, done: concurrent.futures.Future[None]
+    ) -> None:
+        if before is not None:
+            await asyncio.wait([before])
+        try:
+            if self.error is not None:
+                raise self.error
+            if offset != self.size:
+                raise RuntimeError(f"a piece at {offset} came while the upload is {self.size} bytes long")
+            self.size += len(piece)
+            while piece:
+                room = PART_SIZE - len(self.filling)
+                self.filling += piece[:room]
+                piece = piece[room:]
+                if len(self.filling) == PART_SIZE:
+                    await self._send(PART_SIZE)
+        except BaseException as error:
+            self.error = self.error or error
+            _settle(done, error)
+            return
+        _settle(done)
+
+    async def _send(self, count: int) -> None:
+        """The first `count` bytes of the filling buffer as the next part."""
+        if self.last is not None:
+            await asyncio.wait([self.last])  # one part in flight per upload
+            if not self.last.cancelled() and self.last.exception() is not None:
+                raise self.last.exception()  # type: ignore[misc]
+        number = await self.allocate(1)
+        await self.storage._in_flight.acquire()
+        if count == len(self.filling):
+            buffer, self.filling = self.filling, bytearray()
+        else:
+            buffer = self.filling[:count]
+            del self.filling[:count]
+        self.last = asyncio.get_running_loop().create_task(self._send_part(number, buffer))
+        self.parts.append(_Part(self.base, count, number, self.last))
+        self.base += count
+
+    async def _send_part(self, number: int, buffer: bytearray) -> str:
+        try:
+            answer = await self.storage.call(
+                "sending a part of a resumable upload",
+                self.storage.client.upload_part(
+                    Bucket=self.storage.url.bucket,
+                    Key=self.key,
+                    UploadId=self.multipart_id,
+                    PartNumber=number,
+                    Body=buffer,
+                ),
+            )
+            return str(answer["ETag"])
+        finally:
+            self.storage._in_flight.release()
+
+    async def persist(self, upto: int) -> Progress:
+        cut = asyncio.get_running_loop().create_task(self._cut(self.taking, upto))
+        self.taking = cut
+        offset, tail, due = await asyncio.shield(cut)
+        pieces = []
+        for part in due:
+            etag = await asyncio.shield(part.sending)
+            pieces.append(Piece(part.start, part.size, self.generation, part.number, etag))
+        self.recorded, self.recorded_tail = offset, tail
+        return Progress(offset, pieces, tail)
+
+    async def _cut(self, before: asyncio.Task[Any] | None, upto: int) -> tuple[int, Tail | None, list[_Part]]:
+        """In line with the pieces taken: what persist(upto) records, and the parts it waits for."""
+        if before is not None:
+            await asyncio.wait([before])
+        try:
+            if self.error is not None:
+                raise self.error
+            if self.base > upto:
+                # A part on its way holds bytes on both sides of `upto`: recorded once it is
+                # in, at a later persist; until then the offset stops where it begins.
+                straddling = next(part for part in self.parts if part.start + part.size > upto)
+                due = self.parts[: self.parts.index(straddling)]
+                if straddling.start < self.recorded:
+                    return self.recorded, self.recorded_tail, []  # (nothing is due before it)
+                self.parts = self.parts[len(due) :]
+                return straddling.start, None, due
+            held = upto - self.base
+            if held >= MIN_PART or (held > 0 and upto == self.length):
+                await self._send(held)
+                held = 0
+            tail = Tail(self.base, bytes(self.filling[:held])) if held else None
+            due = [part for part in self.parts if part.start + part.size <= upto]
+            self.parts = self.parts[len(due) :]
+            return upto, tail, due
+        except BaseException as error:
+            self.error = self.error or error
+            raise
+
+    async def stop(self) -> None:
+        tasks = [task for task in (self.taking, self.last) if task is not None]
+        tasks += [part.sending for part in self.parts]
+        if tasks:
+            await asyncio.wait(tasks)
+        for task in tasks:
+            if not task.cancelled():
+                task.exception()  # seen: answered already, or the upload goes on elsewhere
+        self.filling = bytearray()
+        self.parts = []
 
 
 class ObjectSource:

@@ -4,11 +4,13 @@ No HTTP here: the protocol front ends (tus.py) parse headers and shape answers; 
 moves bytes and the offset. State lives in PostgreSQL (db.py's "Resumable uploads"), so any
 replica continues an upload another began.
 
-Bytes go to the lease generation's segment (storage.fs.Segment, written at explicit
-positions). A writer records progress only after fdatasync, through the fenced db.advance: a
-reported offset is a promise that every byte below it survives kill -9 of any replica. A
-finished upload is assembled into a fresh blob and committed through commit.commit_blob, the
-PUT's own path, with the upload's end in the same transaction.
+Bytes go to the storage backend's Appender for the lease generation (a segment file written at
+explicit positions, or parts of an S3 multipart upload numbered under the lease fence with the
+bytes short of a part kept in the database). A writer records progress only once the store made
+it durable, through the fenced db.advance: a reported offset is a promise that every byte
+below it survives kill -9 of any replica. A finished upload is assembled into a blob and
+committed through commit.commit_blob, the PUT's own path, with the upload's end in the same
+transaction.
 """
 
 from __future__ import annotations
@@ -35,10 +37,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prerec import db, digests
 from prerec.commit import commit_blob
 from prerec.config import SETTINGS_KEY, Settings
-from prerec.model import Piece, Prerecording, Upload, http_date
+from prerec.model import Prerecording, Upload, http_date
 from prerec.problems import Problem
-from prerec.storage import STORAGE, StoredBlob
-from prerec.storage.fs import DISK, FileStorage, on_disk, storage_problem
+from prerec.storage import STORAGE, Appender, Storage, StoredBlob
 from prerec.storage.receive import OGG_CAPTURE_PATTERN, Pipeline, check_ogg
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ class Engine:
         return self.app[SETTINGS_KEY]
 
     @property
-    def storage(self) -> FileStorage:
+    def storage(self) -> Storage:
         return self.app[STORAGE]
 
     @property
@@ -201,14 +202,50 @@ class Engine:
             )
         if length == 0:
             raise Problem(400, "The declared length is 0: a prerecording has at least one byte.")
-        free = await on_disk(self.storage.free_bytes)
+        free = await asyncio.to_thread(self.storage.free_bytes)
         if free is not None and free < length:
             raise Problem(507, f"The storage folder has {free} bytes free, fewer than the {length} declared.")
         await self.check_target(event, start, if_match, if_none_match)
+        upload_id = uuid.uuid4()
+        store_ref = await self.storage.begin_upload(upload_id)
+        try:
+            upload = await self._record_creation(
+                upload_id,
+                event,
+                start,
+                type_,
+                length,
+                protocol,
+                if_match=if_match,
+                if_none_match=if_none_match,
+                claims=claims,
+                metadata=metadata,
+                store_ref=store_ref,
+            )
+        except BaseException:
+            await asyncio.shield(self.storage.discard_upload(upload_id, store_ref))
+            raise
+        return upload
+
+    async def _record_creation(
+        self,
+        upload_id: uuid.UUID,
+        event: uuid.UUID,
+        start: datetime,
+        type_: str,
+        length: int,
+        protocol: str,
+        *,
+        if_match: str | None,
+        if_none_match: bool,
+        claims: list[digests.Claim] | None,
+        metadata: dict[str, str] | None,
+        store_ref: str | None,
+    ) -> Upload:
         async with self._connection() as conn, conn.transaction():
             upload = await db.create_upload(
                 conn,
-                uuid.uuid4(),
+                upload_id,
                 event,
                 start,
                 type_,
@@ -219,6 +256,7 @@ class Engine:
                 if_none_match=if_none_match,
                 digests=claims_json(claims or []),
                 metadata=metadata,
+                store_ref=store_ref,
             )
             await db.append_upload_event(conn, "upload-progress", upload)
         return upload
@@ -329,14 +367,13 @@ class Engine:
         counts until the whole body matched."""
         # The common case in one statement: nobody holds the upload and the offset is right
         # (a client's next chunk). Anything else goes the careful way below.
-        segment_start: int | None = None
         async with self._connection() as conn:
             taken = await db.take_for_append(conn, upload_id, self.owner, self.listener_pid())
             if taken is not None and taken.upload.durable != offset:
                 await db.release_lease(conn, upload_id, taken.upload.generation, clean=True)
                 taken = None
         if taken is not None:
-            upload, segment_start = taken.upload, taken.segment_start
+            upload = taken.upload
         else:
             careful = await self._careful_acquire(upload_id, offset, content_length)
             if isinstance(careful, Outcome):
@@ -347,7 +384,7 @@ class Engine:
         # In a task of its own: a server that cancels its handler when the client leaves
         # (aiohttp's handler_cancellation, on in its test server) must still have the bytes
         # that arrived recorded. The cancelled handler cuts the body and waits for that.
-        work = asyncio.ensure_future(self._append_held(upload, offset, body, content_length, checksum, segment_start))
+        work = asyncio.ensure_future(self._append_held(upload, offset, body, content_length, checksum))
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -392,7 +429,6 @@ class Engine:
         body: StreamReader,
         content_length: int | None,
         checksum: Checksum | None,
-        segment_start: int | None,
     ) -> Outcome:
         generation = upload.generation
         clean = True
@@ -410,7 +446,7 @@ class Engine:
                     f"(offset {offset}, {left} bytes left).",
                     {"Connection": "close"},
                 )
-            upload, clean = await self._receive(upload, body, checksum, segment_start)
+            upload, clean = await self._receive(upload, body, checksum)
             if upload.durable == upload.length:
                 return Outcome(upload, await self._finish(upload))
             return Outcome(upload)
@@ -434,21 +470,19 @@ class Engine:
                     async with self._connection() as conn:
                         await db.release_lease(conn, upload.id, generation, clean)
 
-    async def _receive(
-        self, upload: Upload, body: StreamReader, checksum: Checksum | None, segment_start: int | None
-    ) -> tuple[Upload, bool]:
-        """Read the body into the segment (beginning at `segment_start`, when the lease's
-        statement said), recording progress as it goes; returns the row and whether every
-        write was joined and synced (a clean release)."""
+    async def _receive(self, upload: Upload, body: StreamReader, checksum: Checksum | None) -> tuple[Upload, bool]:
+        """Read the body into the store, recording progress as it goes; returns the row and
+        whether every write was joined and synced (a clean release)."""
         generation = upload.generation
-        segment_generation = upload.segment_generation
-        assert segment_generation is not None
-        if segment_start is None:
+        async with self._connection() as conn:
+            pieces = await db.upload_pieces(conn, upload.id)
+            tail = await db.upload_tail(conn, upload.id)
+
+        async def allocate(count: int) -> int:
             async with self._connection() as conn:
-                pieces = await db.upload_pieces(conn, upload.id)
-            continued = [piece for piece in pieces if piece.generation == segment_generation]
-            segment_start = continued[0].start if continued else upload.durable
-        segment = await self.storage.segment(upload.id, segment_generation, segment_start)
+                return await db.allocate_parts(conn, upload.id, generation, count)
+
+        appender = await self.storage.appender(upload, pieces, tail, allocate)
         kept = self.hashers.pop(upload.id, None)
         hashers = kept if kept is not None and kept.position == upload.durable else None
         if checksum is not None:
@@ -463,13 +497,12 @@ class Engine:
         if checksum is not None:
             feed["checksum"] = own
         # The PUT's pipeline: buffers filled from the body while earlier ones are written and
-        # hashed on threads, so neither a disk that blocks nor the hashing stops the reading.
-        pipeline = Pipeline(segment, frozenset(), hashers=feed, offset=upload.durable)
+        # hashed on threads, so neither a store that blocks nor the hashing stops the reading.
+        pipeline = Pipeline(appender, frozenset(), hashers=feed, offset=upload.durable)
         stop: BaseException | None = None
         last_commit = time.monotonic()
         committed_bytes = upload.durable
         syncing: asyncio.Future[None] | None = None  # a commit() behind the reading
-        syncing_call: concurrent.futures.Future[None] | None = None  # its fdatasync
         checked = upload.durable >= len(OGG_CAPTURE_PATTERN)
         head = b""
         try:
@@ -477,29 +510,27 @@ class Engine:
             async def record(upto: int, last: bool = False) -> None:
                 """Make the bytes below `upto` (all written) durable, then record them; the
                 `last` record of a body short of the length lets go of the lease with it."""
-                nonlocal upload, syncing_call
-                syncing_call = DISK.submit(segment.sync)
-                try:
-                    await asyncio.wrap_future(syncing_call)
-                except OSError as error:
-                    raise storage_problem(error) from error
-                async with self._connection() as conn:
+                nonlocal upload
+                progress = await appender.persist(upto)
+                async with self._connection() as conn, conn.transaction():
                     upload = await db.advance(
                         conn,
                         upload.id,
                         generation,
                         upload.durable,
-                        upto,
+                        progress.offset,
                         self.expiry,
-                        pieces=[Piece(segment.start, upto - segment.start, segment_generation)],
+                        pieces=progress.pieces,
+                        tail=progress.tail,
                         progress=True,
-                        release=last and upto < upload.length,
+                        release=last and progress.offset < upload.length,
                     )
 
             async def commit(behind: bool = False, last: bool = False) -> None:
                 """Record what is written. `behind`: while the body goes on being read (an
-                fdatasync can take a good part of a second, in which the client would stall),
-                only what had been written when it began; at most one such commit at a time."""
+                fdatasync or a part sent to a store can take a good part of a second, in which
+                the client would stall), only what had been written when it began; at most one
+                such commit at a time."""
                 nonlocal syncing, last_commit, committed_bytes
                 if syncing is not None:
                     if behind and not syncing.done():
@@ -592,21 +623,15 @@ class Engine:
             await commit(last=True)
         except BaseException:
             # A commit behind the reading is let finish (what it records is durable), and the
-            # writes, hashing and fdatasync still in threads must end before the file is closed
-            # under them.
+            # writes and hashing still in flight must end before the writer lets go of its file
+            # or buffers under them.
             if syncing is not None:
                 await asyncio.gather(syncing, return_exceptions=True)
-            leftover = [*pipeline.in_flight(), *([syncing_call] if syncing_call is not None else [])]
-
-            def close() -> None:
-                concurrent.futures.wait(leftover)
-                segment.close()
-
-            await asyncio.shield(on_disk(close))
+            await asyncio.shield(_join(pipeline.in_flight(), appender))
             raise
         finally:
             pipeline.close()
-        await on_disk(segment.close)
+        await appender.stop()
         if hashers is not None:
             hashers.position = pipeline.written
             self.hashers[upload.id] = hashers
@@ -630,19 +655,17 @@ class Engine:
         claims = _claims(upload)
         algorithms = frozenset(claim.algorithm for claim in claims)
         kept = self.hashers.pop(upload.id, None)
-        if kept is not None and kept.position == upload.length and algorithms <= kept.hashers.keys():
-            computed = {algorithm: hasher.digest() for algorithm, hasher in kept.hashers.items()}
-        else:
-            # Bytes written elsewhere (another replica, an earlier process): read them back,
-            # while still receiving, so the lease can be renewed through a long read.
-            computed = await self._renewing(
-                upload.id, generation, self.storage.hash_upload(upload.id, pieces, algorithms)
-            )
         async with self._connection() as conn:
             upload = await db.begin_finishing(conn, upload.id, generation)
         # Assembling gigabytes may outlast a lease: renewed, or another replica would take the
         # upload as abandoned and finish it a second time.
-        name = await self._renewing(upload.id, generation, self.storage.assemble(upload.id, upload.length, pieces))
+        name = await self._renewing(upload.id, generation, self.storage.assemble(upload, pieces))
+        if kept is not None and kept.position == upload.length and algorithms <= kept.hashers.keys():
+            computed = {algorithm: hasher.digest() for algorithm, hasher in kept.hashers.items()}
+        else:
+            # Bytes written elsewhere (another replica, an earlier process): read back from
+            # the blob (an object store cannot read the parts of an upload not yet completed).
+            computed = await self._renewing(upload.id, generation, self.storage.hash_blob(name, algorithms))
         result: dict[str, Any] = {}
 
         async def finished(conn: asyncpg.Connection, saved: db.Saved) -> None:
@@ -712,7 +735,7 @@ class Engine:
             await asyncio.sleep(POLL_SECONDS)
             upload = await self.get(upload_id)
         self.hashers.pop(upload_id, None)
-        await self.storage.discard_upload(upload_id)
+        await self.storage.discard_upload(upload_id, cancelled.store_ref)
 
     async def sweep(self) -> list[uuid.UUID]:
         """Expire due uploads (their bytes go) and forget old tombstones; every replica runs it."""
@@ -724,7 +747,7 @@ class Engine:
             await db.delete_tombstones(conn, SWEEP_BATCH)
         for upload in expired:
             self.hashers.pop(upload.id, None)
-            await self.storage.discard_upload(upload.id)
+            await self.storage.discard_upload(upload.id, upload.store_ref)
             log.info(
                 "upload %s expired at offset %d of %d; its bytes were removed", upload.id, upload.durable, upload.length
             )
@@ -732,17 +755,18 @@ class Engine:
         return [upload.id for upload in expired]
 
     async def _sweep_leftovers(self) -> None:
-        """Remove segments no upload in progress owns: a crash between an upload's end being
-        committed and its bytes being removed leaves them. Only old ones (untouched for
-        PREREC_TMP_MAX_AGE_SECONDS), so a segment whose upload is being created is never taken."""
+        """Remove bytes no upload in progress owns: a crash between an upload's end being
+        committed and its bytes being removed leaves them (segments, a multipart upload). Only
+        old ones (untouched or begun PREREC_TMP_MAX_AGE_SECONDS ago), so the bytes of an upload
+        being created are never taken."""
         cutoff = time.time() - self.settings.tmp_max_age_seconds
-        owners = await on_disk(self.storage.stale_segments, cutoff)
-        for upload_id in owners:
+        owners = await self.storage.stale_uploads(cutoff)
+        for upload_id, store_ref in owners.items():
             async with self._connection() as conn:
                 upload = await db.get_upload(conn, upload_id)
             if upload is None or upload.state not in ("receiving", "finishing"):
-                await self.storage.discard_upload(upload_id)
-                log.warning("removed the segments of upload %s, which has ended or is unknown", upload_id)
+                await self.storage.discard_upload(upload_id, store_ref)
+                log.warning("removed the bytes of upload %s, which has ended or is unknown", upload_id)
 
     async def sweep_forever(self) -> None:
         while True:
@@ -753,6 +777,11 @@ class Engine:
             except Exception as error:  # one failed round must not end the sweeping for good
                 log.warning("could not sweep expired uploads: %r", error)
             await asyncio.sleep(min(self.expiry / 10, 60.0))
+
+
+async def _join(work: list[concurrent.futures.Future[None]], appender: Appender) -> None:
+    await asyncio.gather(*(asyncio.wrap_future(future) for future in work), return_exceptions=True)
+    await appender.stop()
 
 
 def _buffered(body: StreamReader) -> bytes:
