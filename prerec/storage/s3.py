@@ -482,9 +482,9 @@ def _settle(done: concurrent.futures.Future[None], error: BaseException | None =
             done.set_exception(error)
 
 
-class StagedObject:
-    """One upload's new object: pieces are copied into a part buffer on the loop; each filled
-    buffer goes to the store as a part while the next one fills.
+class _PartFiller:
+    """What StagedObject and UploadParts share: pieces copied into a part buffer on the loop,
+    each filled buffer sent to the store as a part (_send_filled) while the next one fills.
 
     The pieces come in order (receive's pipeline hands them out so); each is taken by a task
     that waits for the one before it, so a piece waiting for a part buffer holds back the
@@ -492,18 +492,11 @@ class StagedObject:
     keeps an upload to two buffers whatever its size.
     """
 
-    def __init__(self, storage: S3Storage, name: str) -> None:
-        self.storage = storage
-        self.name = name
-        self.key = storage.key("blobs", self.name)
-        self.filling = bytearray()
-        self.size = 0
-        self.upload_id: str | None = None
-        self.parts: list[dict[str, Any]] = []
-        self.sending: asyncio.Task[None] | None = None
-        self.taking: asyncio.Task[None] | None = None
-        self.error: BaseException | None = None
-        self.finished = False
+    whole = "object"  # what the pieces make up, as a piece out of order is told
+    filling: bytearray
+    size: int  # the bytes taken so far end here
+    taking: asyncio.Task[Any] | None  # the last piece's task: the next one waits for it
+    error: BaseException | None  # the first failure: every piece after it fails with it
 
     def submit(self, piece: memoryview, offset: int) -> concurrent.futures.Future[None]:
         done: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -511,23 +504,14 @@ class StagedObject:
         return done
 
     async def _take(
-        self,
-        before: asyncio.Task[None] | None,
-        piece: memoryview,
-        offset: int,
-        done: concurrent.futures.Future[None],
+        self, before: asyncio.Task[Any] | None, piece: memoryview, offset: int, done: concurrent.futures.Future[None]
     ) -> None:
         if before is not None:
             await asyncio.wait([before])
         try:
-            sending = self.sending
-            if self.error is None and sending is not None and sending.done() and not sending.cancelled():
-                # A part that failed ends the upload at the next piece, not a part later.
-                self.error = sending.exception()
-            if self.error is not None:
-                raise self.error
+            self._check()
             if offset != self.size:
-                raise RuntimeError(f"a piece at {offset} came while the object is {self.size} bytes long")
+                raise RuntimeError(f"a piece at {offset} came while the {self.whole} is {self.size} bytes long")
             self.size += len(piece)
             while piece:
                 room = PART_SIZE - len(self.filling)
@@ -540,6 +524,39 @@ class StagedObject:
             _settle(done, error)
             return
         _settle(done)
+
+    def _check(self) -> None:
+        """Before a piece is taken: the failure that ends the upload, raised."""
+        if self.error is not None:
+            raise self.error
+
+    async def _send_filled(self) -> None:
+        raise NotImplementedError
+
+
+class StagedObject(_PartFiller):
+    """One upload's new object, filled and sent part by part as _PartFiller says; a body
+    smaller than one part goes by one PutObject at finish()."""
+
+    def __init__(self, storage: S3Storage, name: str) -> None:
+        self.storage = storage
+        self.name = name
+        self.key = storage.key("blobs", self.name)
+        self.filling = bytearray()
+        self.size = 0
+        self.upload_id: str | None = None
+        self.parts: list[dict[str, Any]] = []
+        self.sending: asyncio.Task[None] | None = None
+        self.taking: asyncio.Task[Any] | None = None
+        self.error: BaseException | None = None
+        self.finished = False
+
+    def _check(self) -> None:
+        sending = self.sending
+        if self.error is None and sending is not None and sending.done() and not sending.cancelled():
+            # A part that failed ends the upload at the next piece, not a part later.
+            self.error = sending.exception()
+        super()._check()
 
     async def _send_filled(self) -> None:
         if self.sending is not None:
@@ -641,10 +658,10 @@ class _Part:
     sending: asyncio.Task[str]  # its ETag once the store has it
 
 
-class UploadParts:
+class UploadParts(_PartFiller):
     """One lease generation's writes to a resumable upload: the bytes past the last recorded
     part (the tail the database kept, then what arrives) fill a part buffer, and each full
-    one goes to the store as a part while the next fills, as StagedObject does.
+    one goes to the store as a part while the next fills (_PartFiller).
 
     Part numbers come from the database under the lease fence (`allocate`), so two
     generations never upload under one number, and a zombie's late part is never listed at
@@ -653,6 +670,8 @@ class UploadParts:
     offset in one transaction: every replica can go on from there, and nothing below the
     offset is only in this process's memory.
     """
+
+    whole = "upload"
 
     def __init__(self, storage: S3Storage, upload: Upload, tail: Tail | None, allocate: AllocateParts) -> None:
         assert upload.store_ref is not None
@@ -671,33 +690,8 @@ class UploadParts:
         self.taking: asyncio.Task[Any] | None = None
         self.error: BaseException | None = None
 
-    def submit(self, piece: memoryview, offset: int) -> concurrent.futures.Future[None]:
-        done: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self.taking = asyncio.get_running_loop().create_task(self._take(self.taking, piece, offset, done))
-        return done
-
-    async def _take(
-        self, before: asyncio.Task[Any] | None, piece: memoryview, offset: int, done: concurrent.futures.Future[None]
-    ) -> None:
-        if before is not None:
-            await asyncio.wait([before])
-        try:
-            if self.error is not None:
-                raise self.error
-            if offset != self.size:
-                raise RuntimeError(f"a piece at {offset} came while the upload is {self.size} bytes long")
-            self.size += len(piece)
-            while piece:
-                room = PART_SIZE - len(self.filling)
-                self.filling += piece[:room]
-                piece = piece[room:]
-                if len(self.filling) == PART_SIZE:
-                    await self._send(PART_SIZE)
-        except BaseException as error:
-            self.error = self.error or error
-            _settle(done, error)
-            return
-        _settle(done)
+    async def _send_filled(self) -> None:
+        await self._send(PART_SIZE)
 
     async def _send(self, count: int) -> None:
         """The first `count` bytes of the filling buffer as the next part."""
