@@ -322,6 +322,21 @@ class Engine:
                 await db.release_lease(conn, taken.id, taken.generation, clean)
         return await self.get(taken.id)
 
+    async def resumable(self, upload_id: uuid.UUID) -> Upload:
+        """The upload settled, for a client asking where to resume (HEAD): 410 once it ended or
+        expired, 503 while it is being finished; a finished one is returned (its end is the answer)."""
+        upload = await self.settled(upload_id)
+        if upload.state not in ("receiving", "finishing", "finished") or (
+            upload.state == "receiving" and upload.expires_at <= datetime.now(UTC)
+        ):
+            # Expired but not swept yet is expired all the same: it can no longer be resumed.
+            state = "expired" if upload.state == "receiving" else upload.state
+            raise Problem(410, f"The upload {upload.id} has ended ({state}).")
+        if upload.state == "finishing":
+            # Not "offset == length" yet: a client takes that as done, and the finish may still fail.
+            raise Problem(503, "The upload is being finished; ask again shortly.", {"Retry-After": "1"})
+        return upload
+
     # Appending
 
     async def _acquire(self, upload_id: uuid.UUID) -> Upload:

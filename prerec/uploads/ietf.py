@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 import http_sf
@@ -302,14 +301,7 @@ async def create(request: web.Request, version: int) -> web.Response:
 
 @_ietf
 async def head(request: web.Request, version: int) -> web.Response:
-    upload = await request.app[ENGINE].settled(tus.path_id(request))
-    if upload.state not in ("receiving", "finishing", "finished") or (
-        upload.state == "receiving" and upload.expires_at <= datetime.now(UTC)
-    ):
-        state = "expired" if upload.state == "receiving" else upload.state
-        raise Problem(410, f"The upload {upload.id} has ended ({state}).")
-    if upload.state == "finishing":
-        raise Problem(503, "The upload is being finished; ask again shortly.", {"Retry-After": "1"})
+    upload = await request.app[ENGINE].resumable(tus.path_id(request))
     return web.Response(
         status=204,
         headers={

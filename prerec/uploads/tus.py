@@ -15,7 +15,6 @@ import functools
 import hashlib
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import hdrs, web
@@ -238,17 +237,7 @@ async def create(request: web.Request) -> web.Response:
 
 @_tus
 async def head(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE]
-    upload = await engine.settled(path_id(request))
-    if upload.state not in ("receiving", "finishing", "finished") or (
-        upload.state == "receiving" and upload.expires_at <= datetime.now(UTC)
-    ):
-        # Expired but not swept yet is expired all the same: it can no longer be resumed.
-        state = "expired" if upload.state == "receiving" else upload.state
-        raise Problem(410, f"The upload {upload.id} has ended ({state}).")
-    if upload.state == "finishing":
-        # Not "offset == length" yet: a client takes that as done, and the finish may still fail.
-        raise Problem(503, "The upload is being finished; ask again shortly.", {"Retry-After": "1"})
+    upload = await request.app[ENGINE].resumable(path_id(request))
     headers = {**_upload_headers(upload), "Upload-Length": str(upload.length)}
     if upload.metadata:
         headers["Upload-Metadata"] = format_metadata(upload.metadata)
