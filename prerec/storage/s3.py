@@ -495,6 +495,8 @@ class _PartFiller:
     whole = "object"  # what the pieces make up, as a piece out of order is told
     filling: bytearray
     size: int  # the bytes taken so far end here
+    storage: S3Storage
+    key: str
     taking: asyncio.Task[Any] | None  # the last piece's task: the next one waits for it
     error: BaseException | None  # the first failure: every piece after it fails with it
 
@@ -532,6 +534,19 @@ class _PartFiller:
 
     async def _send_filled(self) -> None:
         raise NotImplementedError
+
+    async def _send_part(self, what: str, upload_id: str, number: int, buffer: bytearray) -> str:
+        """One part to the store, its ETag; the caller took its place among PARTS_IN_FLIGHT."""
+        try:
+            answer = await self.storage.call(
+                what,
+                self.storage.client.upload_part(
+                    Bucket=self.storage.url.bucket, Key=self.key, UploadId=upload_id, PartNumber=number, Body=buffer
+                ),
+            )
+            return str(answer["ETag"])
+        finally:
+            self.storage._in_flight.release()
 
 
 class StagedObject(_PartFiller):
@@ -573,23 +588,13 @@ class StagedObject(_PartFiller):
         buffer, self.filling = self.filling, bytearray()
         number = len(self.parts) + 1
         self.parts.append({"PartNumber": number})
-        self.sending = asyncio.get_running_loop().create_task(self._send_part(number, buffer))
+        self.sending = asyncio.get_running_loop().create_task(self._send_numbered(number, buffer))
 
-    async def _send_part(self, number: int, buffer: bytearray) -> None:
-        try:
-            answer = await self.storage.call(
-                "sending a part of an upload",
-                self.storage.client.upload_part(
-                    Bucket=self.storage.url.bucket,
-                    Key=self.key,
-                    UploadId=self.upload_id,
-                    PartNumber=number,
-                    Body=buffer,
-                ),
-            )
-            self.parts[number - 1]["ETag"] = answer["ETag"]
-        finally:
-            self.storage._in_flight.release()
+    async def _send_numbered(self, number: int, buffer: bytearray) -> None:
+        assert self.upload_id is not None
+        self.parts[number - 1]["ETag"] = await self._send_part(
+            "sending a part of an upload", self.upload_id, number, buffer
+        )
 
     def touch(self) -> concurrent.futures.Future[None]:
         # Nothing to refresh: the sweeper never takes a multipart upload (see S3Storage.sweep).
@@ -706,25 +711,11 @@ class UploadParts(_PartFiller):
         else:
             buffer = self.filling[:count]
             del self.filling[:count]
-        self.last = asyncio.get_running_loop().create_task(self._send_part(number, buffer))
+        self.last = asyncio.get_running_loop().create_task(
+            self._send_part("sending a part of a resumable upload", self.multipart_id, number, buffer)
+        )
         self.parts.append(_Part(self.base, count, number, self.last))
         self.base += count
-
-    async def _send_part(self, number: int, buffer: bytearray) -> str:
-        try:
-            answer = await self.storage.call(
-                "sending a part of a resumable upload",
-                self.storage.client.upload_part(
-                    Bucket=self.storage.url.bucket,
-                    Key=self.key,
-                    UploadId=self.multipart_id,
-                    PartNumber=number,
-                    Body=buffer,
-                ),
-            )
-            return str(answer["ETag"])
-        finally:
-            self.storage._in_flight.release()
 
     async def persist(self, upto: int) -> Progress:
         cut = asyncio.get_running_loop().create_task(self._cut(self.taking, upto))
