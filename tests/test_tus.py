@@ -399,6 +399,15 @@ def test_resumable_version_is_required() -> None:
     assert raised.value.status == 412 and raised.value.headers["Tus-Version"] == "1.0.0"
 
 
+def test_a_creation_keeps_if_match_and_only_a_star_if_none_match() -> None:
+    assert tus.parse_conditions({}) == (None, False)
+    assert tus.parse_conditions({"If-None-Match": " * "}) == (None, True)
+    assert tus.parse_conditions({"If-Match": '"a", "b"'}) == ('"a", "b"', False)
+    with pytest.raises(Problem) as raised:
+        tus.parse_conditions({"If-None-Match": '"a"'})
+    assert raised.value.status == 400 and "If-None-Match may only be '*'" in raised.value.detail
+
+
 _ = (asyncio, wait_for)
 
 

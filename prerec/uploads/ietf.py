@@ -267,9 +267,7 @@ async def create(request: web.Request, version: int) -> web.Response:
     except Problem as problem:
         problem.headers.setdefault("Connection", "close")  # the body is left unread
         raise
-    if_none_match = request.headers.get(hdrs.IF_NONE_MATCH)
-    if if_none_match is not None and if_none_match.strip() != "*":
-        raise Problem(400, "On an upload's creation If-None-Match may only be '*' (create, never replace).")
+    if_match, if_none_match = tus.parse_conditions(request.headers)
     engine = request.app[ENGINE]
     upload = await engine.create(
         parse_event(request.match_info["event"]),
@@ -277,8 +275,8 @@ async def create(request: web.Request, version: int) -> web.Response:
         type_,
         length,
         "ietf",
-        if_match=request.headers.get(hdrs.IF_MATCH),
-        if_none_match=if_none_match is not None,
+        if_match=if_match,
+        if_none_match=if_none_match,
         claims=digests.claims(request),
         metadata=tus.parse_metadata(request.headers.get("Upload-Metadata")),
     )

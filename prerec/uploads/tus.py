@@ -122,6 +122,15 @@ def parse_target(metadata: Mapping[str, str]) -> tuple[uuid.UUID, Any, str]:
     return parse_event(metadata["event"], "event"), parse_start(metadata["start"], "start"), OGG
 
 
+def parse_conditions(headers: Mapping[str, str]) -> tuple[str | None, bool]:
+    """A creation's If-Match (as sent, decided when the upload ends) and whether it sent
+    If-None-Match: *, the only If-None-Match an upload keeps (create, never replace)."""
+    if_none_match = headers.get(hdrs.IF_NONE_MATCH)
+    if if_none_match is not None and if_none_match.strip() != "*":
+        raise Problem(400, "On an upload's creation If-None-Match may only be '*' (create, never replace).")
+    return headers.get(hdrs.IF_MATCH), if_none_match is not None
+
+
 def parse_patch_type(headers: Mapping[str, str]) -> None:
     content_type = headers.get(hdrs.CONTENT_TYPE, "")
     if content_type.split(";")[0].strip().lower() != OFFSET_OCTET_STREAM:
@@ -202,9 +211,7 @@ async def create(request: web.Request) -> web.Response:
     length = parse_length(request.headers)
     metadata = parse_metadata(request.headers.get("Upload-Metadata"))
     event, start, type_ = parse_target(metadata)
-    if_none_match = request.headers.get(hdrs.IF_NONE_MATCH)
-    if if_none_match is not None and if_none_match.strip() != "*":
-        raise Problem(400, "On an upload's creation If-None-Match may only be '*' (create, never replace).")
+    if_match, if_none_match = parse_conditions(request.headers)
     engine = request.app[ENGINE]
     upload = await engine.create(
         event,
@@ -212,8 +219,8 @@ async def create(request: web.Request) -> web.Response:
         type_,
         length,
         "tus",
-        if_match=request.headers.get(hdrs.IF_MATCH),
-        if_none_match=if_none_match is not None,
+        if_match=if_match,
+        if_none_match=if_none_match,
         claims=digests.claims(request),
         metadata=metadata,
     )
