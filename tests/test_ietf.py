@@ -301,6 +301,19 @@ async def test_if_unmodified_since_on_a_creation_is_refused_not_ignored(client: 
     assert await (await client.get(KEY)).read() == data
 
 
+async def test_expect_continue_refuses_an_if_none_match_other_than_star_before_the_body(client: TestClient) -> None:
+    # Nothing stored, so no precondition fails: the tag is refused as one an upload cannot keep.
+    ogg_type = "Content-Type: audio/ogg\r\n"
+    assert b" 400 " in await answer_to_expect(client, f'{ogg_type}If-None-Match: "abc"\r\n')
+    # The negative control: `*` is kept, the body is asked for.
+    assert b" 100 " in await answer_to_expect(client, f"{ogg_type}If-None-Match: *\r\n")
+    # Without Expect, the body is left unread: the connection is not kept for another request.
+    headers = {**V8, "Upload-Complete": "?0", "Upload-Length": "1000", "Content-Type": "audio/ogg"}
+    response = await client.put(KEY, data=ogg(100), headers={**headers, "If-None-Match": '"abc"'})
+    assert response.status == 400 and "If-None-Match may only be '*'" in (await response.json())["detail"]
+    assert response.headers["Connection"] == "close"
+
+
 async def test_expect_continue_refuses_a_bad_creation_before_the_body(client: TestClient) -> None:
     assert b" 415 " in await answer_to_expect(client, "Content-Type: text/plain\r\n")
     assert b" 100 " in await answer_to_expect(client, "Content-Type: audio/ogg\r\n")

@@ -251,8 +251,7 @@ async def create_expect(request: web.Request) -> None:
         await request.app[ENGINE].check_target(
             parse_event(request.match_info["event"]),
             parse_start(request.match_info["start"]),
-            request.headers.get(hdrs.IF_MATCH),
-            request.headers.get(hdrs.IF_NONE_MATCH) is not None,
+            *tus.parse_conditions(request.headers),
         )
     except Problem:
         return  # the handler raises it again, through the middlewares
@@ -264,10 +263,10 @@ async def create_expect(request: web.Request) -> None:
 async def create(request: web.Request, version: int) -> web.Response:
     try:
         _, type_, length = await _refuse_early(request)
+        if_match, if_none_match = tus.parse_conditions(request.headers)
     except Problem as problem:
         problem.headers.setdefault("Connection", "close")  # the body is left unread
         raise
-    if_match, if_none_match = tus.parse_conditions(request.headers)
     engine = request.app[ENGINE]
     upload = await engine.create(
         parse_event(request.match_info["event"]),
