@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from prerec.model import Event, Piece, Prerecording, Tail, Upload, key_json
+from prerec.model import Event, NewUpload, Piece, Prerecording, Tail, Upload, key_json
 from prerec.problems import CommitUncertain, DatabaseUnavailable
 
 POOL = web.AppKey("pool", asyncpg.Pool)
@@ -368,20 +368,7 @@ def _fenced(row: asyncpg.Record | None, upload_id: uuid.UUID, generation: int) -
 
 
 async def create_upload(
-    conn: asyncpg.Connection,
-    upload_id: uuid.UUID,
-    event: uuid.UUID,
-    start: datetime,
-    type_: str,
-    length: int,
-    protocol: str,
-    expiry_seconds: float,
-    *,
-    if_match: str | None = None,
-    if_none_match: bool = False,
-    digests: list[dict[str, str]] | None = None,
-    metadata: dict[str, str] | None = None,
-    store_ref: str | None = None,
+    conn: asyncpg.Connection, upload_id: uuid.UUID, new: NewUpload, expiry_seconds: float, store_ref: str | None = None
 ) -> Upload:
     row = await conn.fetchrow(
         f"""
@@ -391,15 +378,15 @@ async def create_upload(
         RETURNING {_UPLOAD_COLUMNS}
         """,
         upload_id,
-        event,
-        start,
-        type_,
-        length,
-        protocol,
-        if_match,
-        if_none_match,
-        json.dumps(digests or []),
-        json.dumps(metadata or {}),
+        new.event,
+        new.start,
+        new.type,
+        new.length,
+        new.protocol,
+        new.if_match,
+        new.if_none_match,
+        json.dumps(new.digests),
+        json.dumps(new.metadata),
         store_ref,
         expiry_seconds,
     )

@@ -13,7 +13,7 @@ import functools
 import json
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -205,6 +205,23 @@ class Event:
 
 # What an upload can be: in progress (receiving, finishing), or ended (the rest).
 UPLOAD_STATES = ("receiving", "finishing", "finished", "failed", "cancelled", "expired")
+
+
+@dataclass(frozen=True)
+class NewUpload:
+    """What a creation asks for, as the upload's row keeps it: the prerecording it becomes,
+    its length, the protocol, the preconditions decided at its end, the digests claimed for the
+    whole file (engine.claims_json) and the client's metadata."""
+
+    event: uuid.UUID
+    start: datetime
+    type: str
+    length: int
+    protocol: str
+    if_match: str | None = None
+    if_none_match: bool = False
+    digests: list[dict[str, str]] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from prerec import db
 from prerec.commit import commit_blob
-from prerec.model import Upload
+from prerec.model import NewUpload, Upload
 from prerec.storage import STORAGE, StoredBlob
 from tests.conftest import EVENT, ogg
 
@@ -38,7 +38,7 @@ async def stored(app: web.Application, body: bytes) -> StoredBlob:
 
 async def received_upload(conn: asyncpg.Connection) -> Upload:
     """An upload whose 1000 bytes all arrived, held by a replica that is finishing it."""
-    created = await db.create_upload(conn, uuid.uuid4(), EVENT_ID, START, "audio/ogg", 1000, "tus", DAY)
+    created = await db.create_upload(conn, uuid.uuid4(), NewUpload(EVENT_ID, START, "audio/ogg", 1000, "tus"), DAY)
     held = await db.acquire_lease(conn, created.id, "replica", None)
     assert held is not None
     await db.advance(conn, held.id, held.generation, 0, 1000, DAY)

@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 
 from prerec import db
-from prerec.model import Piece, Tail, Upload
+from prerec.model import NewUpload, Piece, Tail, Upload
 from tests.conftest import EVENT, wait_for
 
 DAY = 86400.0
@@ -52,7 +52,7 @@ async def new_upload(
     start: datetime = START,
     expiry: float = DAY,
 ) -> Upload:
-    return await db.create_upload(conn, uuid.uuid4(), event, start, "audio/ogg", length, "tus", expiry)
+    return await db.create_upload(conn, uuid.uuid4(), NewUpload(event, start, "audio/ogg", length, "tus"), expiry)
 
 
 async def make_due(conn: asyncpg.Connection, upload: Upload) -> None:
@@ -77,21 +77,18 @@ async def lock_waiter(conn: asyncpg.Connection, pid: int) -> bool:
 
 async def test_an_upload_reads_back_as_created_with_database_times(conn) -> None:
     upload_id = uuid.uuid4()
-    created = await db.create_upload(
-        conn,
-        upload_id,
+    new = NewUpload(
         uuid.UUID(EVENT),
         START,
         "audio/ogg; codecs=opus",
         2_000_000_000,
         "ietf",
-        3600.0,
         if_match='"abc"',
         if_none_match=True,
         digests=[{"algorithm": "sha256", "value": "AAAA"}],
         metadata={"filename": "show.ogg"},
-        store_ref="s3-upload-id",
     )
+    created = await db.create_upload(conn, upload_id, new, 3600.0, "s3-upload-id")
     assert await db.get_upload(conn, upload_id) == created
     assert (created.id, created.event, created.start, created.type) == (
         upload_id,

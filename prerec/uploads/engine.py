@@ -37,7 +37,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prerec import db, digests
 from prerec.commit import commit_blob
 from prerec.config import SETTINGS_KEY, Settings
-from prerec.model import Prerecording, Upload, http_date
+from prerec.model import NewUpload, Prerecording, Upload, http_date
 from prerec.problems import Problem
 from prerec.storage import STORAGE, Appender, Storage, StoredBlob
 from prerec.storage.receive import OGG_CAPTURE_PATTERN, Pipeline, check_ogg
@@ -183,81 +183,30 @@ class Engine:
 
     # Creation and reading
 
-    async def create(
-        self,
-        event: uuid.UUID,
-        start: datetime,
-        type_: str,
-        length: int,
-        protocol: str,
-        *,
-        if_match: str | None = None,
-        if_none_match: bool = False,
-        claims: list[digests.Claim] | None = None,
-        metadata: dict[str, str] | None = None,
-    ) -> Upload:
-        if length > self.settings.max_upload_bytes:
+    async def create(self, new: NewUpload) -> Upload:
+        if new.length > self.settings.max_upload_bytes:
             raise Problem(
-                413, f"The declared length {length} is larger than the limit of {self.settings.max_upload_bytes} bytes."
+                413,
+                f"The declared length {new.length} is larger than the limit of {self.settings.max_upload_bytes} bytes.",
             )
-        if length == 0:
+        if new.length == 0:
             raise Problem(400, "The declared length is 0: a prerecording has at least one byte.")
         free = await asyncio.to_thread(self.storage.free_bytes)
-        if free is not None and free < length:
-            raise Problem(507, f"The storage folder has {free} bytes free, fewer than the {length} declared.")
-        await self.check_target(event, start, if_match, if_none_match)
+        if free is not None and free < new.length:
+            raise Problem(507, f"The storage folder has {free} bytes free, fewer than the {new.length} declared.")
+        await self.check_target(new.event, new.start, new.if_match, new.if_none_match)
         upload_id = uuid.uuid4()
         store_ref = await self.storage.begin_upload(upload_id)
         try:
-            upload = await self._record_creation(
-                upload_id,
-                event,
-                start,
-                type_,
-                length,
-                protocol,
-                if_match=if_match,
-                if_none_match=if_none_match,
-                claims=claims,
-                metadata=metadata,
-                store_ref=store_ref,
-            )
+            upload = await self._record_creation(upload_id, new, store_ref)
         except BaseException:
             await asyncio.shield(self.storage.discard_upload(upload_id, store_ref))
             raise
         return upload
 
-    async def _record_creation(
-        self,
-        upload_id: uuid.UUID,
-        event: uuid.UUID,
-        start: datetime,
-        type_: str,
-        length: int,
-        protocol: str,
-        *,
-        if_match: str | None,
-        if_none_match: bool,
-        claims: list[digests.Claim] | None,
-        metadata: dict[str, str] | None,
-        store_ref: str | None,
-    ) -> Upload:
+    async def _record_creation(self, upload_id: uuid.UUID, new: NewUpload, store_ref: str | None) -> Upload:
         async with self._connection() as conn, conn.transaction():
-            upload = await db.create_upload(
-                conn,
-                upload_id,
-                event,
-                start,
-                type_,
-                length,
-                protocol,
-                self.expiry,
-                if_match=if_match,
-                if_none_match=if_none_match,
-                digests=claims_json(claims or []),
-                metadata=metadata,
-                store_ref=store_ref,
-            )
+            upload = await db.create_upload(conn, upload_id, new, self.expiry, store_ref)
             await db.append_upload_event(conn, "upload-progress", upload)
         return upload
 

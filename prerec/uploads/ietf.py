@@ -24,10 +24,10 @@ from prerec import digests
 from prerec.auth import check_write_token
 from prerec.conditional import parse_date
 from prerec.config import SETTINGS_KEY
-from prerec.model import OGG, Upload, parse_content_type, parse_count, parse_event, parse_start
+from prerec.model import OGG, NewUpload, Upload, parse_content_type, parse_count, parse_event, parse_start
 from prerec.problems import Problem
 from prerec.uploads import tus
-from prerec.uploads.engine import ENGINE
+from prerec.uploads.engine import ENGINE, claims_json
 
 INTEROP = "Upload-Draft-Interop-Version"
 # tus-js-client's ietf-draft-03 mode sends 5, its ietf-draft-05 mode 6; drafts -06…-08 are 7;
@@ -269,15 +269,17 @@ async def create(request: web.Request, version: int) -> web.Response:
         raise
     engine = request.app[ENGINE]
     upload = await engine.create(
-        parse_event(request.match_info["event"]),
-        parse_start(request.match_info["start"]),
-        type_,
-        length,
-        "ietf",
-        if_match=if_match,
-        if_none_match=if_none_match,
-        claims=digests.claims(request),
-        metadata=tus.parse_metadata(request.headers.get("Upload-Metadata")),
+        NewUpload(
+            parse_event(request.match_info["event"]),
+            parse_start(request.match_info["start"]),
+            type_,
+            length,
+            "ietf",
+            if_match,
+            if_none_match,
+            claims_json(digests.claims(request)),
+            tus.parse_metadata(request.headers.get("Upload-Metadata")),
+        )
     )
     location = f"/uploads/{upload.id}"
     headers = {hdrs.LOCATION: location, **_limit_headers(request, version)}

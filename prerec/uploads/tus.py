@@ -22,10 +22,10 @@ from aiohttp import hdrs, web
 from prerec import digests
 from prerec.auth import check_write_token
 from prerec.config import SETTINGS_KEY
-from prerec.model import OGG, Upload, http_date, parse_count, parse_event, parse_start
+from prerec.model import OGG, NewUpload, Upload, http_date, parse_count, parse_event, parse_start
 from prerec.prerecordings import UPLOADS
 from prerec.problems import Problem
-from prerec.uploads.engine import ENGINE, Checksum
+from prerec.uploads.engine import ENGINE, Checksum, claims_json
 
 VERSION = "1.0.0"
 EXTENSIONS = "creation,creation-with-upload,termination,expiration,checksum"
@@ -214,15 +214,9 @@ async def create(request: web.Request) -> web.Response:
     if_match, if_none_match = parse_conditions(request.headers)
     engine = request.app[ENGINE]
     upload = await engine.create(
-        event,
-        start,
-        type_,
-        length,
-        "tus",
-        if_match=if_match,
-        if_none_match=if_none_match,
-        claims=digests.claims(request),
-        metadata=metadata,
+        NewUpload(
+            event, start, type_, length, "tus", if_match, if_none_match, claims_json(digests.claims(request)), metadata
+        )
     )
     location = f"/uploads/{upload.id}"
     headers = {hdrs.LOCATION: location, **_upload_headers(upload)}
