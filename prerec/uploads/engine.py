@@ -384,7 +384,7 @@ class Engine:
         # In a task of its own: a server that cancels its handler when the client leaves
         # (aiohttp's handler_cancellation, on in its test server) must still have the bytes
         # that arrived recorded. The cancelled handler cuts the body and waits for that.
-        work = asyncio.ensure_future(self._append_held(upload, offset, body, content_length, checksum))
+        work = asyncio.ensure_future(self._append_held(upload, taken, offset, body, content_length, checksum))
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -425,6 +425,7 @@ class Engine:
     async def _append_held(
         self,
         upload: Upload,
+        taken: db.Taken | None,
         offset: int,
         body: StreamReader,
         content_length: int | None,
@@ -446,7 +447,7 @@ class Engine:
                     f"(offset {offset}, {left} bytes left).",
                     {"Connection": "close"},
                 )
-            upload, clean = await self._receive(upload, body, checksum)
+            upload, clean = await self._receive(upload, taken, body, checksum)
             if upload.durable == upload.length:
                 return Outcome(upload, await self._finish(upload))
             return Outcome(upload)
@@ -470,13 +471,19 @@ class Engine:
                     async with self._connection() as conn:
                         await db.release_lease(conn, upload.id, generation, clean)
 
-    async def _receive(self, upload: Upload, body: StreamReader, checksum: Checksum | None) -> tuple[Upload, bool]:
+    async def _receive(
+        self, upload: Upload, taken: db.Taken | None, body: StreamReader, checksum: Checksum | None
+    ) -> tuple[Upload, bool]:
         """Read the body into the store, recording progress as it goes; returns the row and
-        whether every write was joined and synced (a clean release)."""
+        whether every write was joined and synced (a clean release). `taken`: the pieces and
+        tail came with the lease; else they are read now."""
         generation = upload.generation
-        async with self._connection() as conn:
-            pieces = await db.upload_pieces(conn, upload.id)
-            tail = await db.upload_tail(conn, upload.id)
+        if taken is not None:
+            pieces, tail = taken.pieces, taken.tail
+        else:
+            async with self._connection() as conn:
+                pieces = await db.upload_pieces(conn, upload.id)
+                tail = await db.upload_tail(conn, upload.id)
 
         async def allocate(count: int) -> int:
             async with self._connection() as conn:
