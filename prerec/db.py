@@ -426,38 +426,40 @@ async def acquire_lease(
     within the cadence (see _progress_event), in this same statement.
 
     pg_stat_activity is read once per transaction: call this outside a long transaction."""
-    row = await _take(conn, upload_id, owner, pid, force, progress, lease_seconds, segment=False)
+    row = await _take(conn, upload_id, owner, pid, force, progress, lease_seconds, with_pieces=False)
     return None if row is None else _upload(row)
 
 
 async def take_for_append(
     conn: asyncpg.Connection, upload_id: uuid.UUID, owner: str, pid: int | None, *, untouched: bool = True
-) -> Segmented | None:
-    """acquire_lease (not forced, with progress) for an append, with where the segment to
-    write begins, all in one statement; None when the lease is not free, or when the row
-    changed between the statement's snapshot and its row lock (the caller then takes the
-    lease the usual way and reads the pieces afterwards).
+) -> Taken | None:
+    """acquire_lease (not forced, with progress) for an append, with the upload's pieces and
+    tail, all in one statement (a round trip less on every PATCH); None when the lease is not
+    free, or when the row changed between the statement's snapshot and its row lock (the
+    caller then takes the lease the usual way and reads the pieces afterwards).
 
-    That second None is what makes the segment start sound: the pieces are read in the
-    statement's snapshot, but the row it changes is the newest one (READ COMMITTED re-reads a
-    row that changed under it). A writer that took, wrote its first piece and let go in
-    between would leave a row that continues its segment while the snapshot has no piece of
-    it: the segment would be opened at the offset instead of its start, and written over.
+    That second None is what makes the pieces sound: they are read in the statement's
+    snapshot, but the row it changes is the newest one (READ COMMITTED re-reads a row that
+    changed under it). A writer that took, wrote its first piece and let go in between would
+    leave a row that continues its segment while the snapshot has no piece of it: the segment
+    would be opened at the offset instead of its start, and written over.
     untouched=False leaves that condition out; only tests pass it, as the negative control."""
-    row = await _take(conn, upload_id, owner, pid, False, True, LEASE_SECONDS, segment=True, untouched=untouched)
+    row = await _take(conn, upload_id, owner, pid, False, True, LEASE_SECONDS, with_pieces=True, untouched=untouched)
     if row is None:
         return None
     values = dict(row)
-    start = values.pop("segment_start")
-    return Segmented(_upload(values), start)
+    pieces = [Piece(*piece) for piece in values.pop("pieces")]
+    tail_start, tail_data = values.pop("tail_start"), values.pop("tail_data")
+    return Taken(_upload(values), pieces, None if tail_start is None else Tail(tail_start, tail_data))
 
 
 @dataclass(frozen=True)
-class Segmented:
-    """A lease just taken, and the upload offset of its segment's first byte."""
+class Taken:
+    """A lease just taken for an append, with the upload's pieces and tail as it found them."""
 
     upload: Upload
-    segment_start: int
+    pieces: list[Piece]
+    tail: Tail | None
 
 
 async def _take(
@@ -469,18 +471,17 @@ async def _take(
     progress: bool,
     lease_seconds: float,
     *,
-    segment: bool,
+    with_pieces: bool,
     untouched: bool = True,
 ) -> asyncpg.Record | None:
-    fresh = "AND xmin = (SELECT xmin FROM uploads WHERE id = $1)" if segment and untouched else ""
-    start = (
-        """
-        , coalesce((SELECT min(p.start) FROM upload_pieces p
-                     WHERE p.upload_id = taken.id AND p.generation = taken.segment_generation),
-                   taken.durable) AS segment_start"""
-        if segment
-        else ""
-    )
+    fresh = "AND xmin = (SELECT xmin FROM uploads WHERE id = $1)" if with_pieces and untouched else ""
+    pieces = tail = ""
+    if with_pieces:
+        pieces = """
+        , ARRAY(SELECT (p.start, p.size, p.generation, p.number, p.etag) FROM upload_pieces p
+                 WHERE p.upload_id = taken.id ORDER BY p.start) AS pieces,
+          t.start AS tail_start, t.data AS tail_data"""
+        tail = "LEFT JOIN upload_tails t ON t.upload_id = taken.id"
     # One UPDATE: when two replicas race, the second waits on the row lock, then re-evaluates
     # the condition on the winner's row, finds a live lease and changes nothing.
     return await conn.fetchrow(
@@ -499,7 +500,7 @@ async def _take(
                            AND NOT EXISTS (SELECT FROM pg_stat_activity a WHERE a.pid = uploads.lease_pid)))
         RETURNING {_UPLOAD_COLUMNS}
         ), {_progress_event(f"SELECT {_event_json('taken')} AS data FROM taken WHERE $6::boolean", 7)}
-        SELECT taken.*{start} FROM taken
+        SELECT taken.*{pieces} FROM taken {tail}
         """,
         upload_id,
         owner,

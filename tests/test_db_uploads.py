@@ -300,20 +300,23 @@ async def test_the_segment_is_continued_only_after_a_clean_release(conn) -> None
     assert (third.generation, third.segment_generation) == (3, 3)
 
 
-async def test_a_take_for_an_append_says_where_the_segment_begins(conn) -> None:
+async def test_a_take_for_an_append_brings_the_pieces_and_the_tail(conn) -> None:
     upload = await new_upload(conn)
     first = await db.take_for_append(conn, upload.id, "a", None)
-    assert (first.upload.generation, first.segment_start) == (1, 0)
+    assert (first.upload.generation, first.pieces, first.tail) == (1, [], None)
     await db.advance(conn, upload.id, 1, 0, 100, DAY, pieces=[Piece(0, 100, 1)], release=True)
     continued = await db.take_for_append(conn, upload.id, "b", None)
-    assert (continued.upload.segment_generation, continued.segment_start) == (1, 0)  # not the offset
+    assert (continued.upload.segment_generation, continued.pieces) == (1, [Piece(0, 100, 1)])
     assert await db.take_for_append(conn, upload.id, "c", None) is None  # held
+    parts = [Piece(100, 50, 2, 1, "e1"), Piece(150, 50, 2, 2, "e2")]
+    await db.advance(conn, upload.id, 2, 100, 220, DAY, pieces=parts, tail=Tail(200, b"t" * 20), release=False)
     await db.release_lease(conn, upload.id, 2, clean=False)
     fresh = await db.take_for_append(conn, upload.id, "c", None)
-    assert (fresh.upload.segment_generation, fresh.segment_start) == (3, 100)
+    assert fresh.upload.segment_generation == 3
+    assert (fresh.pieces, fresh.tail) == ([Piece(0, 100, 1), *parts], Tail(200, b"t" * 20))
 
 
-async def take_behind_a_writer(conn: asyncpg.Connection, connect: Connect, untouched: bool) -> db.Segmented | None:
+async def take_behind_a_writer(conn: asyncpg.Connection, connect: Connect, untouched: bool) -> db.Taken | None:
     """A take whose snapshot comes before a writer that takes, writes its first piece and lets
     go cleanly, and whose row lock comes after it: the row then continues that writer's new
     segment, which the take's snapshot has no piece of."""
@@ -341,11 +344,12 @@ async def test_a_take_behind_a_writer_that_let_go_is_refused_not_misplaced(conn,
     assert await take_behind_a_writer(conn, connect, untouched=True) is None
 
 
-async def test_without_the_untouched_row_condition_the_segment_start_is_wrong(conn, connect) -> None:
-    """The negative control: the take continues segment 2, which begins at 0, but says 100,
-    and the next bytes would be written over the first ones."""
+async def test_without_the_untouched_row_condition_the_pieces_are_wrong(conn, connect) -> None:
+    """The negative control: the take continues segment 2, which begins at 0, but brings no
+    piece of it, so the segment would be opened at 100 and the next bytes written over the
+    first ones."""
     taken = await take_behind_a_writer(conn, connect, untouched=False)
-    assert (taken.upload.segment_generation, taken.upload.offset, taken.segment_start) == (2, 100, 100)
+    assert (taken.upload.segment_generation, taken.upload.offset, taken.pieces) == (2, 100, [])
 
 
 async def test_nothing_is_leased_past_its_expiry_or_once_ended(conn) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
 import os
+import threading
 import time
 import tracemalloc
 import uuid
@@ -14,6 +16,7 @@ import uuid
 import pytest
 
 from prerec.app import create_app
+from prerec.storage import receive
 from prerec.storage.fs import FileStorage
 from prerec.storage.receive import WRITE_PIECE, Pipeline, _Progress
 from tests.conftest import EVENT, blob_files, ogg, put_head, tmp_files, wait_for
@@ -248,3 +251,48 @@ async def test_pipeline_continues_a_resumable_segment_from_its_offset(tmp_path) 
     assert pipeline.written == pipeline.offset == 1000 + len(after)
     assert carried.digest() == hashlib.sha256(before + after).digest()
     assert storage.segment_path(upload_id, 1).read_bytes() == before[500:] + after
+
+
+async def test_buffers_go_to_the_next_upload_but_never_one_a_write_still_reads(tmp_path) -> None:
+    """Pipelines hand their buffers on (a resumable upload opens one per PATCH), except a
+    buffer whose write is still running when its pipeline closes (an upload cut while the disk
+    hangs): filled by the next upload under that write, it would put the next upload's bytes
+    into the first one's file."""
+    receive._spare.clear()
+    storage = FileStorage(tmp_path)
+    await storage.start()
+    held_segment = await storage.segment(uuid.uuid4(), 1, 0)
+    other_segment = await storage.segment(uuid.uuid4(), 1, 0)
+    gate = threading.Event()
+    writes = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+
+    class HangingDisk:
+        def submit(self, piece: memoryview, offset: int) -> concurrent.futures.Future[None]:
+            def write() -> None:
+                assert gate.wait(10)
+                held_segment.write(piece, offset)
+
+            return writes.submit(write)
+
+    first = Pipeline(HangingDisk(), frozenset())
+    sent = os.urandom(WRITE_PIECE)
+    assert first.add(memoryview(sent))
+    await first.flush()  # its write now waits for the disk
+    in_flight, idle = first.buffers
+    first.close()
+    assert receive._spare == [idle]
+    second = Pipeline(other_segment, frozenset())
+    try:
+        for _ in range(3):
+            if second.add(memoryview(b"x" * WRITE_PIECE)):
+                await second.flush()
+        await second.finish()
+        assert any(buffer is idle for buffer in second.buffers)
+        assert not any(buffer is in_flight for buffer in second.buffers)
+    finally:
+        second.close()
+        gate.set()
+        writes.shutdown(wait=True)
+        held_segment.close()
+        other_segment.close()
+    assert held_segment.path.read_bytes() == sent

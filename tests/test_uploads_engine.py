@@ -428,6 +428,28 @@ async def test_the_sweeper_removes_old_bytes_of_ended_or_unknown_uploads_only(
     assert upload_ids(quick) == {live}
 
 
+async def written_elsewhere(
+    app: web.Application, database_url: str, upload_id: uuid.UUID, data: bytes
+) -> asyncpg.Connection:
+    """All of `data` written and recorded through the storage interface as another replica's
+    engine would, under a lease of that replica's; its connection, still holding the lease."""
+    writer = await asyncpg.connect(database_url)
+    held = await db.acquire_lease(writer, upload_id, "elsewhere/1/dead", writer.get_server_pid())
+    assert held is not None
+
+    async def allocate(count: int) -> int:
+        return await db.allocate_parts(writer, upload_id, held.generation, count)
+
+    appender = await app[STORAGE].appender(held, [], None, allocate)
+    await asyncio.wrap_future(appender.submit(memoryview(data), 0))
+    progress = await appender.persist(len(data))
+    await appender.stop()
+    await db.advance(
+        writer, upload_id, held.generation, 0, progress.offset, 86400, pieces=progress.pieces, tail=progress.tail
+    )
+    return writer
+
+
 async def test_an_upload_complete_but_unfinished_is_finished_by_the_next_head(
     client: TestClient, app: web.Application, settings: Settings, database_url: str
 ) -> None:
@@ -436,23 +458,30 @@ async def test_an_upload_complete_but_unfinished_is_finished_by_the_next_head(
     data = audio(5000)
     base = base_of(client)
     location = await create(client.session, base, len(data))
-    upload_id = uuid.UUID(location.rsplit("/", 1)[1])
-    writer = await asyncpg.connect(database_url)
-    held = await db.acquire_lease(writer, upload_id, "elsewhere/1/dead", writer.get_server_pid())
-    assert held is not None
-
-    async def allocate(count: int) -> int:
-        return await db.allocate_parts(writer, upload_id, held.generation, count)
-
-    # Written through the storage interface as another replica's engine would, then recorded.
-    appender = await app[STORAGE].appender(held, [], None, allocate)
-    await asyncio.wrap_future(appender.submit(memoryview(data), 0))
-    progress = await appender.persist(len(data))
-    await appender.stop()
-    await db.advance(
-        writer, upload_id, held.generation, 0, progress.offset, 86400, pieces=progress.pieces, tail=progress.tail
-    )
+    writer = await written_elsewhere(app, database_url, uuid.UUID(location.rsplit("/", 1)[1]), data)
     await writer.close()  # dies before finishing
+    assert await offset_of(client.session, base, location) == len(data)
+    async with client.session.get(f"{base}/prerecordings/{EVENT}/{START}") as response:
+        assert response.status == 200
+        assert await response.read() == data
+    assert await created_events(database_url) == 1
+    assert segments(settings) == []
+
+
+async def test_a_finisher_that_died_after_assembling_is_finished_by_the_next_head(
+    client: TestClient, app: web.Application, settings: Settings, database_url: str
+) -> None:
+    """kill -9 between the assembly (segments joined into the blob and removed; S3: Complete)
+    and the commit: the next finisher finds no segments, yet the blob is whole in the store and
+    must be the one saved, not a 5xx on every HEAD from then on."""
+    data = audio(300_000)
+    base = base_of(client)
+    location = await create(client.session, base, len(data))
+    upload_id = uuid.UUID(location.rsplit("/", 1)[1])
+    writer = await written_elsewhere(app, database_url, upload_id, data)
+    finishing = await db.begin_finishing(writer, upload_id, (await db.get_upload(writer, upload_id)).generation)
+    await app[STORAGE].assemble(finishing, await db.upload_pieces(writer, upload_id))
+    await writer.close()  # dies before the commit
     assert await offset_of(client.session, base, location) == len(data)
     async with client.session.get(f"{base}/prerecordings/{EVENT}/{START}") as response:
         assert response.status == 200

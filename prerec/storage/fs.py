@@ -521,7 +521,8 @@ class FileStorage:
         return await self.segment(upload.id, generation, continued[0].start if continued else upload.durable)
 
     async def assemble(self, upload: Upload, pieces: list[Piece]) -> str:
-        """The recorded pieces as one new blob under a fresh name; the segments go."""
+        """The recorded pieces as one new blob named after the upload; the segments go. Done
+        again by the next finisher when one was killed part way (see _assemble)."""
         return await on_disk(self._assemble, upload.id, upload.length, pieces)
 
     def _assemble(self, upload_id: uuid.UUID, length: int, pieces: list[Piece]) -> str:
@@ -535,7 +536,17 @@ class FileStorage:
             position += piece.size
         if position != length:
             raise RuntimeError(f"upload {upload_id}: its pieces end at {position}, not at {length}")
+        # Named after the upload, not a fresh token: a finisher killed after the rename below
+        # left the blob whole under the name the next finisher looks for (its segments gone).
+        name = f"{upload_id.hex[:2]}/{upload_id.hex}.ogg"
+        destination = Path(blob_path(self.root, name))
         first = self.segment_path(upload_id, pieces[0].generation)
+        if not first.exists() and destination.exists():
+            if destination.stat().st_size != length:
+                raise RuntimeError(f"upload {upload_id}: its assembled blob is not {length} bytes long")
+            self._discard_upload(upload_id)  # what the dead finisher had not removed yet
+            return name
+        # Killed before the rename: done again from the start, the same bytes to the same places.
         with open(first, "r+b", buffering=0) as target:
             for piece in pieces[1:]:
                 with open(self.segment_path(upload_id, piece.generation), "rb", buffering=0) as source:
@@ -549,9 +560,6 @@ class FileStorage:
                         copied += done
             os.ftruncate(target.fileno(), length)
             os.fsync(target.fileno())
-        token = uuid.uuid4().hex
-        name = f"{token[:2]}/{token}.ogg"
-        destination = Path(blob_path(self.root, name))
         destination.parent.mkdir(exist_ok=True)
         os.rename(first, destination)
         _fsync_folder(destination.parent)

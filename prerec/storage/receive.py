@@ -157,6 +157,29 @@ class Pieces(Protocol):
     def submit(self, piece: memoryview, offset: int) -> concurrent.futures.Future[None]: ...
 
 
+# Buffers of pipelines that closed, for the next ones. A resumable upload in 5 MiB PATCHes opens
+# a pipeline per PATCH: fresh buffers each time (mmap'd, then zeroed page by page) took a tenth
+# of the worker's loop in such an upload (py-spy). The spares go once the process has had no upload for a moment.
+_spare: list[bytearray] = []
+# How long the process must be without an upload before its heap is trimmed (see Pipeline).
+TRIM_AFTER_SECONDS = 0.5
+_trimming: asyncio.TimerHandle | None = None
+
+
+def _buffer() -> bytearray:
+    return _spare.pop() if _spare else bytearray(WRITE_PIECE)
+
+
+def _trim_when_idle() -> None:
+    global _trimming
+    _trimming = None
+    if Pipeline.in_progress == 0:
+        _spare.clear()
+        if _malloc_trim is not None:
+            # malloc_trim takes milliseconds: not on the loop.
+            asyncio.get_running_loop().run_in_executor(None, _malloc_trim, 0)
+
+
 class Pipeline:
     """Hands pieces of an upload to threads, several pieces in flight.
 
@@ -167,11 +190,13 @@ class Pipeline:
     piece, so memory stays flat (allocating a fresh megabyte per piece let the allocator's
     heap grow by a hundred megabytes on 1 GiB uploads).
 
-    When the last upload in progress closes its pipeline, the heap is trimmed: the body pieces
-    aiohttp reads (mostly under the mmap threshold) come from the main heap, and after a burst
-    of 200 concurrent 1 MiB uploads its freed memory, scattered, stayed resident (90-130 MB
-    idle, 53 MB trimmed). malloc_trim, unlike the automatic trim, also hands back free pages
-    inside the heap; it takes milliseconds, in a thread.
+    Once the last upload in progress has closed its pipeline and no other began for
+    TRIM_AFTER_SECONDS, the heap is trimmed: the body pieces aiohttp reads (mostly under the
+    mmap threshold) come from the main heap, and after a burst of 200 concurrent 1 MiB uploads
+    its freed memory, scattered, stayed resident (90-130 MB idle, 53 MB trimmed). malloc_trim,
+    unlike the automatic trim, also hands back free pages inside the heap. Not at once: the
+    PATCHes of one resumable upload follow each other closely, and each would trim a heap the
+    next one grows again.
     """
 
     in_progress = 0  # pipelines not yet closed, in this process
@@ -185,7 +210,11 @@ class Pipeline:
         self.hashers = hashers if hashers is not None else {name: hashlib.new(name) for name in algorithms | {"sha256"}}
         # Buffers are added only while all are busy (a small upload, or a disk that keeps up,
         # needs one or two), up to PIPELINE_DEPTH.
-        self.buffers = [bytearray(WRITE_PIECE)]
+        global _trimming
+        if _trimming is not None:
+            _trimming.cancel()
+            _trimming = None
+        self.buffers = [_buffer()]
         # The thread work on each buffer (not asyncio wrappers, which cancellation detaches).
         self.busy: list[list[concurrent.futures.Future[None]]] = [[]]
         self.sent: collections.deque[int] = collections.deque()  # buffers in flight, oldest first
@@ -228,7 +257,7 @@ class Pipeline:
         if len(self.sent) < len(self.buffers):
             self.filling = next(i for i in range(len(self.buffers)) if i not in self.sent)
         elif len(self.buffers) < PIPELINE_DEPTH:
-            self.buffers.append(bytearray(WRITE_PIECE))
+            self.buffers.append(_buffer())
             self.busy.append([])
             self.ends.append(0)
             self.filling = len(self.buffers) - 1
@@ -267,11 +296,18 @@ class Pipeline:
         """On the loop, once per pipeline (the count of those in progress is not locked)."""
         if self.closed:
             return
+        global _trimming
         self.closed = True
         Pipeline.in_progress -= 1
-        if Pipeline.in_progress == 0 and _malloc_trim is not None:
-            # On this upload's own hashing thread, after the pieces it still has queued.
-            self.hashing.submit(_malloc_trim, 0)
+        for index, buffer in enumerate(self.buffers):
+            # Never one a thread may still read (the write of a cut upload, in flight).
+            if len(_spare) < PIPELINE_DEPTH and all(future.done() for future in self.busy[index]):
+                _spare.append(buffer)
+        self.buffers = []
+        if Pipeline.in_progress == 0:
+            if _trimming is not None:
+                _trimming.cancel()
+            _trimming = asyncio.get_running_loop().call_later(TRIM_AFTER_SECONDS, _trim_when_idle)
         self.hashing.shutdown(wait=False)
 
 
