@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import aiohttp
 import pytest
@@ -226,6 +227,28 @@ async def test_the_store_down_mid_download_cuts_it_then_503_then_downloads_work_
     weed.start()
     again = await client.get(KEY)
     assert again.status == 200 and await again.read() == body
+
+
+async def test_a_store_frozen_mid_download_cuts_it_within_the_timeout(own_store) -> None:
+    """Headers are out, then the store stops sending: each wait for its bytes is bounded (the
+    client's read timeout), so the download is cut, not left hanging with its connection."""
+    weed, client, settings = own_store
+    body = ogg(48 * MiB, b"f")
+    assert (await client.put(KEY, data=body, headers=OGG)).status == 201
+    response = await client.get(KEY)
+    assert response.status == 200
+    first = await response.content.readexactly(MiB)
+    os.kill(weed.process.pid, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with asyncio.timeout(10 * settings.s3_timeout_seconds):
+                await response.content.read()
+        assert time.monotonic() - began < 5 * settings.s3_timeout_seconds
+    finally:
+        os.kill(weed.process.pid, signal.SIGCONT)
+    assert first == body[:MiB]
+    assert await (await client.get(KEY)).read() == body
 
 
 async def test_a_frozen_store_is_503_within_the_timeout_not_a_hang(own_store) -> None:
