@@ -34,11 +34,14 @@ async def commit_blob(
     claims: list[digests.Claim],
     check: db.Check,
     also: db.Also | None = None,
+    keep: bool = False,
 ) -> db.Saved:
     """Record `blob` as the prerecording at (event, start), or remove it.
 
     `check` decides preconditions against the row stored now, under the key's lock; `also`
-    writes what must commit with the save or not at all (see db.Also).
+    writes what must commit with the save or not at all (see db.Also). `keep`: the caller
+    decides what happens to a blob that was not recorded (a resumable upload's finish: the
+    blob is named after the upload, and a finisher that took over may be recording it).
     """
     settings = app[SETTINGS_KEY]
     storage = app[STORAGE]
@@ -59,7 +62,8 @@ async def commit_blob(
         )
         raise
     except BaseException:
-        await asyncio.shield(storage.remove(blob.name))
+        if not keep:
+            await asyncio.shield(storage.remove(blob.name))
         raise
     # This replica's own cache is told at once, not when the event comes back: a client that
     # reads right after its write must see it, and a retired blob stays readable in a bucket.

@@ -292,8 +292,18 @@ async def all_prerecordings(conn: asyncpg.Connection) -> list[Prerecording]:
 
 
 async def referenced_blobs(conn: asyncpg.Connection) -> set[str]:
-    """The blob every row points at: all the orphan sweep needs, without the rest of the rows."""
-    return {row["blob"] for row in await conn.fetch("SELECT blob FROM prerecordings")}
+    """The blob every row points at, and the blob-to-be of every unfinished upload (the part
+    of its store_ref before `?uploadId=`): a finisher killed between assembling and
+    committing leaves it for the next one. All the orphan sweep and gc need."""
+    rows = await conn.fetch(
+        """
+        SELECT blob FROM prerecordings
+        UNION ALL
+        SELECT split_part(store_ref, '?uploadId=', 1) FROM uploads
+         WHERE state IN ('receiving', 'finishing') AND store_ref IS NOT NULL
+        """
+    )
+    return {row["blob"] for row in rows}
 
 
 async def events_after(conn: asyncpg.Connection, after_id: int, limit: int = 500) -> list[Event]:

@@ -97,7 +97,8 @@ async def check(url: str, storage: Storage, grace_seconds: float, apply: bool) -
         # listing cannot look orphaned.
         inventory = await storage.inventory()
         rows = await db.all_prerecordings(conn)
-        report.orphans, report.young_orphans = _orphans(inventory.blobs, {row.blob for row in rows}, cutoff)
+        referenced = await db.referenced_blobs(conn)
+        report.orphans, report.young_orphans = _orphans(inventory.blobs, referenced, cutoff)
         for row in rows:
             listed = inventory.blobs.get(row.blob)
             if listed is not None and listed.size == row.size:

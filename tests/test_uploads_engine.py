@@ -27,6 +27,7 @@ from prerec import db
 from prerec.config import Settings
 from prerec.model import Piece
 from prerec.storage import STORAGE, fs
+from prerec.storage_check import check
 from prerec.uploads import engine
 from tests.conftest import EVENT, Replica, created_events, free_port, upload_files, wait_for
 from tests.conftest import _bucket as bucket_of
@@ -157,6 +158,46 @@ async def test_a_cut_patch_counts_every_byte_that_arrived_then_resumes(
         assert hashlib.sha256(await response.read()).digest() == hashlib.sha256(data).digest()
     assert await created_events(database_url) == 1
     assert segments(settings) == []
+
+
+async def test_bytes_read_while_the_lease_is_held_up_count_in_order_when_the_body_is_cut(
+    client: TestClient, database_url: str
+) -> None:
+    """The body is read on while the lease is taken (engine._ReadAhead): held up on the row's
+    lock, a PATCH gets its first bytes, then the cut; once it holds the lease, the bytes count
+    before the cut is answered, and nothing read ahead stays counted against the process."""
+    data = audio(3_000_000)
+    base = base_of(client)
+    location = await create(client.session, base, len(data))
+    upload_id = uuid.UUID(location.rsplit("/", 1)[1])
+    locker = await asyncpg.connect(database_url)
+    try:
+        holding = locker.transaction()
+        await holding.start()
+        await locker.execute("SELECT FROM uploads WHERE id = $1 FOR UPDATE", upload_id)
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        sent = 600_000
+        writer.write(patch_head(location, 0, len(data)) + data[:sent])
+        await writer.drain()
+        await asyncio.sleep(0.3)  # read ahead while the take waits for the lock
+        writer.close()
+        await asyncio.sleep(0.2)
+        await holding.rollback()
+    finally:
+        await locker.close()
+
+    async def let_go() -> bool:
+        current = await row(database_url, location)
+        return current["lease_owner"] is None and current["generation"] > 0
+
+    await wait_for(let_go, timeout=10)
+    assert await offset_of(client.session, base, location) == sent
+    # A PATCH refused at its offset drops what it read ahead.
+    async with client.session.patch(
+        f"{base}{location}", data=data[:1000], headers={**PATCH, "Upload-Offset": "0"}
+    ) as response:
+        assert response.status == 409
+    assert engine._ReadAhead.held == 0
 
 
 @pytest.mark.parametrize("backend", ["fs"], indirect=True)  # the folder's fdatasync
@@ -473,7 +514,8 @@ async def test_a_finisher_that_died_after_assembling_is_finished_by_the_next_hea
 ) -> None:
     """kill -9 between the assembly (segments joined into the blob and removed; S3: Complete)
     and the commit: the next finisher finds no segments, yet the blob is whole in the store and
-    must be the one saved, not a 5xx on every HEAD from then on."""
+    must be the one saved, not a 5xx on every HEAD from then on. Nor is that blob an orphan to
+    gc meanwhile, though no prerecording points at it yet."""
     data = audio(300_000)
     base = base_of(client)
     location = await create(client.session, base, len(data))
@@ -482,12 +524,96 @@ async def test_a_finisher_that_died_after_assembling_is_finished_by_the_next_hea
     finishing = await db.begin_finishing(writer, upload_id, (await db.get_upload(writer, upload_id)).generation)
     await app[STORAGE].assemble(finishing, await db.upload_pieces(writer, upload_id))
     await writer.close()  # dies before the commit
+    report = await check(database_url, app[STORAGE], grace_seconds=0, apply=True)
+    assert report.orphans == []
     assert await offset_of(client.session, base, location) == len(data)
     async with client.session.get(f"{base}/prerecordings/{EVENT}/{START}") as response:
         assert response.status == 200
         assert await response.read() == data
     assert await created_events(database_url) == 1
     assert segments(settings) == []
+
+
+async def test_a_finisher_taken_over_after_assembling_leaves_the_blob_to_the_one_that_took_over(
+    client: TestClient, app: web.Application, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finisher stalls after assembling until its lease looks dead; the HEAD that takes over
+    records the same blob (it is named after the upload). The first finisher's commit is then
+    fenced, and must not remove that blob from under the prerecording now pointing at it; its
+    PATCH gets the answer the upload finished with."""
+    backend = type(app[STORAGE])
+    assemble = backend.assemble
+    stalled, go_on = asyncio.Event(), asyncio.Event()
+
+    async def stalling_assemble(storage: Any, upload: Any, pieces: list[Piece]) -> str:
+        name = await assemble(storage, upload, pieces)
+        if not stalled.is_set():  # the first finisher only
+            stalled.set()
+            await go_on.wait()
+        return name
+
+    monkeypatch.setattr(backend, "assemble", stalling_assemble)
+    data = audio(300_000)
+    base = base_of(client)
+    location = await create(client.session, base, len(data))
+    upload_id = uuid.UUID(location.rsplit("/", 1)[1])
+    first = asyncio.ensure_future(
+        client.session.patch(f"{base}{location}", data=data, headers={**PATCH, "Upload-Offset": "0"})
+    )
+    await asyncio.wait_for(stalled.wait(), timeout=10)
+    conn = await asyncpg.connect(database_url)
+    try:  # a process stalled past its lease
+        await conn.execute("UPDATE uploads SET lease_expires = now() - interval '1 second' WHERE id = $1", upload_id)
+    finally:
+        await conn.close()
+    assert await offset_of(client.session, base, location) == len(data)  # taken over and finished
+    go_on.set()
+    answer = await first
+    answer.release()
+    assert answer.status == 204  # the answer of the finish that took over: its bytes are in it
+    async with client.session.get(f"{base}/prerecordings/{EVENT}/{START}") as response:
+        assert response.status == 200
+        assert await response.read() == data
+    assert await created_events(database_url) == 1
+
+
+async def test_a_database_failing_at_the_finish_leaves_the_upload_to_the_next_finisher(
+    client: TestClient, app: web.Application, settings: Settings, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No connection for the commit (every pooled one busy past the database timeout): the
+    last PATCH answers 503, and the upload stays finishing with its blob, so the next HEAD
+    finishes it; not a complete upload refused for good, its bytes thrown away."""
+    backend = type(app[STORAGE])
+    assemble = backend.assemble
+    pool = app[db.POOL]
+    held: list[asyncpg.Connection] = []
+
+    async def give_back() -> None:
+        for conn in held:
+            await pool.release(conn)
+
+    async def starving_assemble(storage: Any, upload: Any, pieces: list[Piece]) -> str:
+        name = await assemble(storage, upload, pieces)
+        if not held:
+            while len(held) < pool.get_max_size():
+                held.append(await asyncio.wait_for(pool.acquire(), timeout=5))
+            asyncio.get_running_loop().call_later(
+                settings.db_timeout_seconds + 0.5, lambda: asyncio.ensure_future(give_back())
+            )
+        return name
+
+    monkeypatch.setattr(backend, "assemble", starving_assemble)
+    data = audio(300_000)
+    base = base_of(client)
+    location = await create(client.session, base, len(data))
+    async with client.session.patch(f"{base}{location}", data=data, headers={**PATCH, "Upload-Offset": "0"}) as answer:
+        assert answer.status == 503, await answer.text()
+    await wait_for(lambda: pool.get_idle_size() > 0, timeout=settings.db_timeout_seconds + 5)
+    assert await offset_of(client.session, base, location) == len(data)
+    async with client.session.get(f"{base}/prerecordings/{EVENT}/{START}") as response:
+        assert response.status == 200
+        assert await response.read() == data
+    assert await created_events(database_url) == 1
 
 
 async def test_the_finisher_keeps_its_lease_alive_through_a_long_assembly(

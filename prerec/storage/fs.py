@@ -60,6 +60,11 @@ def storage_problem(error: OSError) -> Problem:
     )
 
 
+def _assembled_name(upload_id: uuid.UUID) -> str:
+    """A resumable upload's blob, named after it (see FileStorage._assemble)."""
+    return f"{upload_id.hex[:2]}/{upload_id.hex}.ogg"
+
+
 def _fsync_folder(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -508,7 +513,9 @@ class FileStorage:
         return segment
 
     async def begin_upload(self, upload_id: uuid.UUID) -> str | None:
-        return None  # segments are made by their writers
+        """The name the upload's blob will have (segments are made by their writers): in the
+        row, it is referenced while the upload is unfinished (db.referenced_blobs)."""
+        return _assembled_name(upload_id)
 
     async def appender(
         self, upload: Upload, pieces: list[Piece], tail: Tail | None, allocate: AllocateParts
@@ -538,7 +545,7 @@ class FileStorage:
             raise RuntimeError(f"upload {upload_id}: its pieces end at {position}, not at {length}")
         # Named after the upload, not a fresh token: a finisher killed after the rename below
         # left the blob whole under the name the next finisher looks for (its segments gone).
-        name = f"{upload_id.hex[:2]}/{upload_id.hex}.ogg"
+        name = _assembled_name(upload_id)
         destination = Path(blob_path(self.root, name))
         first = self.segment_path(upload_id, pieces[0].generation)
         if not first.exists() and destination.exists():

@@ -176,8 +176,9 @@ def _trim_when_idle() -> None:
     if Pipeline.in_progress == 0:
         _spare.clear()
         if _malloc_trim is not None:
-            # malloc_trim takes milliseconds: not on the loop.
-            asyncio.get_running_loop().run_in_executor(None, _malloc_trim, 0)
+            # malloc_trim takes milliseconds: not on the loop (nor at all once it shuts down).
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().run_in_executor(None, _malloc_trim, 0)
 
 
 class Pipeline:

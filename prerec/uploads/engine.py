@@ -39,7 +39,7 @@ from prerec import db, digests
 from prerec.commit import commit_blob
 from prerec.config import SETTINGS_KEY, Settings
 from prerec.model import NewUpload, Prerecording, Upload, http_date
-from prerec.problems import Problem
+from prerec.problems import DatabaseUnavailable, Problem
 from prerec.storage import STORAGE, Appender, Storage, StoredBlob
 from prerec.storage.receive import OGG_CAPTURE_PATTERN, Pipeline, check_ogg
 
@@ -95,6 +95,7 @@ class _ReadAhead:
         self.size = 0
         self.error: BaseException | None = None
         self.eof = False
+        self.dropped = False
 
     async def during(self, work: Awaitable[T]) -> T:
         reading = asyncio.ensure_future(self._read())
@@ -110,11 +111,13 @@ class _ReadAhead:
         try:
             while self.size < self.PER_REQUEST and _ReadAhead.held < self.PER_PROCESS and not self.eof:
                 chunk = await self.body.readany()
+                if self.dropped:  # the PATCH is over (cancelled twice): nobody takes these
+                    return
                 self.eof = not chunk
                 self.chunks.append(chunk)
                 self.size += len(chunk)
                 _ReadAhead.held += len(chunk)
-        except (ConnectionError, HttpProcessingError, _Stopped) as error:
+        except Exception as error:  # the body's to raise, in order, as a read of it would
             self.error = error
 
     async def readany(self) -> bytes:
@@ -130,6 +133,7 @@ class _ReadAhead:
 
     def drop(self) -> None:
         """Give back what was read ahead and not handed on (a refused PATCH)."""
+        self.dropped = True
         _ReadAhead.held -= sum(len(chunk) for chunk in self.chunks)
         self.chunks.clear()
 
@@ -491,6 +495,10 @@ class Engine:
             clean = False
             self.hashers.pop(upload.id, None)
             current = await self.get(upload.id)
+            if current.state == "finished" and upload.durable == current.length:
+                # Fenced at its finish by a finisher that took over: all of this PATCH's
+                # bytes are in what that one saved, so its answer is this PATCH's too.
+                return Outcome(current, current.result)
             ended(current)
             raise Problem(
                 409,
@@ -726,14 +734,21 @@ class Engine:
                 claims,
                 check=lambda current: check_preconditions(upload.if_match, upload.if_none_match, current),
                 also=finished,
+                keep=True,
             )
+        except (db.Fenced, DatabaseUnavailable):
+            # Another finisher took over (it may be recording this very blob: the name is the
+            # upload's), or the database failed (perhaps after committing): the blob stays, and
+            # the upload stays finishing for the next finisher, who finds it assembled.
+            raise
         except Problem as refusal:
-            # Refused at its end (a precondition, a digest): the blob is gone already; the
-            # refusal is what the upload answers from now on.
+            # Refused at its end (a precondition, a digest): the refusal is what the upload
+            # answers from now on, and only then, as its holder still, the blob goes.
             async with self._connection() as conn:
                 await db.fail_upload(
                     conn, upload.id, generation, {"status": refusal.status, "detail": refusal.detail}, self.expiry
                 )
+            await asyncio.shield(self.storage.remove(name))
             raise
         return result
 
