@@ -14,6 +14,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -491,6 +492,29 @@ async def written_elsewhere(
     return writer
 
 
+async def saved_once(client: TestClient, database_url: str, data: bytes) -> None:
+    """The upload is the prerecording at START, whole, announced by exactly one event."""
+    async with client.session.get(f"{base_of(client)}/prerecordings/{EVENT}/{START}") as response:
+        assert response.status == 200
+        assert await response.read() == data
+    assert await created_events(database_url) == 1
+
+
+def after_assembling(
+    monkeypatch: pytest.MonkeyPatch, app: web.Application, then: Callable[[], Awaitable[None]]
+) -> None:
+    """Have every finisher run `then` between its assembly (the store's own) and its commit."""
+    backend = type(app[STORAGE])
+    assemble = backend.assemble
+
+    async def assemble_then(storage: Any, upload: Any, pieces: list[Piece]) -> str:
+        name = await assemble(storage, upload, pieces)
+        await then()
+        return name
+
+    monkeypatch.setattr(backend, "assemble", assemble_then)
+
+
 async def test_an_upload_complete_but_unfinished_is_finished_by_the_next_head(
     client: TestClient, app: web.Application, settings: Settings, database_url: str
 ) -> None:
@@ -502,10 +526,7 @@ async def test_an_upload_complete_but_unfinished_is_finished_by_the_next_head(
     writer = await written_elsewhere(app, database_url, uuid.UUID(location.rsplit("/", 1)[1]), data)
     await writer.close()  # dies before finishing
     assert await offset_of(client.session, base, location) == len(data)
-    async with client.session.get(f"{base}/prerecordings/{EVENT}/{START}") as response:
-        assert response.status == 200
-        assert await response.read() == data
-    assert await created_events(database_url) == 1
+    await saved_once(client, database_url, data)
     assert segments(settings) == []
 
 
@@ -527,10 +548,7 @@ async def test_a_finisher_that_died_after_assembling_is_finished_by_the_next_hea
     report = await check(database_url, app[STORAGE], grace_seconds=0, apply=True)
     assert report.orphans == []
     assert await offset_of(client.session, base, location) == len(data)
-    async with client.session.get(f"{base}/prerecordings/{EVENT}/{START}") as response:
-        assert response.status == 200
-        assert await response.read() == data
-    assert await created_events(database_url) == 1
+    await saved_once(client, database_url, data)
     assert segments(settings) == []
 
 
@@ -541,18 +559,14 @@ async def test_a_finisher_taken_over_after_assembling_leaves_the_blob_to_the_one
     records the same blob (it is named after the upload). The first finisher's commit is then
     fenced, and must not remove that blob from under the prerecording now pointing at it; its
     PATCH gets the answer the upload finished with."""
-    backend = type(app[STORAGE])
-    assemble = backend.assemble
     stalled, go_on = asyncio.Event(), asyncio.Event()
 
-    async def stalling_assemble(storage: Any, upload: Any, pieces: list[Piece]) -> str:
-        name = await assemble(storage, upload, pieces)
+    async def stall() -> None:
         if not stalled.is_set():  # the first finisher only
             stalled.set()
             await go_on.wait()
-        return name
 
-    monkeypatch.setattr(backend, "assemble", stalling_assemble)
+    after_assembling(monkeypatch, app, stall)
     data = audio(300_000)
     base = base_of(client)
     location = await create(client.session, base, len(data))
@@ -571,10 +585,7 @@ async def test_a_finisher_taken_over_after_assembling_leaves_the_blob_to_the_one
     answer = await first
     answer.release()
     assert answer.status == 204  # the answer of the finish that took over: its bytes are in it
-    async with client.session.get(f"{base}/prerecordings/{EVENT}/{START}") as response:
-        assert response.status == 200
-        assert await response.read() == data
-    assert await created_events(database_url) == 1
+    await saved_once(client, database_url, data)
 
 
 async def test_a_database_failing_at_the_finish_leaves_the_upload_to_the_next_finisher(
@@ -583,8 +594,6 @@ async def test_a_database_failing_at_the_finish_leaves_the_upload_to_the_next_fi
     """No connection for the commit (every pooled one busy past the database timeout): the
     last PATCH answers 503, and the upload stays finishing with its blob, so the next HEAD
     finishes it; not a complete upload refused for good, its bytes thrown away."""
-    backend = type(app[STORAGE])
-    assemble = backend.assemble
     pool = app[db.POOL]
     held: list[asyncpg.Connection] = []
 
@@ -592,17 +601,15 @@ async def test_a_database_failing_at_the_finish_leaves_the_upload_to_the_next_fi
         for conn in held:
             await pool.release(conn)
 
-    async def starving_assemble(storage: Any, upload: Any, pieces: list[Piece]) -> str:
-        name = await assemble(storage, upload, pieces)
+    async def starve() -> None:
         if not held:
             while len(held) < pool.get_max_size():
                 held.append(await asyncio.wait_for(pool.acquire(), timeout=5))
             asyncio.get_running_loop().call_later(
                 settings.db_timeout_seconds + 0.5, lambda: asyncio.ensure_future(give_back())
             )
-        return name
 
-    monkeypatch.setattr(backend, "assemble", starving_assemble)
+    after_assembling(monkeypatch, app, starve)
     data = audio(300_000)
     base = base_of(client)
     location = await create(client.session, base, len(data))
@@ -610,10 +617,7 @@ async def test_a_database_failing_at_the_finish_leaves_the_upload_to_the_next_fi
         assert answer.status == 503, await answer.text()
     await wait_for(lambda: pool.get_idle_size() > 0, timeout=settings.db_timeout_seconds + 5)
     assert await offset_of(client.session, base, location) == len(data)
-    async with client.session.get(f"{base}/prerecordings/{EVENT}/{START}") as response:
-        assert response.status == 200
-        assert await response.read() == data
-    assert await created_events(database_url) == 1
+    await saved_once(client, database_url, data)
 
 
 async def test_the_finisher_keeps_its_lease_alive_through_a_long_assembly(
