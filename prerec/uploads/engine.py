@@ -560,7 +560,9 @@ class Engine:
                 `last` record of a body short of the length lets go of the lease with it."""
                 nonlocal upload
                 progress = await appender.persist(upto)
-                async with self._connection() as conn, conn.transaction():
+                # db.advance is one statement, atomic on its own: no BEGIN and COMMIT round
+                # trips around it on every PATCH.
+                async with self._connection() as conn:
                     upload = await db.advance(
                         conn,
                         upload.id,
