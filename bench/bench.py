@@ -820,7 +820,9 @@ def write_report(rows: list[Row], plan: Plan, out: Path, elapsed: float, workers
         "Produced by `make bench` (bench/bench.py) on "
         + time.strftime("%Y-%m-%d", time.gmtime())
         + f", in {elapsed / 60:.1f} minutes. Each figure is the median of {plan.rounds} rounds"
-        " (min–max in brackets), measured in alternation with its reference in the same run.",
+        " (min–max in brackets), measured in alternation with its reference in the same run"
+        " (the reference first in even rounds, prerec first in odd ones); each timed upload and download"
+        f" starts after an os.sync and a {plan.settle_seconds:g} s pause.",
         "",
         *machine(),
         "",
