@@ -241,7 +241,10 @@ class Upload:
     digests: list[dict[str, str]]
     metadata: dict[str, str]
     store_ref: str | None
-    assembled: str | None
+    # The row's `assembled` column (0003) is not read: nothing ever wrote it, the blob's name
+    # being deterministic (storage.fs names it after the upload, S3 completes at store_ref's
+    # key). A later release drops it; dropping it in this one would break the replicas of the
+    # release before, which select it, for as long as a rolling deploy runs them.
     created_at: datetime
     progressed_at: datetime
     expires_at: datetime
