@@ -152,6 +152,13 @@ class Fleet:
         self.processes.append(process)
         return process
 
+    def show_errors(self) -> None:
+        """The end of every log that has an error in it: the logs go with the work folder."""
+        for log in sorted(self.work.glob("*.log")):
+            lines = log.read_text(errors="replace").splitlines()
+            if any('"ERROR"' in line or "Traceback" in line for line in lines):
+                print(f"--- {log.name}, last lines", *lines[-20:], sep="\n", file=sys.stderr)
+
     def stop(self) -> None:
         for process in self.processes:
             if process.poll() is None:
@@ -930,6 +937,9 @@ async def main(plan: Plan, out_dir: Path | None, workers_list: list[int]) -> int
             2.0,
             "< 2 s",
         )
+    except BaseException:
+        fleet.show_errors()
+        raise
     finally:
         fleet.stop()
         with contextlib.suppress(Exception):
