@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ import pytest
 from prerec.app import create_app
 from prerec.config import BucketUrl
 from prerec.storage import STORAGE, StorageUnavailable, open_storage
-from prerec.storage.s3 import PART_SIZE
+from prerec.storage.s3 import HOLD_SECONDS, MAX_POOL_CONNECTIONS, PART_SIZE
 from prerec.storage_check import check
 from tests.conftest import (
     EVENT,
@@ -249,6 +250,55 @@ async def test_a_store_frozen_mid_download_cuts_it_within_the_timeout(own_store)
         os.kill(weed.process.pid, signal.SIGCONT)
     assert first == body[:MiB]
     assert await (await client.get(KEY)).read() == body
+
+
+async def _paused_download(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A GET whose client takes its headers, then stops reading, as a browser's audio element
+    does once it has buffered enough: a few kilobytes taken, the rest left waiting."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=16 * 1024)
+    writer.write(f"GET {KEY} HTTP/1.1\r\nHost: prerec\r\n\r\n".encode())
+    assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+    return reader, writer
+
+
+async def _rest_of(reader: asyncio.StreamReader) -> bytes:
+    """Read on from after the status line: the headers, then the whole body."""
+    length = None
+    while (line := await reader.readline()) != b"\r\n":
+        name, _, value = line.decode().partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    assert length is not None
+    return await reader.readexactly(length)
+
+
+async def test_listeners_that_pause_hold_no_connection_to_the_store(client) -> None:
+    """More paused downloads than the store's connection pool has connections: each used to
+    keep its connection while its client did not read, and every other download and upload of
+    the replica then waited for one (503 after the store timeout). A download held up lets go
+    of its connection and asks the store again, from where it was, once its client reads on."""
+    body = ogg(16 * MiB, b"p")
+    assert (await client.put(KEY, data=body, headers=OGG)).status == 201
+    paused = [await _paused_download(client.host, client.port) for _ in range(MAX_POOL_CONNECTIONS)]
+    try:
+        await asyncio.sleep(3 * HOLD_SECONDS)  # every one of them held up past HOLD_SECONDS
+        paused += [await _paused_download(client.host, client.port) for _ in range(4)]
+        await asyncio.sleep(3 * HOLD_SECONDS)
+        got = await client.get(KEY)
+        assert got.status == 200, await got.text()
+        assert await got.read() == body
+        assert (await client.put(KEY, data=ogg(PART_SIZE + 10, b"n"), headers=OGG)).status == 204
+        # Listeners that read on get the whole blob they began (the replaced one stays readable
+        # through the grace period), asked again from where each stopped.
+        for reader, _ in paused[:3]:
+            assert await _rest_of(reader) == body
+    finally:
+        for _, writer in paused:
+            writer.close()
 
 
 async def test_a_frozen_store_is_503_within_the_timeout_not_a_hang(own_store) -> None:

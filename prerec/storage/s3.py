@@ -63,6 +63,11 @@ UPLOADS = "uploads"
 # A blob read back for its digests is hashed on a thread in pieces of about this size.
 HASH_PIECE = 1024 * 1024
 RETRY = {"Retry-After": "5"}
+# Connections to the store, at most, per process (botocore's default is 10).
+MAX_POOL_CONNECTIONS = 64
+# A download whose client holds a write up this long lets go of its connection to the store
+# (see ObjectSource).
+HOLD_SECONDS = 1.0
 # What the store says when an object or upload is not there (HEAD answers carry no code).
 MISSING = {"NoSuchKey", "NoSuchUpload", "404", "NotFound"}
 
@@ -107,7 +112,7 @@ class S3Storage:
             # Few retries: every call runs under our own timeout, and a request waiting out
             # botocore's backoff is a client waiting for its answer.
             retries={"max_attempts": 2, "mode": "standard"},
-            max_pool_connections=64,
+            max_pool_connections=MAX_POOL_CONNECTIONS,
         )
         self.client = await self._stack.enter_async_context(
             get_session().create_client(
@@ -182,15 +187,11 @@ class S3Storage:
     async def open(self, name: str, size: int, start: int, length: int) -> ObjectSource | None:
         """The blob's bytes start..start+length, asked for before any header is sent (so a
         store that is down is a 503); None when the object is missing or not `size` long."""
+        key = self.key("blobs", name)
         if length == 0:
-            return ObjectSource(self, None)
+            return ObjectSource(self, None, key, start, start)
         try:
-            answer = await self.call(
-                "reading a blob",
-                self.client.get_object(
-                    Bucket=self.url.bucket, Key=self.key("blobs", name), Range=f"bytes={start}-{start + length - 1}"
-                ),
-            )
+            answer = await self.get_range("reading a blob", key, start, start + length)
         except _Missing:
             return None
         except Problem as problem:
@@ -201,7 +202,13 @@ class S3Storage:
         if total != str(size) or answer["ContentLength"] != length:
             answer["Body"].close()
             return None
-        return ObjectSource(self, answer["Body"])
+        return ObjectSource(self, answer["Body"], key, start, start + length)
+
+    async def get_range(self, what: str, key: str, start: int, end: int) -> Any:
+        """GetObject of the bytes start..end (end excluded) of an object."""
+        return await self.call(
+            what, self.client.get_object(Bucket=self.url.bucket, Key=key, Range=f"bytes={start}-{end - 1}")
+        )
 
     async def presigned_url(self, name: str) -> str | None:
         if not self.presigned_get_seconds:
@@ -777,28 +784,73 @@ class ObjectSource:
     without both, 0.7-0.85x, the rest being the one more socket hop. A larger aiohttp read
     buffer or larger transport write limits changed nothing beyond the noise. Operators who
     want the store's own speed set PREREC_S3_PRESIGNED_GET_SECONDS.
+
+    A listener may stop reading for minutes (a browser's audio element does once it has
+    buffered enough). Its download must not keep one of the pool's connections to the store
+    meanwhile: as many paused listeners as the pool has connections would make every other
+    download and upload of the replica wait. So a write the client holds up for HOLD_SECONDS
+    lets go of the store's body (a watchdog per download, not a timer per write: writes come
+    thousands of times a second), and once the client reads on the rest is asked for again, a
+    ranged GET from where it stopped: an object's key is never written twice, so it is the same
+    bytes (a replaced blob stays readable for PREREC_TMP_MAX_AGE_SECONDS; a listener paused
+    longer is cut off, and its player asks again for the current version).
     """
 
-    def __init__(self, storage: S3Storage, body: Any) -> None:
+    def __init__(self, storage: S3Storage, body: Any, key: str, start: int, end: int) -> None:
         self.storage = storage
         self.body = body
+        self.key = key
+        self.position = start  # the bytes read from the store end here
+        self.end = end
+        self.writing_since: float | None = None  # a write to the client under way since
 
     async def send(self, response: Any, request: web.BaseRequest, writer: web.AbstractStreamWriter) -> None:
+        if self.body is None:
+            return
+        loop = asyncio.get_running_loop()
+        watchdog = loop.create_task(self._let_go_when_held_up())
+        try:
+            while self.position < self.end:
+                if self.body is None:
+                    await self._ask_again()
+                try:
+                    # What arrived, as aiohttp buffered it: StreamingBody.read(n) joins buffers
+                    # into n bytes first, a copy that cost a quarter of the speed here. No
+                    # timeout of our own around each read: the client's read_timeout is
+                    # aiohttp's sock_read, which bounds every wait for the store's bytes already.
+                    piece = await self.body.raw_stream.content.readany()
+                except (TimeoutError, BotoCoreError, aiohttp.ClientError) as error:
+                    # Headers are out: all that is left is to cut the response short, which the
+                    # client sees as a download broken off (never a complete-looking short body).
+                    raise ConnectionResetError(f"the object store stopped sending the blob ({error!r})") from error
+                if not piece:
+                    raise ConnectionResetError("the object store ended the blob short")
+                self.position += len(piece)
+                self.writing_since = loop.time()
+                await response.write(piece)
+                self.writing_since = None
+                response.body_sent += len(piece)
+        finally:
+            watchdog.cancel()
+
+    async def _let_go_when_held_up(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            try:
-                # What arrived, as aiohttp buffered it: StreamingBody.read(n) joins buffers
-                # into n bytes first, a copy that cost a quarter of the speed here. No timeout
-                # of our own around each read: the client's read_timeout is aiohttp's
-                # sock_read, which bounds every wait for the store's bytes already.
-                piece = await self.body.raw_stream.content.readany()
-            except (TimeoutError, BotoCoreError, aiohttp.ClientError) as error:
-                # Headers are out: all that is left is to cut the response short, which the
-                # client sees as a download broken off (never a complete-looking short body).
-                raise ConnectionResetError(f"the object store stopped sending the blob ({error!r})") from error
-            if not piece:
-                return
-            await response.write(piece)
-            response.body_sent += len(piece)
+            await asyncio.sleep(HOLD_SECONDS / 2)
+            since = self.writing_since
+            if since is not None and loop.time() - since >= HOLD_SECONDS:
+                self.close()
+
+    async def _ask_again(self) -> None:
+        """The rest of the range, after the body was let go while the client held up a write."""
+        try:
+            answer = await self.storage.get_range("reading a blob on", self.key, self.position, self.end)
+        except (Problem, _Missing) as error:
+            raise ConnectionResetError(f"the rest of the blob could not be read after a pause ({error!r})") from error
+        if answer["ContentLength"] != self.end - self.position:
+            answer["Body"].close()
+            raise ConnectionResetError("the blob is shorter than when its download began")
+        self.body = answer["Body"]
 
     def close(self) -> None:
         if self.body is not None:
