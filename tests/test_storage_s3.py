@@ -301,6 +301,26 @@ async def test_listeners_that_pause_hold_no_connection_to_the_store(client) -> N
             writer.close()
 
 
+async def test_a_slow_listener_keeps_its_download_from_the_store(client, app) -> None:
+    """A player reading at about the audio's bitrate holds each write up for seconds while it
+    takes bytes all along: its download is not asked of the store again (which would throw
+    away what the store had sent), only a paused one's is."""
+    body = ogg(16 * MiB, b"s")
+    assert (await client.put(KEY, data=body, headers=OGG)).status == 201
+    gets: list[str] = []
+    app[STORAGE].client.meta.events.register("before-send.s3.GetObject", lambda **_: gets.append("GetObject"))
+    reader, writer = await _paused_download(client.host, client.port)
+    try:
+        # Slow enough that the kernel's send buffer stays full and each write waits for
+        # seconds, fast enough that it waits less than the test.
+        for _ in range(int(4 * HOLD_SECONDS / 0.125)):
+            await reader.readexactly(64 * 1024)  # some 500 KB/s
+            await asyncio.sleep(0.125)
+        assert gets == ["GetObject"]
+    finally:
+        writer.close()
+
+
 async def test_a_frozen_store_is_503_within_the_timeout_not_a_hang(own_store) -> None:
     weed, client, settings = own_store
     body = ogg(1000)

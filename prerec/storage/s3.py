@@ -27,8 +27,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import fcntl
 import hashlib
 import logging
+import struct
+import termios
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -65,9 +68,9 @@ HASH_PIECE = 1024 * 1024
 RETRY = {"Retry-After": "5"}
 # Connections to the store, at most, per process (botocore's default is 10).
 MAX_POOL_CONNECTIONS = 64
-# A download whose client holds a write up this long lets go of its connection to the store
-# (see ObjectSource).
-HOLD_SECONDS = 1.0
+# A download whose client takes nothing for this long, while a write to it waits, lets go of
+# its connection to the store (see ObjectSource).
+HOLD_SECONDS = 2.0
 # What the store says when an object or upload is not there (HEAD answers carry no code).
 MISSING = {"NoSuchKey", "NoSuchUpload", "404", "NotFound"}
 
@@ -189,7 +192,7 @@ class S3Storage:
         store that is down is a 503); None when the object is missing or not `size` long."""
         key = self.key("blobs", name)
         if length == 0:
-            return ObjectSource(self, None, key, start, start)
+            return ObjectSource(self, None, key, None, start, start)
         try:
             answer = await self.get_range("reading a blob", key, start, start + length)
         except _Missing:
@@ -202,12 +205,13 @@ class S3Storage:
         if total != str(size) or answer["ContentLength"] != length:
             answer["Body"].close()
             return None
-        return ObjectSource(self, answer["Body"], key, start, start + length)
+        return ObjectSource(self, answer["Body"], key, answer.get("ETag"), start, start + length)
 
-    async def get_range(self, what: str, key: str, start: int, end: int) -> Any:
+    async def get_range(self, what: str, key: str, start: int, end: int, **conditions: str) -> Any:
         """GetObject of the bytes start..end (end excluded) of an object."""
         return await self.call(
-            what, self.client.get_object(Bucket=self.url.bucket, Key=key, Range=f"bytes={start}-{end - 1}")
+            what,
+            self.client.get_object(Bucket=self.url.bucket, Key=key, Range=f"bytes={start}-{end - 1}", **conditions),
         )
 
     async def presigned_url(self, name: str) -> str | None:
@@ -788,27 +792,33 @@ class ObjectSource:
     A listener may stop reading for minutes (a browser's audio element does once it has
     buffered enough). Its download must not keep one of the pool's connections to the store
     meanwhile: as many paused listeners as the pool has connections would make every other
-    download and upload of the replica wait. So a write the client holds up for HOLD_SECONDS
-    lets go of the store's body (a watchdog per download, not a timer per write: writes come
-    thousands of times a second), and once the client reads on the rest is asked for again, a
-    ranged GET from where it stopped: an object's key is never written twice, so it is the same
-    bytes (a replaced blob stays readable for PREREC_TMP_MAX_AGE_SECONDS; a listener paused
-    longer is cut off, and its player asks again for the current version).
+    download and upload of the replica wait. So a download whose write waits while the client
+    takes nothing for HOLD_SECONDS lets go of the store's body (a watchdog per download, not a
+    timer per write: writes come thousands of times a second), and once the client reads on the
+    rest is asked for again, a ranged GET from where it stopped, of the same object (If-Match
+    its ETag; a replaced blob stays readable for PREREC_TMP_MAX_AGE_SECONDS, a listener paused
+    longer is cut off and its player asks again for the current version).
+
+    "Takes nothing" is judged on the bytes not yet acknowledged by the client (ours buffered and
+    the kernel's send queue), not on how long a write waits: a slow listener (a player reading at
+    the audio's bitrate) can hold one write for many seconds while taking bytes all along, and
+    asking the store again every few seconds would throw away what it had already sent.
     """
 
-    def __init__(self, storage: S3Storage, body: Any, key: str, start: int, end: int) -> None:
+    def __init__(self, storage: S3Storage, body: Any, key: str, etag: str | None, start: int, end: int) -> None:
         self.storage = storage
         self.body = body
         self.key = key
+        self.etag = etag
         self.position = start  # the bytes read from the store end here
         self.end = end
-        self.writing_since: float | None = None  # a write to the client under way since
+        self.writing = False  # a write to the client under way
 
     async def send(self, response: Any, request: web.BaseRequest, writer: web.AbstractStreamWriter) -> None:
-        if self.body is None:
+        if self.position >= self.end:
             return
         loop = asyncio.get_running_loop()
-        watchdog = loop.create_task(self._let_go_when_held_up())
+        watchdog = loop.create_task(self._let_go_when_paused(request.transport))
         try:
             while self.position < self.end:
                 if self.body is None:
@@ -826,25 +836,35 @@ class ObjectSource:
                 if not piece:
                     raise ConnectionResetError("the object store ended the blob short")
                 self.position += len(piece)
-                self.writing_since = loop.time()
+                self.writing = True
                 await response.write(piece)
-                self.writing_since = None
+                self.writing = False
                 response.body_sent += len(piece)
         finally:
             watchdog.cancel()
 
-    async def _let_go_when_held_up(self) -> None:
+    async def _let_go_when_paused(self, transport: asyncio.Transport | None) -> None:
         loop = asyncio.get_running_loop()
+        seen: int | None = None
+        since = loop.time()
         while True:
-            await asyncio.sleep(HOLD_SECONDS / 2)
-            since = self.writing_since
-            if since is not None and loop.time() - since >= HOLD_SECONDS:
+            await asyncio.sleep(HOLD_SECONDS / 4)
+            unacknowledged = _unacknowledged(transport) if self.writing and transport is not None else None
+            if unacknowledged != seen:
+                seen, since = unacknowledged, loop.time()
+            elif seen is not None and loop.time() - since >= HOLD_SECONDS and self._holds_a_connection():
                 self.close()
+
+    def _holds_a_connection(self) -> bool:
+        # A body received to its end gave its connection back already; closing it would only
+        # throw its bytes away.
+        return self.body is not None and not self.body.raw_stream.content.is_eof()
 
     async def _ask_again(self) -> None:
         """The rest of the range, after the body was let go while the client held up a write."""
         try:
-            answer = await self.storage.get_range("reading a blob on", self.key, self.position, self.end)
+            same = {"IfMatch": self.etag} if self.etag else {}
+            answer = await self.storage.get_range("reading a blob on", self.key, self.position, self.end, **same)
         except (Problem, _Missing) as error:
             raise ConnectionResetError(f"the rest of the blob could not be read after a pause ({error!r})") from error
         if answer["ContentLength"] != self.end - self.position:
@@ -856,3 +876,14 @@ class ObjectSource:
         if self.body is not None:
             self.body.close()
             self.body = None
+
+
+def _unacknowledged(transport: asyncio.Transport) -> int:
+    """The bytes of a connection its peer has not acknowledged yet: those buffered in the
+    transport, and where the kernel tells (Linux: SIOCOUTQ), those in the socket's send queue."""
+    count = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None and hasattr(termios, "TIOCOUTQ"):
+        with contextlib.suppress(OSError):
+            count += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    return count
