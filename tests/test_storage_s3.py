@@ -301,6 +301,23 @@ async def test_listeners_that_pause_hold_no_connection_to_the_store(client) -> N
             writer.close()
 
 
+async def test_a_paused_listener_is_cut_rather_than_sent_bytes_of_another_object(client, settings) -> None:
+    """The rest is asked for If-Match the first answer's ETag: should the key hold other bytes
+    by then (`copy-to-bucket` keeps the folder's names, say), the download is cut, never spliced."""
+    body = ogg(16 * MiB, b"a")
+    assert (await client.put(KEY, data=body, headers=OGG)).status == 201
+    [stored] = blob_files(settings)
+    reader, writer = await _paused_download(client.host, client.port)
+    try:
+        await asyncio.sleep(3 * HOLD_SECONDS)  # let go of by now
+        await asyncio.to_thread(stored.client.put_object, Bucket=stored.bucket, Key=stored.key, Body=ogg(16 * MiB))
+        with pytest.raises(asyncio.IncompleteReadError) as cut:
+            await _rest_of(reader)
+        assert body.startswith(cut.value.partial)
+    finally:
+        writer.close()
+
+
 async def test_a_slow_listener_keeps_its_download_from_the_store(client, app) -> None:
     """A player reading at about the audio's bitrate holds each write up for seconds while it
     takes bytes all along: its download is not asked of the store again (which would throw
