@@ -129,6 +129,17 @@ async def send_slowly(writer: asyncio.StreamWriter, data: bytes, pieces: int, pa
         await asyncio.sleep(pause)
 
 
+async def let_go(database_url: str, location: str) -> None:
+    """Until the upload's lease, once taken, is let go: the server has seen a cut (watched in
+    the database, as a HEAD would ask the request still reading to stop early)."""
+
+    async def free() -> bool:
+        current = await row(database_url, location)
+        return current["lease_owner"] is None and current["generation"] > 0
+
+    await wait_for(free, timeout=10)
+
+
 async def test_a_cut_patch_counts_every_byte_that_arrived_then_resumes(
     client: TestClient, settings: Settings, database_url: str
 ) -> None:
@@ -144,11 +155,7 @@ async def test_a_cut_patch_counts_every_byte_that_arrived_then_resumes(
     # Everything that reached the process counts, once the server has seen the cut (watched in
     # the database: a HEAD would ask the request still reading to stop early).
 
-    async def let_go() -> bool:
-        current = await row(database_url, location)
-        return current["lease_owner"] is None and current["generation"] > 0
-
-    await wait_for(let_go, timeout=10)
+    await let_go(database_url, location)
     assert await offset_of(client.session, base, location) == half
     async with client.session.patch(
         f"{base}{location}", data=data[half:], headers={**PATCH, "Upload-Offset": str(half)}
@@ -187,11 +194,7 @@ async def test_bytes_read_while_the_lease_is_held_up_count_in_order_when_the_bod
     finally:
         await locker.close()
 
-    async def let_go() -> bool:
-        current = await row(database_url, location)
-        return current["lease_owner"] is None and current["generation"] > 0
-
-    await wait_for(let_go, timeout=10)
+    await let_go(database_url, location)
     assert await offset_of(client.session, base, location) == sent
     # A PATCH refused at its offset drops what it read ahead.
     async with client.session.patch(
