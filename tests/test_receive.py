@@ -296,3 +296,61 @@ async def test_buffers_go_to_the_next_upload_but_never_one_a_write_still_reads(t
         held_segment.close()
         other_segment.close()
     assert held_segment.path.read_bytes() == sent
+
+
+class _ThreadProbe:
+    """A hasher that notes the thread it runs on (and may wait for a gate first)."""
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        self.threads: list[threading.Thread] = []
+        self.gate = gate
+
+    def update(self, piece: memoryview) -> None:
+        if self.gate is not None:
+            assert self.gate.wait(10)
+        self.threads.append(threading.current_thread())
+
+
+async def _one_piece(pipeline: Pipeline) -> None:
+    assert pipeline.add(memoryview(b"x" * WRITE_PIECE))
+    await pipeline.flush()
+
+
+async def test_pipelines_one_after_another_hash_on_one_thread(tmp_path) -> None:
+    """A resumable upload in 5 MiB PATCHes opens a pipeline a PATCH. Starting a hashing thread
+    for each blocked the event loop until the new thread ran (milliseconds on a busy machine,
+    every few PATCHes); a closed pipeline's idle thread hashes the next one's pieces. One whose
+    hashing still runs when it closes is not handed on."""
+    receive._spare_hashing.clear()
+    storage = FileStorage(tmp_path)
+    await storage.start()
+    probe = _ThreadProbe()
+    for number in range(5):
+        segment = await storage.segment(uuid.uuid4(), 1, 0)
+        pipeline = Pipeline(segment, frozenset(), hashers={"probe": probe})
+        try:
+            await _one_piece(pipeline)
+            await pipeline.finish()
+        finally:
+            pipeline.close()
+            segment.close()
+    assert len(probe.threads) == 5
+    assert all(thread is probe.threads[0] for thread in probe.threads)
+
+    # Hashing held up (a hash thread starved): that pipeline's thread is not handed on, and
+    # the next upload's hashing does not queue behind it.
+    gate = threading.Event()
+    segment = await storage.segment(uuid.uuid4(), 1, 0)
+    stuck = Pipeline(segment, frozenset(), hashers={"probe": _ThreadProbe(gate)})
+    await _one_piece(stuck)
+    stuck.close()
+    assert receive._spare_hashing == []
+    follower = Pipeline(segment, frozenset(), hashers={"probe": _ThreadProbe()}, offset=WRITE_PIECE)
+    try:
+        await _one_piece(follower)
+        await asyncio.wait_for(follower.finish(), 5)
+    finally:
+        follower.close()
+        gate.set()
+        await asyncio.wrap_future(stuck.busy[0][0])
+        segment.close()
