@@ -325,7 +325,7 @@ async def test_pipelines_one_after_another_hash_on_one_thread(tmp_path) -> None:
     storage = FileStorage(tmp_path)
     await storage.start()
     probe = _ThreadProbe()
-    for number in range(5):
+    for _ in range(5):
         segment = await storage.segment(uuid.uuid4(), 1, 0)
         pipeline = Pipeline(segment, frozenset(), hashers={"probe": probe})
         try:
