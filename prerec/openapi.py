@@ -270,8 +270,9 @@ def _also(response: dict[str, Any], headers: dict[str, Any]) -> dict[str, Any]:
 _CREATION_PARAMETERS = [
     _header(
         "Upload-Length",
-        "IETF draft's creation (required there): the whole file's size in bytes; at most PREREC_MAX_UPLOAD_BYTES.",
-        {"type": "integer", "minimum": 1, "maximum": MAX_BIGINT},
+        "IETF draft's creation (required there): the whole file's size in bytes, at least 4 (`OggS`); at most "
+        "PREREC_MAX_UPLOAD_BYTES.",
+        {"type": "integer", "minimum": 4, "maximum": MAX_BIGINT},
     ),
     _header(
         "Upload-Metadata",
@@ -648,7 +649,9 @@ SPEC: dict[str, Any] = {
                     "412": _problem(_CREATION_PRECONDITION, {**_CREATION_REFUSED, **_UPLOAD_COMPLETE}),
                     "413": _problem("Upload-Length is larger than PREREC_MAX_UPLOAD_BYTES.", _DRAFT),
                     "415": _problem(
-                        "The type (Content-Type, else the filetype metadata) is not audio/ogg.", _CREATION_REFUSED
+                        "The type (Content-Type, else the filetype metadata) is not audio/ogg, or a "
+                        "Content-Encoding other than identity was sent.",
+                        _CREATION_REFUSED,
                     ),
                     "503": _also(_UNAVAILABLE, _DRAFT),
                     "507": _problem(_FULL, _CREATION_REFUSED),
@@ -750,8 +753,8 @@ SPEC: dict[str, Any] = {
                         "name": "Upload-Length",
                         "in": "header",
                         "required": True,
-                        "description": "The whole file's size in bytes; at most Tus-Max-Size (413).",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_BIGINT},
+                        "description": "The whole file's size in bytes, at least 4 (`OggS`); at most Tus-Max-Size.",
+                        "schema": {"type": "integer", "minimum": 4, "maximum": MAX_BIGINT},
                     },
                     {
                         "name": "Upload-Metadata",
@@ -814,7 +817,7 @@ SPEC: dict[str, Any] = {
                     "413": _tus_problem("Upload-Length is larger than PREREC_MAX_UPLOAD_BYTES (Tus-Max-Size)."),
                     "415": _tus_problem(
                         f"The metadata's filetype is not audio/ogg, or the body's Content-Type is not "
-                        f"{tus.OFFSET_OCTET_STREAM}.",
+                        f"{tus.OFFSET_OCTET_STREAM} or its Content-Encoding not identity (then no upload is made).",
                         _RESUME_HERE,
                     ),
                     "460": _tus_problem(_CHECKSUM_MISMATCH, _RESUME_HERE),
@@ -832,7 +835,15 @@ SPEC: dict[str, Any] = {
                     "resume from. A complete upload answers Upload-Offset equal to Upload-Length. tus answers "
                     "200; with `Upload-Draft-Interop-Version` the IETF draft's answer is 204."
                 ),
-                "parameters": [*_ID_PARAMETERS, _INTEROP_PARAMETER],
+                "parameters": [
+                    *_ID_PARAMETERS,
+                    {
+                        **_TUS_RESUMABLE_PARAMETER,
+                        "required": False,
+                        "description": "tus (required there, 412 without): the tus version the client speaks.",
+                    },
+                    _INTEROP_PARAMETER,
+                ],
                 "responses": {
                     "200": {
                         "description": "tus: the upload's state.",
@@ -867,6 +878,13 @@ SPEC: dict[str, Any] = {
                     },
                     "400": _bodiless(_problem("IETF draft: an unsupported interop version.")),
                     "404": _bodiless(_NO_UPLOAD),
+                    "412": _bodiless(
+                        _tus_problem(
+                            "tus: Tus-Resumable is missing or not 1.0.0 (neither it nor the IETF draft's "
+                            "interop header was sent).",
+                            _TUS_VERSION,
+                        )
+                    ),
                     "410": _bodiless(_upload_problem("The upload failed, was cancelled or has expired.")),
                     "503": _bodiless(
                         _upload_problem(
@@ -957,7 +975,8 @@ SPEC: dict[str, Any] = {
                         },
                     },
                     "400": _upload_problem(
-                        "A header is malformed or missing, the body is empty, goes past the declared length, "
+                        "A header is malformed or missing, the body is empty, goes past the declared length "
+                        "(none of it counts past the Upload-Offset given; the upload goes on from there), "
                         "was cut off, is not Ogg or was stopped by another request taking the upload over, or a "
                         f"digest does not match the complete file. IETF draft: {_INCONSISTENT_TYPE} when "
                         "`Upload-Complete: ?1` was sent but the upload is short of its length (with its "
@@ -987,7 +1006,8 @@ SPEC: dict[str, Any] = {
                     ),
                     "415": _upload_problem(
                         f"tus: the Content-Type is not {tus.OFFSET_OCTET_STREAM}. IETF draft from interop 6: "
-                        f"it is not {ietf.PARTIAL_UPLOAD}."
+                        f"it is not {ietf.PARTIAL_UPLOAD}. Or a Content-Encoding other than identity was sent "
+                        "(the bytes are stored as sent; with Accept-Encoding: identity)."
                     ),
                     "460": _tus_problem("tus: " + _CHECKSUM_MISMATCH),
                     "503": _problem(_TUS_SHUTDOWN, {**_EITHER, **_RETRY_AFTER}),

@@ -114,8 +114,9 @@ def parse_list_query(query: MultiMapping[str]) -> ListQuery:
     )
 
 
-def _check_upload_headers(headers: MultiMapping[str], max_bytes: int) -> str:
-    """What can be refused before a byte of the body is read; the normalised Content-Type."""
+def check_codings(headers: MultiMapping[str]) -> None:
+    """Refuse a body that does not arrive as the bytes to store: a transfer coding other than
+    chunked, a content coding other than identity. For PUT and the resumable uploads' bodies."""
     # Both parsers of aiohttp take "gzip, chunked" as chunked and hand over the still gzipped
     # bytes, which would be stored as if they were the audio (RFC 9112 §6.1: 501).
     transfer = [coding.strip(" \t").lower() for coding in headers.get(hdrs.TRANSFER_ENCODING, "").split(",")]
@@ -136,8 +137,15 @@ def _check_upload_headers(headers: MultiMapping[str], max_bytes: int) -> str:
             raise Problem(
                 415,
                 f"The Content-Encoding {coding[:40]!r} is not accepted: upload the Ogg file as it is.",
-                {hdrs.ACCEPT_ENCODING: "identity"},
+                # Closed, not drained: aiohttp would decode the body as it reads it, and one
+                # that does not decode fails there, after this answer.
+                {hdrs.ACCEPT_ENCODING: "identity", "Connection": "close"},
             )
+
+
+def _check_upload_headers(headers: MultiMapping[str], max_bytes: int) -> str:
+    """What can be refused before a byte of the body is read; the normalised Content-Type."""
+    check_codings(headers)
     # A partial PUT (curl --continue-at sends one) would replace the prerecording with the
     # fragment (RFC 9110 §14.5: a server that does not apply Content-Range must refuse it).
     if hdrs.CONTENT_RANGE in headers:

@@ -179,6 +179,70 @@ async def test_interop_3_is_400_naming_the_versions(client: TestClient, database
         await conn.close()
 
 
+async def test_interop_3_whole_file_is_a_plain_put_and_its_resumable_creation_400(
+    client: TestClient, database_url: str
+) -> None:
+    """iOS 17's URLSession sends interop 3 and the whole file with `Upload-Incomplete: ?0`,
+    expecting a 104 for resumption; without one that is an ordinary upload (the draft asks a
+    server that does not speak the version to treat it so). A creation for later parts is not."""
+    data = audio(5000)
+    v3 = {"Upload-Draft-Interop-Version": "3", "Content-Type": "audio/ogg"}
+    whole = await client.put(KEY, data=data, headers={**v3, "Upload-Incomplete": "?0"})
+    assert whole.status == 201, await whole.text()
+    assert "Location" not in whole.headers
+    assert await (await client.get(KEY)).read() == data
+    part = await client.put(KEY, data=data[:100], headers={**v3, "Upload-Incomplete": "?1", "Upload-Length": "5000"})
+    assert part.status == 400
+    assert "5, 6, 7, 8" in (await part.json())["detail"]
+    assert await (await client.get(KEY)).read() == data
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM uploads") == 0
+    finally:
+        await conn.close()
+
+
+async def test_upload_limit_tells_the_time_the_upload_has_left(client: TestClient, database_url: str) -> None:
+    location = await create(client, 1000)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("UPDATE uploads SET expires_at = now() + interval '100 seconds'")
+    finally:
+        await conn.close()
+    for version, name in (("8", "max-age"), ("6", "expires")):
+        response = await client.head(location, headers={"Upload-Draft-Interop-Version": version})
+        assert response.status == 204
+        limit = dict(item.strip().split("=") for item in response.headers["Upload-Limit"].split(","))
+        assert 95 <= int(limit[name]) <= 100, limit
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "x-unknown"])
+async def test_a_content_coding_is_415_on_creation_and_patch(client: TestClient, coding: str) -> None:
+    """A coded body is not the bytes to store (aiohttp would decode gzip, and a body that does
+    not decode was a 500): refused as on PUT."""
+    creation = await client.put(
+        KEY,
+        data=b"OggSxxxx",
+        headers={
+            **V8,
+            "Upload-Complete": "?0",
+            "Upload-Length": "100",
+            "Content-Type": "audio/ogg",
+            "Content-Encoding": coding,
+        },
+    )
+    assert creation.status == 415, await creation.text()
+    location = await create(client, 100)
+    patch = await client.patch(
+        location,
+        data=b"OggSxxxx",
+        headers={**PARTIAL, "Upload-Offset": "0", "Upload-Complete": "?0", "Content-Encoding": coding},
+    )
+    assert patch.status == 415, await patch.text()
+    assert patch.content_type == "application/problem+json"
+    assert await offset_of(client, location) == 0
+
+
 async def test_v5_patch_needs_no_type_v6_needs_partial_upload(client: TestClient) -> None:
     location = await create(client, 1000)
     v6 = {"Upload-Draft-Interop-Version": "6", "Content-Type": "application/octet-stream"}
@@ -438,6 +502,9 @@ def test_careful_creation_needs_the_interop_header_and_not_complete() -> None:
     assert ietf.is_careful_creation({**V8, "Upload-Complete": "?0"})
     assert ietf.is_careful_creation({**V8})  # the creation handler names the missing header
     assert ietf.is_careful_creation({**V8, "Upload-Complete": "yes"})
+    v3 = {"Upload-Draft-Interop-Version": "3"}
+    assert not ietf.is_careful_creation({**v3, "Upload-Incomplete": "?0"})
+    assert ietf.is_careful_creation({**v3, "Upload-Incomplete": "?1"})
 
 
 def test_offset_length_type_and_limit() -> None:

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import os
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ async def create(client: TestClient, length: int, **headers: str) -> str:
 
 
 async def offset_of(client: TestClient, location: str) -> int:
-    response = await client.head(location)
+    response = await client.head(location, headers=TUS)
     assert response.status == 200
     return int(response.headers["Upload-Offset"])
 
@@ -111,7 +112,7 @@ async def test_options_tells_the_version_extensions_and_limits(client: TestClien
 
 async def test_head_tells_offset_length_and_expiry(client: TestClient) -> None:
     location = await create(client, 100)
-    response = await client.head(location)
+    response = await client.head(location, headers=TUS)
     assert response.status == 200
     assert response.headers["Upload-Offset"] == "0"
     assert response.headers["Upload-Length"] == "100"
@@ -224,6 +225,111 @@ async def test_bytes_past_the_length_are_400_after_keeping_what_fit(client: Test
     assert await offset_of(client, location) == 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+async def test_a_chunked_body_past_the_length_is_400_and_never_finishes_the_upload(client: TestClient) -> None:
+    """Without a Content-Length the overflow shows only as it arrives: none of that body counts,
+    so the upload is not complete, and no later HEAD publishes a file its client was told was
+    refused. The upload goes on from its offset with the right bytes."""
+    location = await create(client, 1000)
+    data = audio(1000)
+
+    async def too_long() -> AsyncIterator[bytes]:
+        yield data
+        yield b"extra"
+
+    response = await client.patch(location, data=too_long(), headers={**PATCH, "Upload-Offset": "0"})
+    assert response.status == 400
+    assert "past the declared length" in (await response.json())["detail"]
+    assert response.headers["Upload-Offset"] == "0"
+    assert await offset_of(client, location) == 0
+    assert (await client.get(f"/prerecordings/{EVENT}/{START}")).status == 404
+    finish = await client.patch(location, data=data, headers={**PATCH, "Upload-Offset": "0"})
+    assert finish.status == 204
+    assert await stored(client) == data
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+async def test_the_ogg_pattern_is_checked_where_it_lies_across_patches(client: TestClient) -> None:
+    """Each PATCH's bytes are checked at their place in the file, not as if they began it: a
+    first append of 'MZ' is refused, and a valid file whose first append brought 3 bytes goes on."""
+    location = await create(client, 1006)
+    refused = await client.patch(location, data=b"MZ", headers={**PATCH, "Upload-Offset": "0"})
+    assert refused.status == 400
+    assert "Ogg" in (await refused.json())["detail"]
+    assert await offset_of(client, location) == 0
+    data = audio(1006)
+    for start, end in ((0, 3), (3, 5), (5, 1006)):
+        response = await client.patch(location, data=data[start:end], headers={**PATCH, "Upload-Offset": str(start)})
+        assert response.status == 204, await response.text()
+    assert await stored(client) == data
+
+
+async def test_a_declared_length_below_the_ogg_capture_pattern_is_400(client: TestClient) -> None:
+    response = await client.post("/uploads", headers={**TUS, "Upload-Length": "3", "Upload-Metadata": metadata()})
+    assert response.status == 400
+    assert "OggS" in (await response.json())["detail"]
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "x-unknown"])
+async def test_a_content_coding_is_415_before_the_upload_is_made(
+    client: TestClient, database_url: str, coding: str
+) -> None:
+    """A gzip body that does not decode was a 500; one that does was stored decoded, its offset
+    counting other bytes than were sent. Refused as on PUT, and a creation with such a body
+    makes no upload (nobody would know its URL)."""
+    creation = await client.post(
+        "/uploads",
+        data=b"OggSxxxx",
+        headers={
+            **PATCH,
+            "Upload-Length": "100",
+            "Upload-Metadata": metadata(),
+            "Content-Encoding": coding,
+        },
+    )
+    assert creation.status == 415, await creation.text()
+    assert await uploads_made(database_url) == 0
+    location = await create(client, 100)
+    patch = await client.patch(
+        location, data=b"OggSxxxx", headers={**PATCH, "Upload-Offset": "0", "Content-Encoding": coding}
+    )
+    assert patch.status == 415, await patch.text()
+    assert patch.content_type == "application/problem+json"
+    assert await offset_of(client, location) == 0
+
+
+async def test_a_creation_with_a_body_of_the_wrong_type_makes_no_upload(client: TestClient, database_url: str) -> None:
+    response = await client.post(
+        "/uploads",
+        data=audio(100),
+        headers={
+            **TUS,
+            "Upload-Length": "100",
+            "Upload-Metadata": metadata(),
+            "Content-Type": "application/octet-stream",
+        },
+    )
+    assert response.status == 415
+    assert "Location" not in response.headers
+    assert await uploads_made(database_url) == 0
+
+
+async def test_head_needs_tus_resumable_too(client: TestClient) -> None:
+    location = await create(client, 100)
+    for headers in ({}, {"Tus-Resumable": "0.2.2"}):
+        response = await client.head(location, headers=headers)
+        assert response.status == 412
+        assert response.headers["Tus-Version"] == "1.0.0"
+
+
+async def test_an_empty_patch_to_a_cancelled_upload_is_410(client: TestClient) -> None:
+    location = await create(client, 100)
+    assert (await client.delete(location, headers=TUS)).status == 204
+    response = await client.patch(location, data=b"", headers={**PATCH, "Upload-Offset": "0"})
+    assert response.status == 410
+    assert "cancelled" in (await response.json())["detail"]
+
+
 async def test_not_ogg_is_400(client: TestClient) -> None:
     location = await create(client, 100)
     response = await client.patch(location, data=b"ID3" + bytes(97), headers={**PATCH, "Upload-Offset": "0"})
@@ -269,16 +375,16 @@ async def test_delete_cancels_and_removes_the_bytes(client: TestClient, settings
     response = await client.delete(location, headers=TUS)
     assert response.status == 204
     assert segments(settings) == []
-    assert (await client.head(location)).status == 410
+    assert (await client.head(location, headers=TUS)).status == 410
     response = await client.patch(location, data=ogg(10), headers={**PATCH, "Upload-Offset": "400"})
     assert response.status == 410
 
 
 async def test_unknown_upload_is_404(client: TestClient) -> None:
-    assert (await client.head(f"/uploads/{uuid.uuid4()}")).status == 404
+    assert (await client.head(f"/uploads/{uuid.uuid4()}", headers=TUS)).status == 404
     response = await client.patch(f"/uploads/{uuid.uuid4()}", data=ogg(10), headers={**PATCH, "Upload-Offset": "0"})
     assert response.status == 404
-    assert (await client.head("/uploads/not-an-id")).status == 404
+    assert (await client.head("/uploads/not-an-id", headers=TUS)).status == 404
 
 
 async def test_precondition_failing_at_the_end_is_412_and_discards_the_bytes(
@@ -294,7 +400,7 @@ async def test_precondition_failing_at_the_end_is_412_and_discards_the_bytes(
     assert segments(settings) == []
     assert len(blob_files(settings)) == 1  # the PUT's only
     assert await stored(client) == ogg(50)
-    assert (await client.head(location)).status == 410
+    assert (await client.head(location, headers=TUS)).status == 410
 
 
 # Preconditions at creation: refused as a PUT would be, before the upload exists.
@@ -359,7 +465,7 @@ async def test_write_token_guards_post_patch_delete(app, aiohttp_client, setting
     location = response.headers["Location"]
     assert (await client.patch(location, data=ogg(10), headers={**PATCH, "Upload-Offset": "0"})).status == 401
     assert (await client.delete(location, headers=TUS)).status == 401
-    assert (await client.head(location)).status == 200
+    assert (await client.head(location, headers=TUS)).status == 200
 
 
 # Parsing (pure)
@@ -448,7 +554,7 @@ async def test_a_digest_given_at_creation_is_verified_at_the_end(
         assert "digest does not match" in (await response.json())["detail"]
         assert (await client.get(f"/prerecordings/{EVENT}/{START}")).status == 404
         assert blob_files(settings) == [] and segments(settings) == []
-        assert (await client.head(location)).status == 410
+        assert (await client.head(location, headers=TUS)).status == 410
 
 
 async def test_tuspy_survives_cuts_mid_patch_and_resumes_from_what_arrived(

@@ -72,7 +72,7 @@ async def create(session: aiohttp.ClientSession, base: str, length: int) -> str:
 
 
 async def offset_of(session: aiohttp.ClientSession, base: str, location: str) -> int:
-    async with session.head(f"{base}{location}") as response:
+    async with session.head(f"{base}{location}", headers=TUS) as response:
         assert response.status == 200, response.status
         return int(response.headers["Upload-Offset"])
 
@@ -328,7 +328,7 @@ async def test_cancel_stops_a_patch_in_flight_and_removes_the_bytes(
     writer.close()
     assert segments(settings) == []
     assert (await row(database_url, location))["state"] == "cancelled"
-    async with client.session.head(f"{base}{location}") as response:
+    async with client.session.head(f"{base}{location}", headers=TUS) as response:
         assert response.status == 410
 
 
@@ -352,7 +352,7 @@ async def test_an_upload_without_progress_expires_and_its_bytes_go(
     assert segments(short_expiry) != []
 
     async def gone() -> bool:
-        async with client.session.head(f"{base}{location}") as response:
+        async with client.session.head(f"{base}{location}", headers=TUS) as response:
             return response.status == 410
 
     await wait_for(gone, timeout=10)
@@ -364,7 +364,7 @@ async def test_an_upload_without_progress_expires_and_its_bytes_go(
         assert response.status == 410
 
     async def forgotten() -> bool:
-        async with client.session.head(f"{base}{location}") as response:
+        async with client.session.head(f"{base}{location}", headers=TUS) as response:
             return response.status == 404
 
     await wait_for(forgotten, timeout=10)

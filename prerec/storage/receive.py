@@ -381,8 +381,22 @@ async def receive(
 
 def check_ogg(head: bytes) -> None:
     if not head.startswith(OGG_CAPTURE_PATTERN):
-        raise Problem(
-            400,
-            "The upload is not Ogg audio: it does not start with the capture pattern 'OggS'.",
-            {"Connection": "close"},
-        )
+        _not_ogg()
+
+
+def check_ogg_at(piece: bytes | memoryview, position: int) -> None:
+    """The bytes of a file that arrives in pieces (a resumable upload's requests): the piece
+    at `position` goes on with the capture pattern where it lies. Each piece is checked
+    where it lands, never as if it began the file: one request may bring 'Og' and the next
+    'gS…', and 'MZ' then 'OggS…' is not Ogg."""
+    expected = OGG_CAPTURE_PATTERN[position:]
+    if bytes(piece[: len(expected)]) != expected[: len(piece)]:
+        _not_ogg()
+
+
+def _not_ogg() -> None:
+    raise Problem(
+        400,
+        "The upload is not Ogg audio: it does not start with the capture pattern 'OggS'.",
+        {"Connection": "close"},
+    )

@@ -41,7 +41,7 @@ from prerec.config import SETTINGS_KEY, Settings
 from prerec.model import NewUpload, Prerecording, Upload, http_date
 from prerec.problems import DatabaseUnavailable, Problem
 from prerec.storage import STORAGE, Appender, Storage, StoredBlob
-from prerec.storage.receive import OGG_CAPTURE_PATTERN, Pipeline, check_ogg
+from prerec.storage.receive import OGG_CAPTURE_PATTERN, Pipeline, check_ogg_at
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -253,8 +253,12 @@ class Engine:
                 413,
                 f"The declared length {new.length} is larger than the limit of {self.settings.max_upload_bytes} bytes.",
             )
-        if new.length == 0:
-            raise Problem(400, "The declared length is 0: a prerecording has at least one byte.")
+        if new.length < len(OGG_CAPTURE_PATTERN):
+            raise Problem(
+                400,
+                f"The declared length is {new.length}: Ogg audio has at least the {len(OGG_CAPTURE_PATTERN)} bytes "
+                "of its capture pattern 'OggS'.",
+            )
         free = await asyncio.to_thread(self.storage.free_bytes)
         if free is not None and free < new.length:
             raise Problem(507, f"The storage folder has {free} bytes free, fewer than the {new.length} declared.")
@@ -552,7 +556,7 @@ class Engine:
         committed_bytes = upload.durable
         syncing: asyncio.Future[None] | None = None  # a commit() behind the reading
         checked = upload.durable >= len(OGG_CAPTURE_PATTERN)
-        head = b""
+        overflow = False
         try:
 
             async def record(upto: int, last: bool = False) -> None:
@@ -602,7 +606,9 @@ class Engine:
             idle = 0.0
             while True:
                 received = pipeline.offset + pipeline.filled  # bytes handed to the pipeline
-                pending = checksum is None and received > upload.durable
+                # Never a progress commit of the whole length: the body could still go past it
+                # (below), and a complete upload is one to finish.
+                pending = checksum is None and upload.durable < received < upload.length
                 wait = COMMIT_SECONDS if pending else RENEW_SECONDS
                 try:
                     async with asyncio.timeout(wait):
@@ -631,30 +637,41 @@ class Engine:
                 if not chunk:
                     break
                 view = memoryview(chunk)
-                room = upload.length - received
-                if len(view) > room:
-                    view = view[:room]
-                    stop = Problem(
-                        400,
-                        f"The body goes past the declared length {upload.length}; the bytes up to it were kept.",
-                        {"Connection": "close"},
-                    )
+                if len(view) > upload.length - received:
+                    overflow = True
+                    break
                 if not checked:
-                    head = (head + bytes(view[: len(OGG_CAPTURE_PATTERN)]))[: len(OGG_CAPTURE_PATTERN)]
-                    if len(head) == len(OGG_CAPTURE_PATTERN) or received + len(view) == upload.length:
-                        check_ogg(head)
-                        checked = True
+                    check_ogg_at(view, received)
+                    checked = received + len(view) >= len(OGG_CAPTURE_PATTERN)
                 while view:
                     if pipeline.add(view):
                         await pipeline.flush()
                     view = view[pipeline.taken :]
                 if stop is not None:
                     break
-                if checksum is None and (
-                    time.monotonic() - last_commit >= COMMIT_SECONDS
-                    or pipeline.offset - committed_bytes >= COMMIT_BYTES
+                if (
+                    checksum is None
+                    and (
+                        time.monotonic() - last_commit >= COMMIT_SECONDS
+                        or pipeline.offset - committed_bytes >= COMMIT_BYTES
+                    )
+                    and pipeline.offset < upload.length
                 ):
                     await commit(behind=True)
+            if overflow:
+                # A body longer than declared is not the file the upload was created for: none
+                # of it counts beyond what a progress commit recorded before (never the whole
+                # length, see `pending`), or the upload would be finished (published) after
+                # its client was told 400. It stays resumable from its offset.
+                if syncing is not None:
+                    task, syncing = syncing, None
+                    await task
+                raise Problem(
+                    400,
+                    f"The body goes past the declared length {upload.length}; none of it was kept past the "
+                    f"offset {upload.durable}.",
+                    {"Upload-Offset": str(upload.durable), "Connection": "close"},
+                )
             if pipeline.offset + pipeline.filled == upload.durable and stop is None:
                 raise Problem(400, "The PATCH has no body: send the bytes from the offset on.")
             if checksum is not None:

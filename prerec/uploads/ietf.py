@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import http_sf
@@ -25,13 +26,18 @@ from prerec.auth import check_write_token
 from prerec.conditional import parse_date
 from prerec.config import SETTINGS_KEY
 from prerec.model import OGG, NewUpload, Upload, parse_content_type, parse_count, parse_event, parse_start
+from prerec.prerecordings import check_codings
 from prerec.problems import Problem
 from prerec.uploads import tus
 from prerec.uploads.engine import ENGINE, claims_json
 
 INTEROP = "Upload-Draft-Interop-Version"
-# tus-js-client's ietf-draft-03 mode sends 5, its ietf-draft-05 mode 6; drafts -06…-08 are 7;
-# -09 and later (current Apple clients) 8. 3 and 4 spoke Upload-Incomplete, which is not read.
+# tus-js-client's ietf-draft-03 mode sends 5, its ietf-draft-05 mode 6; drafts -06…-08 are 7,
+# -09 and later 8. Apple's URLSession: 3 in iOS 17 / macOS 14, 5 in iOS 18.0, 6 in iOS 18.1
+# (swift-nio-extras' NIOResumableUpload), 8 in iOS 26 (design notes). 3 and 4 spoke
+# Upload-Incomplete, the inverse of Upload-Complete; they are not served as resumable, but their
+# whole-body uploads (`?0`) are plain PUTs, as the draft asks of a server that does not speak
+# the version.
 VERSIONS = (5, 6, 7, 8)
 PARTIAL_UPLOAD = "application/partial-upload"
 MISMATCHING_OFFSET = "https://iana.org/assignments/http-problem-types#mismatching-upload-offset"
@@ -56,9 +62,10 @@ def parse_version(headers: Mapping[str, str]) -> int | None:
     return int(text)
 
 
-def parse_complete(headers: Mapping[str, str]) -> bool | None:
-    """Upload-Complete, a structured-field boolean (RFC 8941 §3.3.6: `?0` or `?1`)."""
-    value = headers.get("Upload-Complete")
+def parse_complete(headers: Mapping[str, str], name: str = "Upload-Complete") -> bool | None:
+    """Upload-Complete (or the older Upload-Incomplete `name`), a structured-field boolean
+    (RFC 8941 §3.3.6: `?0` or `?1`)."""
+    value = headers.get(name)
     if value is None:
         return None
     try:
@@ -66,7 +73,7 @@ def parse_complete(headers: Mapping[str, str]) -> bool | None:
     except Exception:  # http_sf signals a syntax error with a plain ValueError or its own
         item = None
     if not isinstance(item, bool):
-        raise Problem(400, f"Upload-Complete {value[:20]!r} is not a structured boolean: send ?0 or ?1.")
+        raise Problem(400, f"{name} {value[:20]!r} is not a structured boolean: send ?0 or ?1.")
     return item
 
 
@@ -83,7 +90,10 @@ def is_careful_creation(headers: Mapping[str, str]) -> bool:
     if INTEROP not in headers:
         return False
     try:
-        return parse_complete(headers) is not True
+        complete = parse_complete(headers)
+        if complete is None and (incomplete := parse_complete(headers, "Upload-Incomplete")) is not None:
+            complete = not incomplete  # interop 3 and 4 (iOS 17)
+        return complete is not True
     except Problem:
         return True  # the creation handler names what is wrong
 
@@ -128,7 +138,8 @@ def check_patch_type(version: int, headers: Mapping[str, str]) -> None:
 
 
 def upload_limit(version: int, max_size: int, max_age: int) -> str | None:
-    """Upload-Limit (added in draft -04 = interop 6, whose `expires` -06 renamed `max-age`)."""
+    """Upload-Limit (added in draft -04 = interop 6, whose `expires` -06 renamed `max-age`):
+    `max_age`, the seconds the upload has left."""
     if version < 6:
         return None
     age = "expires" if version == 6 else "max-age"
@@ -161,9 +172,15 @@ def _ietf(
     return wrapped
 
 
-def _limit_headers(request: web.Request, version: int) -> dict[str, str]:
+def _limit_headers(request: web.Request, version: int, upload: Upload | None = None) -> dict[str, str]:
+    """Upload-Limit; its age is what `upload` has left (draft: counted from this response),
+    or without one (OPTIONS) the lifetime a new upload gets."""
     settings = request.app[SETTINGS_KEY]
-    limit = upload_limit(version, settings.max_upload_bytes, int(settings.upload_expiry_seconds))
+    if upload is None:
+        left = int(settings.upload_expiry_seconds)
+    else:
+        left = max(0, int((upload.expires_at - datetime.now(UTC)).total_seconds()))
+    limit = upload_limit(version, settings.max_upload_bytes, left)
     return {} if limit is None else {"Upload-Limit": limit}
 
 
@@ -241,6 +258,7 @@ async def _refuse_early(request: web.Request) -> tuple[int, str, int]:
     if request.content_length is not None and request.content_length > length:
         raise Problem(400, f"The body of {request.content_length} bytes is longer than the Upload-Length {length}.")
     check_no_date_precondition(request.headers)
+    check_codings(request.headers)
     return version, creation_type(request.headers), length
 
 
@@ -282,7 +300,7 @@ async def create(request: web.Request, version: int) -> web.Response:
         )
     )
     location = f"/uploads/{upload.id}"
-    headers = {hdrs.LOCATION: location, **_limit_headers(request, version)}
+    headers = {hdrs.LOCATION: location, **_limit_headers(request, version, upload)}
     if request.body_exists and request.content_length != 0:
         try:
             answer = await _appended(request, upload.id, 0, complete=False)
@@ -308,7 +326,7 @@ async def head(request: web.Request, version: int) -> web.Response:
             "Upload-Complete": "?1" if upload.state == "finished" else "?0",
             "Upload-Length": str(upload.length),
             "Cache-Control": "no-store",
-            **_limit_headers(request, version),
+            **_limit_headers(request, version, upload),
         },
     )
 
@@ -317,6 +335,7 @@ async def head(request: web.Request, version: int) -> web.Response:
 async def patch(request: web.Request, version: int) -> web.Response:
     check_write_token(request)
     check_patch_type(version, request.headers)
+    check_codings(request.headers)
     offset = tus.parse_offset(request.headers)  # the same header, read the same way
     complete = require_complete(request.headers)
     upload_id = tus.path_id(request)

@@ -23,9 +23,9 @@ from prerec import digests
 from prerec.auth import check_write_token
 from prerec.config import SETTINGS_KEY
 from prerec.model import OGG, NewUpload, Upload, http_date, parse_count, parse_event, parse_start
-from prerec.prerecordings import UPLOADS
+from prerec.prerecordings import UPLOADS, check_codings
 from prerec.problems import Problem
-from prerec.uploads.engine import ENGINE, Checksum, claims_json
+from prerec.uploads.engine import ENGINE, Checksum, claims_json, ended
 
 VERSION = "1.0.0"
 EXTENSIONS = "creation,creation-with-upload,termination,expiration,checksum"
@@ -212,6 +212,10 @@ async def create(request: web.Request) -> web.Response:
     metadata = parse_metadata(request.headers.get("Upload-Metadata"))
     event, start, type_ = parse_target(metadata)
     if_match, if_none_match = parse_conditions(request.headers)
+    if request.body_exists:
+        # Before the upload exists: refused, it would be left with no client knowing its URL.
+        parse_patch_type(request.headers)
+        check_codings(request.headers)
     engine = request.app[ENGINE]
     upload = await engine.create(
         NewUpload(
@@ -221,7 +225,6 @@ async def create(request: web.Request) -> web.Response:
     location = f"/uploads/{upload.id}"
     headers = {hdrs.LOCATION: location, **_upload_headers(upload)}
     if request.body_exists:
-        parse_patch_type(request.headers)
         try:
             outcome = await tracked(
                 request,
@@ -238,6 +241,7 @@ async def create(request: web.Request) -> web.Response:
 
 @_tus
 async def head(request: web.Request) -> web.Response:
+    check_resumable(request.headers)
     upload = await request.app[ENGINE].resumable(path_id(request))
     headers = {**_upload_headers(upload), "Upload-Length": str(upload.length)}
     if upload.metadata:
@@ -250,6 +254,7 @@ async def patch(request: web.Request) -> web.Response:
     check_write_token(request)
     check_resumable(request.headers)
     parse_patch_type(request.headers)
+    check_codings(request.headers)
     offset = parse_offset(request.headers)
     checksum = parse_checksum(request.headers)
     upload_id = path_id(request)
@@ -258,6 +263,7 @@ async def patch(request: web.Request) -> web.Response:
         upload = await engine.get(upload_id)
         if upload.state == "finished" and offset == upload.length:
             return _patched(upload, upload.result)
+        ended(upload)
         raise Problem(400, "The PATCH has no body: send the bytes from the offset on.")
     outcome = await tracked(
         request, engine.append(upload_id, offset, request.content, _content_length(request), checksum)
