@@ -19,7 +19,7 @@ import pytest
 from prerec.app import create_app
 from prerec.config import BucketUrl
 from prerec.storage import STORAGE, StorageUnavailable, open_storage
-from prerec.storage.s3 import HOLD_SECONDS, MAX_POOL_CONNECTIONS, PART_SIZE
+from prerec.storage.s3 import HOLD_SECONDS, MAX_POOL_CONNECTIONS, PART_SIZE, PARTS_IN_FLIGHT
 from prerec.storage_check import check
 from tests.conftest import (
     EVENT,
@@ -195,7 +195,7 @@ async def test_the_store_down_mid_upload_is_503_then_uploads_work_again(own_stor
     writer.close()
     assert status == 503 and headers["Retry-After"] == "5" and b"object store" in body
     ready = await client.get("/ready")
-    assert ready.status == 503 and "object store" in (await ready.json())["detail"]
+    assert ready.status == 503 and "the object store: it cannot be reached" in (await ready.json())["detail"]
     assert (await client.get(KEY)).status == 503
 
     weed.start()
@@ -208,6 +208,43 @@ async def test_the_store_down_mid_upload_is_503_then_uploads_work_again(own_stor
     new = ogg(PART_SIZE + 10, b"n")
     assert (await client.put(KEY, data=new, headers=OGG)).status == 204
     assert await (await client.get(KEY)).read() == new
+
+
+async def test_puts_cut_by_a_frozen_store_are_503_within_the_timeout_also_those_queued(own_store) -> None:
+    """More uploads than PARTS_IN_FLIGHT meet a store that stops answering: each is answered
+    within about the timeout. Before, a PUT waited out the timeout on its part and again on
+    aborting its multipart upload, and those queued for a place among the parts in flight a
+    third time (4 and 6 s here for a 2 s timeout)."""
+    weed, client, settings = own_store
+    uploads = PARTS_IN_FLIGHT + 2
+    connections = []
+    for number in range(uploads):
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(put_head(f"/prerecordings/{EVENT}/2024-02-{number + 1:02d}T00:00", 3 * PART_SIZE))
+        writer.write(ogg(PART_SIZE + MiB))  # the first part goes while the store answers
+        connections.append((reader, writer))
+    for _, writer in connections:
+        await writer.drain()
+    await wait_for(lambda: len(tmp_files(settings)) == uploads, timeout=30)
+    os.kill(weed.process.pid, signal.SIGSTOP)
+    try:
+        for _, writer in connections:
+            writer.write(b"\0" * (2 * PART_SIZE - MiB))  # the rest: each next part meets no answer
+        frozen = time.monotonic()
+
+        async def answered_after(reader: asyncio.StreamReader) -> tuple[int, float]:
+            status, headers, _ = await read_answer(reader)
+            assert headers["Retry-After"] == "5"
+            return status, time.monotonic() - frozen
+
+        async with asyncio.timeout(10 * settings.s3_timeout_seconds):
+            answers = await asyncio.gather(*(answered_after(reader) for reader, _ in connections))
+    finally:
+        os.kill(weed.process.pid, signal.SIGCONT)
+        for _, writer in connections:
+            writer.close()
+    assert [status for status, _ in answers] == [503] * uploads
+    assert max(after for _, after in answers) < 1.6 * settings.s3_timeout_seconds, answers
 
 
 async def test_the_store_down_mid_download_cuts_it_then_503_then_downloads_work_again(own_store) -> None:

@@ -13,7 +13,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -369,14 +369,29 @@ async def receive(
         watchdog.cancel()
         await pipeline.finish()
         name = await staged.finish()
-    except BaseException:
-        # Shielded: a second cancellation must not leave the cleanup half done.
-        await asyncio.shield(staged.discard())
+    except BaseException as error:
+        if isinstance(error, Problem) and error.status == 503:
+            # The store did not answer: its cleanup (an object store's abort) would wait out
+            # the timeout a second time before the client hears. Done behind the answer; what
+            # it cannot do, `gc` finds.
+            _cleanup(staged.discard())
+        else:
+            # Shielded: a second cancellation must not leave the cleanup half done.
+            await asyncio.shield(staged.discard())
         raise
     finally:
         watchdog.cancel()
         pipeline.close()
     return StoredBlob(name, size, pipeline.digests())
+
+
+_cleaning: set[asyncio.Task[None]] = set()  # held here: the loop keeps only weak references
+
+
+def _cleanup(work: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.get_running_loop().create_task(work)
+    _cleaning.add(task)
+    task.add_done_callback(_cleaning.discard)
 
 
 def check_ogg(head: bytes) -> None:

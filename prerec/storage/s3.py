@@ -153,16 +153,36 @@ class S3Storage:
 
     async def ready(self) -> str | None:
         wrong = await self._bucket_problem()
-        return None if wrong is None else f"the object store {wrong}"
+        return None if wrong is None else f"the object store: {wrong}"
 
     def free_bytes(self) -> int | None:
         return None  # a bucket has no free space to ask for
 
-    async def call(self, what: str, call: Awaitable[Any]) -> Any:
-        """One call to the store, bounded by the timeout; its failure as the Problem to answer,
-        except a missing object or upload (_Missing), which callers decide about."""
+    async def take_turn(self) -> float:
+        """A place among PARTS_IN_FLIGHT; the loop time by which the part must be sent. The
+        wait for the place and the sending share one timeout: parts that hold every place are
+        parts the store does not answer, and an upload queued behind them is answered 503
+        within the bound as theirs are, not after its own part waited out a timeout too."""
+        deadline = asyncio.get_running_loop().time() + self.timeout
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout_at(deadline):
+                await self._in_flight.acquire()
+        except TimeoutError:
+            raise Problem(
+                503,
+                f"The object store did not answer within {self.timeout:g} s (every part in flight waits for it).",
+                RETRY,
+            ) from None
+        return deadline
+
+    async def call(self, what: str, call: Awaitable[Any], deadline: float | None = None) -> Any:
+        """One call to the store, bounded by the timeout (or a `deadline` in loop time); its
+        failure as the Problem to answer, except a missing object or upload (_Missing), which
+        callers decide about."""
+        if deadline is None:
+            deadline = asyncio.get_running_loop().time() + self.timeout
+        try:
+            async with asyncio.timeout_at(deadline):
                 return await call
         except TimeoutError:
             raise Problem(503, f"The object store did not answer within {self.timeout:g} s ({what}).", RETRY) from None
@@ -546,14 +566,16 @@ class _PartFiller:
     async def _send_filled(self) -> None:
         raise NotImplementedError
 
-    async def _send_part(self, what: str, upload_id: str, number: int, buffer: bytearray) -> str:
-        """One part to the store, its ETag; the caller took its place among PARTS_IN_FLIGHT."""
+    async def _send_part(self, what: str, upload_id: str, number: int, buffer: bytearray, deadline: float) -> str:
+        """One part to the store by `deadline`, its ETag; the caller took its place among
+        PARTS_IN_FLIGHT (S3Storage.take_turn)."""
         try:
             answer = await self.storage.call(
                 what,
                 self.storage.client.upload_part(
                     Bucket=self.storage.url.bucket, Key=self.key, UploadId=upload_id, PartNumber=number, Body=buffer
                 ),
+                deadline,
             )
             return str(answer["ETag"])
         finally:
@@ -595,16 +617,16 @@ class StagedObject(_PartFiller):
                 ),
             )
             self.upload_id = created["UploadId"]
-        await self.storage._in_flight.acquire()
+        deadline = await self.storage.take_turn()
         buffer, self.filling = self.filling, bytearray()
         number = len(self.parts) + 1
         self.parts.append({"PartNumber": number})
-        self.sending = asyncio.get_running_loop().create_task(self._send_numbered(number, buffer))
+        self.sending = asyncio.get_running_loop().create_task(self._send_numbered(number, buffer, deadline))
 
-    async def _send_numbered(self, number: int, buffer: bytearray) -> None:
+    async def _send_numbered(self, number: int, buffer: bytearray, deadline: float) -> None:
         assert self.upload_id is not None
         self.parts[number - 1]["ETag"] = await self._send_part(
-            "sending a part of an upload", self.upload_id, number, buffer
+            "sending a part of an upload", self.upload_id, number, buffer, deadline
         )
 
     def touch(self) -> concurrent.futures.Future[None]:
@@ -716,14 +738,14 @@ class UploadParts(_PartFiller):
             if not self.last.cancelled() and self.last.exception() is not None:
                 raise self.last.exception()  # type: ignore[misc]
         number = await self.allocate(1)
-        await self.storage._in_flight.acquire()
+        deadline = await self.storage.take_turn()
         if count == len(self.filling):
             buffer, self.filling = self.filling, bytearray()
         else:
             buffer = self.filling[:count]
             del self.filling[:count]
         self.last = asyncio.get_running_loop().create_task(
-            self._send_part("sending a part of a resumable upload", self.multipart_id, number, buffer)
+            self._send_part("sending a part of a resumable upload", self.multipart_id, number, buffer, deadline)
         )
         self.parts.append(_Part(self.base, count, number, self.last))
         self.base += count
