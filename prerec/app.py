@@ -17,7 +17,7 @@ from prerec.prerecordings import UPLOADS
 from prerec.problems import Problem, problems_middleware
 from prerec.ready import SHUTTING_DOWN
 from prerec.routes import add_routes
-from prerec.storage import STORAGE, open_storage
+from prerec.storage import STORAGE, open_storage, receive
 from prerec.telemetry import METRICS, Metrics, telemetry_middleware
 from prerec.uploads.engine import ENGINE, Engine
 
@@ -67,6 +67,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
     sweeper = asyncio.create_task(_sweep_forever(app))
     yield
     await tasks.stop(sweeper, settings.db_timeout_seconds, "the storage sweeper")
+    await receive.finish_cleanups(settings.db_timeout_seconds)
     await app[STORAGE].close()
 
 

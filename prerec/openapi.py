@@ -840,7 +840,7 @@ SPEC: dict[str, Any] = {
                     {
                         **_TUS_RESUMABLE_PARAMETER,
                         "required": False,
-                        "description": "tus (required there, 412 without): the tus version the client speaks.",
+                        "description": "tus: the tus version the client speaks (412 if another than 1.0.0).",
                     },
                     _INTEROP_PARAMETER,
                 ],
@@ -880,8 +880,8 @@ SPEC: dict[str, Any] = {
                     "404": _bodiless(_NO_UPLOAD),
                     "412": _bodiless(
                         _tus_problem(
-                            "tus: Tus-Resumable is missing or not 1.0.0 (neither it nor the IETF draft's "
-                            "interop header was sent).",
+                            "tus: Tus-Resumable names another version than 1.0.0 (without it, or with the IETF "
+                            "draft's interop header, the upload's state is answered).",
                             _TUS_VERSION,
                         )
                     ),

@@ -505,6 +505,7 @@ def test_careful_creation_needs_the_interop_header_and_not_complete() -> None:
     v3 = {"Upload-Draft-Interop-Version": "3"}
     assert not ietf.is_careful_creation({**v3, "Upload-Incomplete": "?0"})
     assert ietf.is_careful_creation({**v3, "Upload-Incomplete": "?1"})
+    assert ietf.is_careful_creation({**V8, "Upload-Incomplete": "?0"})  # not read from 5 on: 400 there
 
 
 def test_offset_length_type_and_limit() -> None:

@@ -321,6 +321,8 @@ async def test_pipelines_one_after_another_hash_on_one_thread(tmp_path) -> None:
     for each blocked the event loop until the new thread ran (milliseconds on a busy machine,
     every few PATCHes); a closed pipeline's idle thread hashes the next one's pieces. One whose
     hashing still runs when it closes is not handed on."""
+    for spare in receive._spare_hashing:
+        spare.shutdown(wait=False)
     receive._spare_hashing.clear()
     storage = FileStorage(tmp_path)
     await storage.start()
@@ -352,5 +354,5 @@ async def test_pipelines_one_after_another_hash_on_one_thread(tmp_path) -> None:
     finally:
         follower.close()
         gate.set()
-        await asyncio.wrap_future(stuck.busy[0][0])
+        await asyncio.wait([asyncio.wrap_future(future) for future in stuck.busy[0]])
         segment.close()

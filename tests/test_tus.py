@@ -19,7 +19,7 @@ from tusclient.client import TusClient
 
 from prerec.config import Settings
 from prerec.problems import Problem
-from prerec.uploads import tus
+from prerec.uploads import engine, tus
 from tests.conftest import EVENT, blob_files, created_events, ogg, upload_files, wait_for
 from tests.cutproxy import Cut, CuttingProxy
 
@@ -248,6 +248,26 @@ async def test_a_chunked_body_past_the_length_is_400_and_never_finishes_the_uplo
     assert await stored(client) == data
 
 
+async def test_a_body_that_pauses_at_the_length_then_goes_past_it_never_finishes_the_upload(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pause makes what arrived durable, but never the whole length: a body that then goes
+    on past it is refused with nothing of it counted, not published after a 400."""
+    monkeypatch.setattr(engine, "COMMIT_SECONDS", 0.1)
+    location = await create(client, 1000)
+    data = audio(1000)
+
+    async def pausing() -> AsyncIterator[bytes]:
+        yield data
+        await asyncio.sleep(1)
+        yield b"extra"
+
+    response = await client.patch(location, data=pausing(), headers={**PATCH, "Upload-Offset": "0"})
+    assert response.status == 400
+    assert await offset_of(client, location) == 0
+    assert (await client.get(f"/prerecordings/{EVENT}/{START}")).status == 404
+
+
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 async def test_the_ogg_pattern_is_checked_where_it_lies_across_patches(client: TestClient) -> None:
     """Each PATCH's bytes are checked at their place in the file, not as if they began it: a
@@ -314,12 +334,16 @@ async def test_a_creation_with_a_body_of_the_wrong_type_makes_no_upload(client: 
     assert await uploads_made(database_url) == 0
 
 
-async def test_head_needs_tus_resumable_too(client: TestClient) -> None:
+async def test_head_with_another_tus_version_is_412_without_one_answered(client: TestClient) -> None:
+    """As tusd: a HEAD without Tus-Resumable (a browser, curl -I) is answered; one naming a
+    version this server does not speak is told so."""
     location = await create(client, 100)
-    for headers in ({}, {"Tus-Resumable": "0.2.2"}):
-        response = await client.head(location, headers=headers)
-        assert response.status == 412
-        assert response.headers["Tus-Version"] == "1.0.0"
+    other = await client.head(location, headers={"Tus-Resumable": "0.2.2"})
+    assert other.status == 412
+    assert other.headers["Tus-Version"] == "1.0.0"
+    plain = await client.head(location)
+    assert plain.status == 200
+    assert plain.headers["Upload-Offset"] == "0"
 
 
 async def test_an_empty_patch_to_a_cancelled_upload_is_410(client: TestClient) -> None:

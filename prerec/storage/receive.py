@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import hashlib
+import logging
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -22,6 +23,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from prerec.problems import Problem
 from prerec.storage import Staged, Storage, StoredBlob
+
+log = logging.getLogger(__name__)
 
 OGG_CAPTURE_PATTERN = b"OggS"
 # Pieces of an upload being hashed and written at once, at most.
@@ -389,9 +392,23 @@ _cleaning: set[asyncio.Task[None]] = set()  # held here: the loop keeps only wea
 
 
 def _cleanup(work: Coroutine[Any, Any, None]) -> None:
+    """Run a failed upload's cleanup behind its answer (see receive)."""
     task = asyncio.get_running_loop().create_task(work)
     _cleaning.add(task)
-    task.add_done_callback(_cleaning.discard)
+    task.add_done_callback(_cleaned)
+
+
+def _cleaned(task: asyncio.Task[None]) -> None:
+    _cleaning.discard(task)
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.warning("could not clean up after a failed upload: %r", error)
+
+
+async def finish_cleanups(timeout: float) -> None:
+    """At shutdown, before the storage closes under them: the cleanups still running, waited
+    for at most `timeout` (what they leave, `gc` finds)."""
+    if _cleaning:
+        await asyncio.wait(list(_cleaning), timeout=timeout)
 
 
 def check_ogg(head: bytes) -> None:

@@ -96,6 +96,9 @@ class S3Storage:
     client: Any = field(init=False, default=None)
     _stack: contextlib.AsyncExitStack = field(init=False, default_factory=contextlib.AsyncExitStack)
     _in_flight: asyncio.Semaphore = field(init=False, default_factory=lambda: asyncio.Semaphore(PARTS_IN_FLIGHT))
+    # Calls the store let time out, and whether it has answered none since (take_turn).
+    _stalls: int = field(init=False, default=0)
+    _stalled: bool = field(init=False, default=False)
 
     def describe(self) -> str:
         where = f" at {self.endpoint_url}" if self.endpoint_url else ""
@@ -158,41 +161,44 @@ class S3Storage:
     def free_bytes(self) -> int | None:
         return None  # a bucket has no free space to ask for
 
-    async def take_turn(self) -> float:
-        """A place among PARTS_IN_FLIGHT; the loop time by which the part must be sent. The
-        wait for the place and the sending share one timeout: parts that hold every place are
-        parts the store does not answer, and an upload queued behind them is answered 503
-        within the bound as theirs are, not after its own part waited out a timeout too."""
-        deadline = asyncio.get_running_loop().time() + self.timeout
-        try:
-            async with asyncio.timeout_at(deadline):
-                await self._in_flight.acquire()
-        except TimeoutError:
+    async def take_turn(self) -> None:
+        """A place among PARTS_IN_FLIGHT. Under load the wait is as long as the parts ahead
+        take, as long as the store answers them; but an upload that queued behind parts the
+        store stopped answering (one timed out while it waited, none answered since) is
+        answered 503 at once, not after its own part waited out the timeout too."""
+        if not self._in_flight.locked():
+            await self._in_flight.acquire()
+            return
+        stalls = self._stalls
+        await self._in_flight.acquire()
+        if self._stalls != stalls and self._stalled:
+            self._in_flight.release()
             raise Problem(
                 503,
-                f"The object store did not answer within {self.timeout:g} s (every part in flight waits for it).",
+                f"The object store did not answer the parts ahead of this one within {self.timeout:g} s.",
                 RETRY,
-            ) from None
-        return deadline
+            )
 
-    async def call(self, what: str, call: Awaitable[Any], deadline: float | None = None) -> Any:
-        """One call to the store, bounded by the timeout (or a `deadline` in loop time); its
-        failure as the Problem to answer, except a missing object or upload (_Missing), which
-        callers decide about."""
-        if deadline is None:
-            deadline = asyncio.get_running_loop().time() + self.timeout
+    async def call(self, what: str, call: Awaitable[Any]) -> Any:
+        """One call to the store, bounded by the timeout; its failure as the Problem to answer,
+        except a missing object or upload (_Missing), which callers decide about."""
         try:
-            async with asyncio.timeout_at(deadline):
-                return await call
+            async with asyncio.timeout(self.timeout):
+                answer = await call
         except TimeoutError:
+            self._stalls += 1
+            self._stalled = True
             raise Problem(503, f"The object store did not answer within {self.timeout:g} s ({what}).", RETRY) from None
         except ClientError as error:
+            self._stalled = False  # it answered
             if _code(error) in MISSING:
                 raise _Missing from error
             message = error.response.get("Error", {}).get("Message", "")
             raise Problem(503, f"The object store refused {what}: {_code(error)} {message}".rstrip(), RETRY) from error
         except (BotoCoreError, aiohttp.ClientError, OSError) as error:
             raise Problem(503, f"The object store cannot be reached ({what}): {error}", RETRY) from error
+        self._stalled = False
+        return answer
 
     # Plain uploads
 
@@ -566,16 +572,15 @@ class _PartFiller:
     async def _send_filled(self) -> None:
         raise NotImplementedError
 
-    async def _send_part(self, what: str, upload_id: str, number: int, buffer: bytearray, deadline: float) -> str:
-        """One part to the store by `deadline`, its ETag; the caller took its place among
-        PARTS_IN_FLIGHT (S3Storage.take_turn)."""
+    async def _send_part(self, what: str, upload_id: str, number: int, buffer: bytearray) -> str:
+        """One part to the store, its ETag; the caller took its place among PARTS_IN_FLIGHT
+        (S3Storage.take_turn)."""
         try:
             answer = await self.storage.call(
                 what,
                 self.storage.client.upload_part(
                     Bucket=self.storage.url.bucket, Key=self.key, UploadId=upload_id, PartNumber=number, Body=buffer
                 ),
-                deadline,
             )
             return str(answer["ETag"])
         finally:
@@ -617,16 +622,16 @@ class StagedObject(_PartFiller):
                 ),
             )
             self.upload_id = created["UploadId"]
-        deadline = await self.storage.take_turn()
+        await self.storage.take_turn()
         buffer, self.filling = self.filling, bytearray()
         number = len(self.parts) + 1
         self.parts.append({"PartNumber": number})
-        self.sending = asyncio.get_running_loop().create_task(self._send_numbered(number, buffer, deadline))
+        self.sending = asyncio.get_running_loop().create_task(self._send_numbered(number, buffer))
 
-    async def _send_numbered(self, number: int, buffer: bytearray, deadline: float) -> None:
+    async def _send_numbered(self, number: int, buffer: bytearray) -> None:
         assert self.upload_id is not None
         self.parts[number - 1]["ETag"] = await self._send_part(
-            "sending a part of an upload", self.upload_id, number, buffer, deadline
+            "sending a part of an upload", self.upload_id, number, buffer
         )
 
     def touch(self) -> concurrent.futures.Future[None]:
@@ -667,12 +672,12 @@ class StagedObject(_PartFiller):
         """Abort the multipart upload once the part in flight is done (or delete the object,
         when finish() completed despite a cancellation); failures only logged: `gc` finds what
         is left."""
+        self.filling = bytearray()  # not held while the part in flight is waited for
         for task in (self.taking, self.sending):
             if task is not None:
                 await asyncio.wait([task])
                 if not task.cancelled():
                     task.exception()  # seen: the error that made us discard was answered already
-        self.filling = bytearray()
         storage, bucket = self.storage, self.storage.url.bucket
         try:
             if self.finished:
@@ -738,14 +743,14 @@ class UploadParts(_PartFiller):
             if not self.last.cancelled() and self.last.exception() is not None:
                 raise self.last.exception()  # type: ignore[misc]
         number = await self.allocate(1)
-        deadline = await self.storage.take_turn()
+        await self.storage.take_turn()
         if count == len(self.filling):
             buffer, self.filling = self.filling, bytearray()
         else:
             buffer = self.filling[:count]
             del self.filling[:count]
         self.last = asyncio.get_running_loop().create_task(
-            self._send_part("sending a part of a resumable upload", self.multipart_id, number, buffer, deadline)
+            self._send_part("sending a part of a resumable upload", self.multipart_id, number, buffer)
         )
         self.parts.append(_Part(self.base, count, number, self.last))
         self.base += count

@@ -666,6 +666,8 @@ class Engine:
                 if syncing is not None:
                     task, syncing = syncing, None
                     await task
+                if checksum is not None:
+                    self._keep(upload.id, saved)
                 raise Problem(
                     400,
                     f"The body goes past the declared length {upload.length}; none of it was kept past the "

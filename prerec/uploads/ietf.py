@@ -91,8 +91,9 @@ def is_careful_creation(headers: Mapping[str, str]) -> bool:
         return False
     try:
         complete = parse_complete(headers)
-        if complete is None and (incomplete := parse_complete(headers, "Upload-Incomplete")) is not None:
-            complete = not incomplete  # interop 3 and 4 (iOS 17)
+        if complete is None and headers[INTEROP].strip() in ("3", "4"):  # iOS 17: Upload-Incomplete
+            incomplete = parse_complete(headers, "Upload-Incomplete")
+            complete = None if incomplete is None else not incomplete
         return complete is not True
     except Problem:
         return True  # the creation handler names what is wrong

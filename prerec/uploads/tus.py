@@ -241,7 +241,10 @@ async def create(request: web.Request) -> web.Response:
 
 @_tus
 async def head(request: web.Request) -> web.Response:
-    check_resumable(request.headers)
+    # Without the header it is answered, as tusd does: a browser or a curl -I looking at an
+    # upload. A client that names another tus version is told (412).
+    if "Tus-Resumable" in request.headers:
+        check_resumable(request.headers)
     upload = await request.app[ENGINE].resumable(path_id(request))
     headers = {**_upload_headers(upload), "Upload-Length": str(upload.length)}
     if upload.metadata:
