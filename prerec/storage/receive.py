@@ -354,11 +354,10 @@ async def receive(
                 raise Problem(
                     413, f"The upload is larger than the limit of {max_bytes} bytes.", {"Connection": "close"}
                 )
-            if not checked and size >= len(OGG_CAPTURE_PATTERN):
+            if not checked:
                 # Refuse a non-Ogg body at its first bytes instead of storing all of it.
-                head = bytes(pipeline.buffers[pipeline.filling][: pipeline.filled]) + chunk[:4]
-                check_ogg(head[: len(OGG_CAPTURE_PATTERN)])
-                checked = True
+                check_ogg_at(chunk, size - len(chunk))
+                checked = size >= len(OGG_CAPTURE_PATTERN)
             view = memoryview(chunk)
             while view:
                 if pipeline.add(view):
@@ -368,7 +367,7 @@ async def receive(
         if size == 0:
             raise Problem(400, "The upload is empty: send the Ogg audio as the request body.")
         if size < len(OGG_CAPTURE_PATTERN):
-            check_ogg(bytes(pipeline.buffers[pipeline.filling][: pipeline.filled]))
+            _not_ogg()  # the start of the pattern, but not all of it
         watchdog.cancel()
         await pipeline.finish()
         name = await staged.finish()
@@ -411,16 +410,11 @@ async def finish_cleanups(timeout: float) -> None:
         await asyncio.wait(list(_cleaning), timeout=timeout)
 
 
-def check_ogg(head: bytes) -> None:
-    if not head.startswith(OGG_CAPTURE_PATTERN):
-        _not_ogg()
-
-
 def check_ogg_at(piece: bytes | memoryview, position: int) -> None:
-    """The bytes of a file that arrives in pieces (a resumable upload's requests): the piece
-    at `position` goes on with the capture pattern where it lies. Each piece is checked
-    where it lands, never as if it began the file: one request may bring 'Og' and the next
-    'gS…', and 'MZ' then 'OggS…' is not Ogg."""
+    """The bytes of a file that arrives in pieces (a body's chunks, a resumable upload's
+    requests): the piece at `position` goes on with the capture pattern where it lies. Each
+    piece is checked where it lands, never as if it began the file: one request may bring 'Og'
+    and the next 'gS…', and 'MZ' then 'OggS…' is not Ogg."""
     expected = OGG_CAPTURE_PATTERN[position:]
     if bytes(piece[: len(expected)]) != expected[: len(piece)]:
         _not_ogg()
