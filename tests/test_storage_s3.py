@@ -149,6 +149,29 @@ async def test_a_missing_bucket_or_refused_credentials_stop_the_start(settings, 
         assert "wrong-secret-value" not in str(error)
 
 
+async def test_a_store_that_drops_every_connection_is_tried_twice_and_called_unreachable(settings) -> None:
+    """One retry, no more: each waits out botocore's backoff (up to 2 s for the third try), and a
+    probe bounded by the timeout then read "did not answer" for a store that is plainly down."""
+    tries = 0
+
+    def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal tries
+        tries += 1
+        writer.transport.abort()
+
+    server = await asyncio.start_server(drop, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    down = dataclasses.replace(settings, s3_endpoint_url=f"http://127.0.0.1:{port}", s3_timeout_seconds=10.0)
+    try:
+        with pytest.raises(StorageUnavailable, match="it cannot be reached"):
+            await open_storage(down).start()
+    finally:
+        server.close()
+    # Two tries of botocore's, each of which aiohttp retries once on a fresh connection (it does
+    # for an idempotent request, here HEAD, whose connection closed before an answer).
+    assert tries == 2 * 2
+
+
 async def test_a_replica_on_a_missing_bucket_does_not_start(tmp_path, storage_env) -> None:
     env = {**storage_env, "PREREC_STORAGE_URL": "s3://no-such-bucket/station", "PREREC_LOG_FORMAT": "text"}
     replica = Replica(env, free_port(), tmp_path / "replica.log")

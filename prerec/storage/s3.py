@@ -115,9 +115,10 @@ class S3Storage:
             s3={"addressing_style": self.addressing_style},
             connect_timeout=self.timeout,
             read_timeout=self.timeout,
-            # Few retries: every call runs under our own timeout, and a request waiting out
-            # botocore's backoff is a client waiting for its answer.
-            retries={"max_attempts": 2, "mode": "standard"},
+            # One retry: every call runs under our own timeout, and a request waiting out
+            # botocore's backoff is a client waiting for its answer. (Its `max_attempts` counts
+            # the retries alone: 2 made three tries, the last after up to 2 s of backoff.)
+            retries={"total_max_attempts": 2, "mode": "standard"},
             max_pool_connections=MAX_POOL_CONNECTIONS,
         )
         self.client = await self._stack.enter_async_context(
