@@ -19,7 +19,7 @@ import pytest
 from prerec.app import create_app
 from prerec.config import BucketUrl
 from prerec.storage import STORAGE, StorageUnavailable, open_storage
-from prerec.storage.s3 import HOLD_SECONDS, MAX_POOL_CONNECTIONS, PART_SIZE, PARTS_IN_FLIGHT
+from prerec.storage.s3 import HOLD_SECONDS, MAX_POOL_CONNECTIONS, PART_SIZE, PARTS_IN_FLIGHT, _PartBuffer
 from prerec.storage_check import check
 from tests.conftest import (
     EVENT,
@@ -40,6 +40,21 @@ BACKENDS = ("s3",)
 KEY = f"/prerecordings/{EVENT}/2024-01-01T00:00:00"
 OGG = {"Content-Type": "audio/ogg"}
 MiB = 1024 * 1024
+
+
+def test_a_reused_part_buffer_gives_only_what_was_written_since() -> None:
+    buffer = _PartBuffer()
+    buffer.write(memoryview(b"a" * 100))
+    assert buffer.body().read() == b"a" * 100
+    buffer.reuse().write(memoryview(b"bcdef"))
+    assert len(buffer) == 5 and buffer.head(2) == b"bc"
+    # Cut where a persist cuts: the first bytes go as a part, the rest fills on, and neither
+    # carries the a's the earlier part left past them.
+    first = buffer.split(2)
+    assert first.body().read() == b"bc"
+    assert len(buffer) == 3
+    buffer.write(memoryview(b"g"))
+    assert buffer.body().read() == b"defg"
 
 
 async def test_a_large_upload_goes_in_parts_and_comes_back_whole(client, settings) -> None:
