@@ -164,6 +164,9 @@ class Pieces(Protocol):
 # a pipeline per PATCH: fresh buffers each time (mmap'd, then zeroed page by page) took a tenth
 # of the worker's loop in such an upload (py-spy). The spares go once the process has had no upload for a moment.
 _spare: list[bytearray] = []
+# Every such list of buffers kept for the next uploads (the pipelines' own, a backend's part
+# buffers: keep_between_uploads), emptied together.
+_kept: list[list[Any]] = [_spare]
 # How long the process must be without an upload before its heap is trimmed (see Pipeline).
 TRIM_AFTER_SECONDS = 0.5
 _trimming: asyncio.TimerHandle | None = None
@@ -178,11 +181,20 @@ def _buffer() -> bytearray:
     return _spare.pop() if _spare else bytearray(WRITE_PIECE)
 
 
+def keep_between_uploads(spares: list[Any]) -> list[Any]:
+    """Have `spares` (a backend's buffers kept for the next uploads) emptied with the
+    pipelines' own once the process has had no upload for a moment. Add to it only while an
+    upload is in progress (Pipeline.in_progress), or it may be kept past that moment."""
+    _kept.append(spares)
+    return spares
+
+
 def _trim_when_idle() -> None:
     global _trimming
     _trimming = None
     if Pipeline.in_progress == 0:
-        _spare.clear()
+        for spares in _kept:
+            spares.clear()
         if _malloc_trim is not None:
             # malloc_trim takes milliseconds: not on the loop (nor at all once it shuts down).
             with contextlib.suppress(RuntimeError):

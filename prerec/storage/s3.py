@@ -43,12 +43,14 @@ import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from aiohttp import web
+from botocore import handlers
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from prerec.config import BucketUrl
 from prerec.model import Piece, Tail, Upload
 from prerec.problems import Problem
 from prerec.storage import AllocateParts, Inventory, Progress, StorageUnavailable, Stored
+from prerec.storage.receive import Pipeline, keep_between_uploads
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +129,11 @@ class S3Storage:
                 "s3", endpoint_url=self.endpoint_url, region_name=self.region or None, config=config
             )
         )
+        # botocore has a file-like body (a part's) wait for the store's "100 Continue"
+        # (add_expect_header), and aiohttp waits for it with no bound of its own: behind a
+        # store or proxy that ignores Expect every part would wait out our timeout. Parts go
+        # without it, as they did as bytes.
+        self.client.meta.events.unregister("before-call.s3", handlers.add_expect_header)
         if self.client.meta.region_name is None:
             log.info("no region set for the object store; signing for us-east-1")
         wrong = await self._bucket_problem()
@@ -540,8 +547,8 @@ class _PartBody(io.BytesIO):
 
 
 class _PartBuffer:
-    """A part's bytes in an io.BytesIO, filled in place and reused by the next part of the
-    same upload once the store has this one (_PartFiller keeps it as its spare).
+    """A part's bytes in an io.BytesIO, filled in place and, once the store has the part,
+    reused by the next part of any upload (_spare_parts).
 
     Why not a bytearray (as before): handed to botocore as a part's body, aiohttp sent a
     bytearray by first copying it whole (a slice), and asyncio copied again what the socket
@@ -568,14 +575,12 @@ class _PartBuffer:
         with self.io.getbuffer() as view, view[:count] as head:
             return bytes(head)
 
-    def split(self, count: int) -> _PartBuffer:
-        """The first `count` bytes as a buffer of their own; this one keeps the rest."""
-        first = _PartBuffer(self.head(count))
+    def cut(self, count: int) -> bytes:
+        """Keep the first `count` bytes; a copy of those past them."""
         with self.io.getbuffer() as view, view[count : len(self)] as rest:
-            kept = bytes(rest)
-        self.reuse()
-        self.io.write(kept)
-        return first
+            past = bytes(rest)
+        self.io.seek(count)
+        return past
 
     def body(self) -> _PartBody:
         """The bytes written, as botocore takes a part's body: a file read from its start to
@@ -590,6 +595,16 @@ class _PartBuffer:
         return self
 
 
+# Part buffers whose part the store has, for the next part of any upload: a few for the whole
+# process (at most one part in flight per upload), so that an upload that is between parts
+# does not hold a second one; dropped once the process has had no upload for a moment.
+_spare_parts: list[_PartBuffer] = keep_between_uploads([])
+
+
+def _next_buffer() -> _PartBuffer:
+    return _spare_parts.pop().reuse() if _spare_parts else _PartBuffer()
+
+
 class _PartFiller:
     """What StagedObject and UploadParts share: pieces copied into a part buffer on the loop,
     each filled buffer sent to the store as a part (_send_filled) while the next one fills.
@@ -602,7 +617,6 @@ class _PartFiller:
 
     whole = "object"  # what the pieces make up, as a piece out of order is told
     filling: _PartBuffer
-    spare: _PartBuffer | None  # the last part the store has: the next one to fill
     size: int  # the bytes taken so far end here
     storage: S3Storage
     key: str
@@ -644,13 +658,9 @@ class _PartFiller:
     async def _send_filled(self) -> None:
         raise NotImplementedError
 
-    def _next_buffer(self) -> _PartBuffer:
-        spare, self.spare = self.spare, None
-        return spare.reuse() if spare is not None else _PartBuffer()
-
     async def _send_part(self, what: str, upload_id: str, number: int, buffer: _PartBuffer) -> str:
         """One part to the store, its ETag; the caller took its place among PARTS_IN_FLIGHT
-        (S3Storage.take_turn). The buffer is the spare once the store has it all (not after a
+        (S3Storage.take_turn). The buffer is a spare once the store has it all (not after a
         failure: the request may still have been reading it)."""
         try:
             answer = await self.storage.call(
@@ -663,7 +673,8 @@ class _PartFiller:
                     Body=buffer.body(),
                 ),
             )
-            self.spare = buffer
+            if Pipeline.in_progress and len(_spare_parts) < PARTS_IN_FLIGHT:
+                _spare_parts.append(buffer)
             return str(answer["ETag"])
         finally:
             self.storage._in_flight.release()
@@ -678,7 +689,6 @@ class StagedObject(_PartFiller):
         self.name = name
         self.key = storage.key("blobs", self.name)
         self.filling = _PartBuffer()
-        self.spare = None
         self.size = 0
         self.upload_id: str | None = None
         self.parts: list[dict[str, Any]] = []
@@ -706,7 +716,7 @@ class StagedObject(_PartFiller):
             )
             self.upload_id = created["UploadId"]
         await self.storage.take_turn()
-        buffer, self.filling = self.filling, self._next_buffer()
+        buffer, self.filling = self.filling, _next_buffer()
         number = len(self.parts) + 1
         self.parts.append({"PartNumber": number})
         self.sending = asyncio.get_running_loop().create_task(self._send_numbered(number, buffer))
@@ -748,14 +758,14 @@ class StagedObject(_PartFiller):
                 ),
             )
         self.finished = True
-        self.filling, self.spare = _PartBuffer(), None
+        self.filling = _PartBuffer()
         return self.name
 
     async def discard(self) -> None:
         """Abort the multipart upload once the part in flight is done (or delete the object,
         when finish() completed despite a cancellation); failures only logged: `gc` finds what
         is left."""
-        self.filling, self.spare = _PartBuffer(), None  # not held while the part in flight is waited for
+        self.filling = _PartBuffer()  # not held while the part in flight is waited for
         for task in (self.taking, self.sending):
             if task is not None:
                 await asyncio.wait([task])
@@ -809,7 +819,6 @@ class UploadParts(_PartFiller):
         self.allocate = allocate
         self.base = upload.durable if tail is None else tail.start  # where the part filling begins
         self.filling = _PartBuffer() if tail is None else _PartBuffer(tail.data)
-        self.spare = None
         self.size = upload.durable  # the bytes taken so far end here
         self.recorded, self.recorded_tail = upload.durable, tail
         self.parts: list[_Part] = []  # sent, not yet handed to persist()
@@ -828,10 +837,9 @@ class UploadParts(_PartFiller):
                 raise self.last.exception()  # type: ignore[misc]
         number = await self.allocate(1)
         await self.storage.take_turn()
-        if count == len(self.filling):
-            buffer, self.filling = self.filling, self._next_buffer()
-        else:
-            buffer = self.filling.split(count)
+        past = self.filling.cut(count)  # bytes taken past the cut (a persist's) fill on
+        buffer, self.filling = self.filling, _next_buffer()
+        self.filling.write(memoryview(past))
         self.last = asyncio.get_running_loop().create_task(
             self._send_part("sending a part of a resumable upload", self.multipart_id, number, buffer)
         )
@@ -885,7 +893,7 @@ class UploadParts(_PartFiller):
         for task in tasks:
             if not task.cancelled():
                 task.exception()  # seen: answered already, or the upload goes on elsewhere
-        self.filling, self.spare = _PartBuffer(), None
+        self.filling = _PartBuffer()
         self.parts = []
 
 
